@@ -1,0 +1,1 @@
+"""The API process: OpenAI-compatible HTTP, tokenization, detokenization, CLI and config."""

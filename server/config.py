@@ -1,0 +1,105 @@
+"""Effective configuration: code defaults < YAML preset (`--config`) < command-line flags.
+
+A preset is a flat YAML mapping whose keys are the `tessera serve` flag names (dashes or
+underscores), so every flag can live in a file and the README's flag table documents both.
+"""
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import yaml
+
+from engine.config import EngineConfig
+from engine.tokenizer import DEFAULT_MODEL_NAME
+
+logger = logging.getLogger("tessera.server")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str = DEFAULT_MODEL_NAME
+    log_level: str = "info"
+    log_prompts: bool = False
+
+
+def _byte_size(text: str) -> int:
+    """'8GiB', '512MB', '1e9' or a plain count of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    low = str(text).strip().lower()
+    for suffix, scale in units.items():
+        if low.endswith(suffix):
+            return int(float(low[: -len(suffix)]) * scale)
+    return int(float(low))
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """Every flag defaults to None so that only flags given on the command line override."""
+    add = parser.add_argument
+    add("--config", help="YAML preset whose keys are these flag names")
+    add("--model", help="GGUF file or HF directory (default: bundled SmolLM2-135M-Instruct)")
+    add("--load-format", choices=["auto", "gguf", "hf", "dummy"],
+        help="weight format; dummy = random weights from an HF config directory")
+    add("--served-model-name", help=f"model name clients send (default {DEFAULT_MODEL_NAME})")
+    add("--host", help="bind address (default 127.0.0.1)")
+    add("--port", type=int, help="HTTP port (default 8000)")
+    add("--device", help="cpu or cuda[:N] (default cpu)")
+    add("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype (default auto)")
+    add("--max-model-len", type=int, help="prompt + output token limit (default: the model's)")
+    add("--max-num-seqs", type=int, help="most requests in one step (default 64)")
+    add("--max-num-batched-tokens", type=int, help="token budget of one step (default 512)")
+    add("--page-size", type=int, help="tokens per KV page (default 16)")
+    kv = parser.add_mutually_exclusive_group()
+    kv.add_argument("--num-kv-pages", type=int, help="KV pages to allocate (wins over memory)")
+    kv.add_argument("--kv-cache-memory", type=_byte_size,
+                    help="KV cache budget in bytes, e.g. 2GiB (default: per-device budget)")
+    add("--kv-cache-dtype", help="KV page storage dtype (default auto = model dtype)")
+    add("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,
+        help="disable sharing of identical prompt-prefix pages")
+    add("--log-level", choices=["debug", "info", "warning", "error"],
+        help="logging level (default info)")
+    add("--log-prompts", action="store_const", const=True,
+        help="include prompt text in per-request log lines")
+
+
+def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in parser._actions} - {"config", "help"}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest == "no_prefix_caching":
+            dest, value = "enable_prefix_caching", not value
+        if dest not in known:
+            parser.error(f"--config {path}: unknown key {key!r}")
+        if dest == "kv_cache_memory" and value is not None:
+            value = _byte_size(value)
+        out[dest] = value
+    return out
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
+            ) -> tuple[EngineConfig, ServerConfig]:
+    """Merge defaults, the preset and the flags into the two config objects."""
+    values = _load_yaml(args.config, parser) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    engine = EngineConfig()
+    for section in (engine.model, engine.cache, engine.scheduler):
+        for name in asdict(section):
+            if name in values:
+                setattr(section, name, values[name])
+    if "device" in values:
+        engine.device = values["device"]
+    server = ServerConfig(**{k: values[k] for k in asdict(ServerConfig()) if k in values})
+    return engine, server
+
+
+def log_effective(engine: EngineConfig, server: ServerConfig) -> None:
+    logger.info("effective config: %s", json.dumps(
+        {"engine": engine.to_dict(), "server": asdict(server)}, sort_keys=True))

@@ -1,0 +1,69 @@
+"""One place that turns any exception into OpenAI's error JSON.
+
+Handlers raise; they never format errors themselves. A user's mistake is a 4xx naming the
+parameter; only a fault of ours is a 500; a dead or loading engine is a 503.
+"""
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+logger = logging.getLogger("tessera.server")
+
+
+class APIError(Exception):
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 type: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+        self.type = type or _TYPES.get(status, "invalid_request_error")
+
+
+class EngineUnavailable(APIError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503)
+
+
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+          500: "server_error", 503: "service_unavailable_error"}
+
+
+def error_body(exc: APIError) -> dict:
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
+                      "code": exc.code}}
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """A pydantic error on the request body: 400 naming the first offending field."""
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    return APIError(f"{param or 'body'}: {first['msg']}", param=param)
+
+
+def to_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return from_validation_error(exc)
+    if isinstance(exc, HTTPException):
+        return APIError(str(exc.detail), status=exc.status_code)
+    logger.exception("internal error", exc_info=exc)
+    return APIError(f"internal error: {type(exc).__name__}", status=500)
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    error = to_api_error(exc)
+    return JSONResponse(error_body(error), status_code=error.status)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(Exception, _handle)
+    app.add_exception_handler(HTTPException, _handle)
+
+
+def sse_error(exc: Exception) -> str:
+    """An error after the stream's 200 went out: one `data:` event with the error body."""
+    return f"data: {json.dumps(error_body(to_api_error(exc)))}\n\n"
