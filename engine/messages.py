@@ -1,0 +1,75 @@
+"""What crosses the wire between the API process and the engine-core process (pickled).
+
+API -> engine (one PUSH socket): `AddRequest` or `AbortRequests`.
+Engine -> API (one PUSH socket): `EngineReady` once the weights are loaded, then an
+`EngineStep` for every step that produced output and one more whenever the engine goes idle.
+"""
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class AbortRequests:
+    request_ids: list[str]
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probability of the sampled token and the top alternatives (token id, logprob)."""
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """New tokens of one request since its last output; `finish_reason` set on the last one."""
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    new_logprobs: list[TokenLogprobs] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Timestamps (time.time()) the engine saw, for the API process's latency metrics.
+    scheduled_time: float | None = None  # first scheduled (end of queueing)
+    first_token_time: float | None = None
+
+
+@dataclass
+class StepStats:
+    num_running: int
+    num_waiting: int
+    num_kv_pages_total: int
+    num_kv_pages_used: int  # held by live requests; cached-but-free pages count as free
+    num_scheduled_tokens: int
+    num_prompt_tokens: int  # of this step
+    num_generation_tokens: int
+    num_preemptions: int  # of this step
+    prefix_cache_queries: int  # tokens looked up in this step's admissions
+    prefix_cache_hits: int
+
+
+@dataclass
+class EngineStep:
+    outputs: list[RequestOutput]
+    stats: StepStats
+
+
+@dataclass
+class EngineReady:
+    model_name: str
+    max_model_len: int
+    dtype: str
+    device: str
+    page_size: int
+    kv_cache_dtype: str
+    num_kv_pages: int
+    vocab_size: int

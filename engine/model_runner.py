@@ -1,0 +1,115 @@
+"""Builds the model, its KV cache and each step's flat batch; runs forward and sampling."""
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from engine import loader
+from engine.config import EngineConfig
+from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec
+from engine.layers.attention import AttentionMetadata
+from engine.messages import TokenLogprobs
+from engine.models.llama import LlamaForCausalLM
+from engine.sampler import SamplingBatch, sample
+from scheduler.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX make bf16 matmuls fast; without them bf16 is several times slower."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
+        return _DTYPES[dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
+        self.dtype = resolve_dtype(config.model.dtype, config.device)
+        start = time.time()
+        arch, weights = loader.load(config.model)
+        self.arch = arch
+        self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
+        with torch.device(self.device):
+            model = LlamaForCausalLM(arch, max(self.max_model_len, 1))
+        model.load_weights(weights)
+        self.model = model.to(self.dtype).eval()
+        self.model.cos_sin = self.model.cos_sin.float()
+        logger.info("loaded %s weights (%s) in %.1f s", config.model.load_format, self.dtype,
+                    time.time() - start)
+        kv_dtype = self.dtype if config.cache.kv_cache_dtype == "auto" else _DTYPES[
+            config.cache.kv_cache_dtype]
+        self.kv_spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim,
+                                   config.cache.page_size, kv_dtype)
+        self.kv_cache = KVCache(self.kv_spec, self._num_kv_pages(), self.device)
+
+    def _num_kv_pages(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_pages is not None:
+            return cache.num_kv_pages
+        if cache.kv_cache_memory is not None:
+            return self.kv_spec.num_pages_for(cache.kv_cache_memory)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return self.kv_spec.num_pages_for(int(free * 0.9))
+        return self.kv_spec.num_pages_for(DEFAULT_CPU_KV_MEMORY)
+
+    def _prepare(self, out: SchedulerOutput):
+        """The flat batch: token ids, positions, slots and per-request attention metadata."""
+        ps = self.kv_spec.page_size
+        ids, starts, lens, num_new = [], [], [], []
+        for s in out.scheduled:
+            r, start = s.request, s.request.num_computed_tokens
+            ids.extend(r.all_token_ids[start:start + s.num_new_tokens])
+            starts.append(start)
+            num_new.append(s.num_new_tokens)
+            lens.append(start + s.num_new_tokens)
+        max_pages = max(len(s.request.page_ids) for s in out.scheduled)
+        block_table = torch.tensor([s.request.page_ids + [0] * (max_pages - len(s.request.page_ids))
+                                    for s in out.scheduled], dtype=torch.int64)
+        num_new_t = torch.tensor(num_new)
+        row = torch.repeat_interleave(torch.arange(len(num_new)), num_new_t)
+        query_start_loc = torch.zeros(len(num_new) + 1, dtype=torch.int64)
+        torch.cumsum(num_new_t, 0, out=query_start_loc[1:])
+        positions = torch.tensor(starts)[row] + torch.arange(len(ids)) - query_start_loc[row]
+        slot_mapping = block_table[row, positions // ps] * ps + positions % ps
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping.to(self.device),
+            query_start_loc=query_start_loc.to(self.device),
+            seq_lens=torch.tensor(lens).to(self.device),
+            block_table=block_table.to(self.device),
+            max_query_len=max(num_new), max_seq_len=max(lens))
+        return (torch.tensor(ids, device=self.device), positions.to(self.device), meta,
+                query_start_loc[1:] - 1)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
+        """Run one step; return the sampled token (and logprobs) of each request that samples."""
+        input_ids, positions, meta, last_rows = self._prepare(out)
+        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
+        if not sampling:
+            return {}
+        requests = [out.scheduled[i].request for i in sampling]
+        logits = self.model.compute_logits(hidden[last_rows[sampling].to(self.device)])
+        batch = SamplingBatch.from_requests(requests, self.arch.vocab_size)
+        tokens, logprobs = sample(logits.cpu(), batch)
+        return {r.request_id: (t, logprobs[i] if logprobs else None)
+                for i, (r, t) in enumerate(zip(requests, tokens))}

@@ -1,0 +1,124 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) over a flat, unpadded token batch.
+
+q/k/v and gate/up projections are fused into one matmul each; weights arrive with Hugging
+Face names and are packed by `load_weights`.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import kernels
+from engine.layers.attention import AttentionMetadata, paged_attention
+from engine.layers.rotary import cos_sin_cache
+from engine.loader import ModelArch, Weights
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=arch.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        kernels.rotary_embedding(positions, q, k, cos_sin)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = LlamaAttention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = LlamaMLP(arch)
+
+    def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, cos_sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch, max_positions: int):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(
+            arch.hidden_size, arch.vocab_size, bias=False)
+        self.register_buffer("cos_sin", cos_sin_cache(
+            arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling), persistent=False)
+        self.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states `[T, hidden]` after the final norm."""
+        x, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, positions, self.cos_sin, kv_cache, meta)
+        return self.norm(x, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def load_weights(self, weights: Weights) -> None:
+        """Copy HF-named tensors in, packing q|k|v and gate|up into the fused projections."""
+        params = dict(self.named_parameters())
+        packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
+                  "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
+                  "up_proj": ("gate_up_proj", 1)}
+        loaded = set()
+        for name, w in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            *prefix, module, kind = name.split(".")
+            if module in packed:
+                fused, shard = packed[module]
+                target = params[".".join([*prefix, fused, kind])]
+                sizes = ([self.layers[0].self_attn.q_size, *[self.layers[0].self_attn.kv_size] * 2]
+                         if fused == "qkv_proj" else [self.arch.intermediate_size] * 2)
+                target.data.narrow(0, sum(sizes[:shard]), sizes[shard]).copy_(w)
+                loaded.add(f"{'.'.join([*prefix, fused, kind])}#{shard}")
+            else:
+                params[name].data.copy_(w)
+                loaded.add(name)
+        missing = [n for n in params if n not in loaded and not any(
+            k.startswith(n + "#") for k in loaded)]
+        if missing:
+            raise ValueError(f"weights missing from checkpoint: {missing[:5]}")

@@ -1,0 +1,56 @@
+"""One dispatch point per op: CUDA tensors go to Triton, everything else to the torch reference.
+
+Callers import the ops from here and never choose an implementation themselves. The Triton
+modules are imported on the first CUDA call only, so CPU-only installs need no triton, and
+tests can set TRITON_INTERPRET before anything imports it.
+"""
+import torch
+
+from kernels import reference
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def rms_norm(x, weight, eps, residual=None):
+    if _use_triton(x):
+        from kernels import triton_ops
+        return triton_ops.rms_norm(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    if _use_triton(q):
+        from kernels import triton_ops
+        triton_ops.rotary_embedding(positions, q, k, cos_sin_cache)
+    else:
+        reference.rotary_embedding(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    if _use_triton(x):
+        from kernels import triton_ops
+        return triton_ops.silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    if _use_triton(k):
+        from kernels import triton_ops
+        triton_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale,
+                    max_query_len, max_seq_len):
+    if not _use_triton(q):
+        return reference.paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens,
+                                         block_table, scale, max_query_len, max_seq_len)
+    from kernels import triton_attention
+    if max_query_len == 1:
+        return triton_attention.paged_decode_attention(
+            q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_seq_len)
+    return triton_attention.paged_prefill_attention(
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_query_len)

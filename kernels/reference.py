@@ -1,0 +1,99 @@
+"""Torch reference twins of every kernel: the CPU path and the oracle for the Triton kernels.
+
+Shapes follow the flat, unpadded batch (see DESIGN.md): T tokens from R requests,
+`query_start_loc[R+1]` delimits each request's new tokens, `seq_lens[R]` counts each request's
+whole context (earlier tokens plus the new ones), and `block_table[R, max_pages]` names the
+pages holding that context. KV caches are `[num_pages, page_size, num_kv_heads, head_dim]`.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (norm(x + residual) * weight, x + residual); the sum is the next residual."""
+    if residual is not None:
+        x = x + residual
+    residual = x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), residual
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> None:
+    """Rotate q `[T, H, D]` and k `[T, KvH, D]` in place, NeoX/HF layout (halves, not pairs).
+
+    `cos_sin_cache[max_pos, D]` holds cos in its first half and sin in its second.
+    """
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    for x in (q, k):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        x.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation over the fused gate|up projection `[T, 2I]` -> `[T, I]`."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new K/V `[T, KvH, D]` at flat slots `page * page_size + offset`.
+
+    Slots < 0 mark padding tokens that own no slot; indexing with -1 would overwrite the last
+    slot of the last page.
+    """
+    keep = slot_mapping >= 0
+    k_cache.view(-1, *k.shape[1:])[slot_mapping[keep]] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v.shape[1:])[slot_mapping[keep]] = v[keep].to(v_cache.dtype)
+
+
+def _gather_context(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """`pages[..., P]` -> that context's tokens `[..., P * page_size, KvH, D]`."""
+    gathered = cache[pages]
+    return gathered.flatten(-4, -3)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor, scale: float, max_query_len: int,
+                    max_seq_len: int) -> torch.Tensor:
+    """Causal attention of each request's new queries over its whole paged context.
+
+    Query i of a request with `n` new tokens and context `s` sits at position `s - n + i` and
+    sees keys `0 .. s - n + i` (bottom-right aligned causal mask). Decode rows (one new token)
+    run as one padded batch; each prefill chunk runs on its own.
+    """
+    num_heads, page_size = q.shape[1], k_cache.shape[1]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    out = torch.empty_like(q)
+    decode = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+    if decode:
+        rows = torch.tensor([starts[i] for i in decode])
+        ctx = max(lens[i] for i in decode)
+        pages = block_table[decode, : -(-ctx // page_size)]
+        k = _gather_context(k_cache, pages).transpose(1, 2)  # [B, KvH, N, D]
+        v = _gather_context(v_cache, pages).transpose(1, 2)
+        key_pos = torch.arange(k.shape[2])
+        mask = key_pos[None, :] < torch.tensor([lens[i] for i in decode])[:, None]
+        o = F.scaled_dot_product_attention(
+            q[rows].unsqueeze(2).to(k.dtype), k, v, attn_mask=mask[:, None, None, :],
+            scale=scale, enable_gqa=True)
+        out[rows] = o.squeeze(2).to(out.dtype)
+    for i in range(len(lens)):
+        n, s = starts[i + 1] - starts[i], lens[i]
+        if n == 1:
+            continue
+        pages = block_table[i, : -(-s // page_size)]
+        k = _gather_context(k_cache, pages)[:s].transpose(0, 1)  # [KvH, s, D]
+        v = _gather_context(v_cache, pages)[:s].transpose(0, 1)
+        qi = q[starts[i]:starts[i + 1]].transpose(0, 1).to(k.dtype)  # [H, n, D]
+        mask = torch.ones(n, s, dtype=torch.bool).tril(diagonal=s - n)
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        out[starts[i]:starts[i + 1]] = o.transpose(0, 1).to(out.dtype)
+    assert num_heads == q.shape[1]
+    return out

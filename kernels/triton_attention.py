@@ -1,0 +1,215 @@
+"""Paged attention in Triton: a FlashAttention-2 prefill and a split-KV (flash-decoding) decode.
+
+Both read K/V token by token through the block table, so a request's context may sit on any
+pages in any order, and a prefill chunk attends to pages written by earlier chunks or shared
+by a prefix hit. Layouts and semantics are those of `reference.paged_attention`.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start_n,
+                 kv_end, q_pos, stride_cp, stride_cs, stride_ch, head_dim, qk_scale,
+                 MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold keys `start_n .. start_n + BLOCK_N` into the online softmax of the rows of `q`.
+
+    Unmasked tiles (all keys below `kv_end` and visible to every row) skip the mask arithmetic.
+    """
+    n = start_n + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    valid = n < kv_end
+    page = tl.load(bt_row_ptr + n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    kv_off = page * stride_cp + (n % PAGE_SIZE) * stride_cs + kv_head * stride_ch
+    kv_mask = valid[:, None] & (d[None, :] < head_dim)
+    k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        visible = valid[None, :] & (n[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cp, stride_cs, stride_ch,
+                    stride_bt, qk_scale, head_dim, GROUP: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    r = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    if m0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + r)
+    ctx_len = seq_len - q_len
+    rows = m0 + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q_mask = (rows < q_len)[:, None] & (d < head_dim)[None, :]
+    q_rows = (q_start + rows).to(tl.int64)[:, None]
+    q = tl.load(q_ptr + q_rows * stride_qt + head * stride_qh + d[None, :], mask=q_mask,
+                other=0.0).to(k_cache_ptr.dtype.element_ty)
+    q_pos = ctx_len + rows  # bottom-right aligned causal mask: row i sees keys <= q_pos[i]
+    kv_head = head // GROUP
+    bt_row = bt_ptr + r.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Keys every row of the tile sees need no mask; the causal diagonal and tail do.
+    full_end = (ctx_len + m0 + 1) // BLOCK_N * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head, start_n, seq_len, q_pos, stride_cp, stride_cs,
+                                     stride_ch, head_dim, qk_scale, False, PAGE_SIZE, BLOCK_N,
+                                     BLOCK_D, PRECISION)
+    for start_n in range(full_end, tl.minimum(seq_len, ctx_len + m0 + BLOCK_M), BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head, start_n, seq_len, q_pos, stride_cp, stride_cs,
+                                     stride_ch, head_dim, qk_scale, True, PAGE_SIZE, BLOCK_N,
+                                     BLOCK_D, PRECISION)
+    acc = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 activations keep full fp32 products; TF32 would cost them three decimal digits."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                            block_table: torch.Tensor, scale: float, max_query_len: int,
+                            block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """Causal attention of every request's new tokens over its paged context (any batch mix).
+
+    One program per (query tile, head, request); tiles past a request's query length exit.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    assert q.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(max_query_len, block_m), num_heads, seq_lens.shape[0])
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_table,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        scale * LOG2E, head_dim, GROUP=num_heads // k_cache.shape[2], PAGE_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        PRECISION=_precision(q.dtype), num_warps=4 if head_dim <= 64 else 8)
+    return out
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
+                         part_out_ptr, part_lse_ptr, stride_qt, stride_qh, stride_cp, stride_cs,
+                         stride_ch, stride_bt, qk_scale, head_dim, num_heads,
+                         GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, PARTITION: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Attend all query heads of one KV head to one partition of the context.
+
+    The GQA group is the tile's row dimension, so each K/V page is read once per group.
+    """
+    r = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + r)
+    start = split * PARTITION
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + PARTITION, seq_len)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    q_mask = (g < GROUP)[:, None] & (d < head_dim)[None, :]
+    tok = tl.load(qsl_ptr + r).to(tl.int64)
+    q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=q_mask,
+                other=0.0).to(k_cache_ptr.dtype.element_ty)
+    q_pos = tl.full([BLOCK_G], 0, tl.int32) + seq_len - 1
+    bt_row = bt_ptr + r.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for start_n in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head, start_n, end, q_pos, stride_cp, stride_cs,
+                                     stride_ch, head_dim, qk_scale, False, PAGE_SIZE, BLOCK_N,
+                                     BLOCK_D, PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head, start_n, end, q_pos, stride_cp, stride_cs,
+                                     stride_ch, head_dim, qk_scale, True, PAGE_SIZE, BLOCK_N,
+                                     BLOCK_D, PRECISION)
+    # Partial results: the normalized output and its log2-sum-exp, merged by the reduce pass.
+    part = (r.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split
+    tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc / l_i[:, None],
+             mask=q_mask)
+    tl.store(part_lse_ptr + part, m_i + tl.math.log2(l_i), mask=g < GROUP)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens_ptr,
+                          stride_ot, stride_oh, head_dim, num_heads, PARTITION: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    r = tl.program_id(0)
+    head = tl.program_id(1)
+    num_valid = tl.cdiv(tl.load(seq_lens_ptr + r), PARTITION)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    part = (r.to(tl.int64) * num_heads + head) * NUM_SPLITS + s
+    lse = tl.load(part_lse_ptr + part, mask=s < num_valid, other=float("-inf"))
+    weight = tl.math.exp2(lse - tl.max(lse, 0))
+    o_mask = (s < num_valid)[:, None] & (d < head_dim)[None, :]
+    o = tl.load(part_out_ptr + part[:, None] * head_dim + d[None, :], mask=o_mask, other=0.0)
+    o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
+    tok = tl.load(qsl_ptr + r).to(tl.int64)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < head_dim)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                           block_table: torch.Tensor, scale: float, max_seq_len: int,
+                           partition: int = 512, block_n: int = 64) -> torch.Tensor:
+    """Attention of one new token per request over its paged context (flash-decoding).
+
+    Splitting each context into `partition`-token pieces gives a long single request as many
+    programs as a large batch has, so both keep the GPU's memory system busy.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    assert q.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    assert partition % block_n == 0
+    num_reqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_splits = triton.cdiv(max_seq_len, partition)
+    part_out = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32,
+                           device=q.device)
+    part_lse = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_table, part_out, part_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_table.stride(0), scale * LOG2E, head_dim, num_heads, GROUP=group,
+        PAGE_SIZE=k_cache.shape[1], PARTITION=partition, NUM_SPLITS=num_splits,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        PRECISION=_precision(q.dtype), num_warps=4)
+    _decode_reduce_kernel[(num_reqs, num_heads)](
+        part_out, part_lse, out, query_start_loc, seq_lens, out.stride(0), out.stride(1),
+        head_dim, num_heads, PARTITION=partition, NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+    return out

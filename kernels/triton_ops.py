@@ -1,0 +1,134 @@
+"""Triton twins of the small per-token ops in `kernels.reference`: one program per token row.
+
+These ops are memory bound, so each program reads its row once and writes it once; fusing the
+residual add into RMSNorm and rotating q and k in one launch save whole passes over HBM.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cp, stride_cs, stride_ch, num_kv_heads, head_dim,
+                     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # padding token: owns no slot
+        return
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < num_kv_heads) & (d < head_dim)
+    dst = (slot // PAGE_SIZE) * stride_cp + (slot % PAGE_SIZE) * stride_cs + h * stride_ch + d
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new K/V `[T, KvH, D]` at flat slots; slots < 0 (padding) are skipped."""
+    assert k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride()
+    num_tokens, num_kv_heads, head_dim = k.shape
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_kv_heads, head_dim,
+        PAGE_SIZE=k_cache.shape[1], BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r,
+                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # Rounded to the activation dtype first, as the reference's `x + residual` is.
+        x = x + tl.load(res_ptr + t * stride_r + cols, mask=mask, other=0.0)
+        tl.store(res_out_ptr + t * hidden + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
+    y = (xf * rstd).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask)
+    tl.store(out_ptr + t * hidden + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (norm(x + residual) * weight, x + residual), the add fused into the norm's pass."""
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    assert x2.stride(-1) == 1
+    out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    res_out = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res2 = x2 if residual is None else residual.reshape(-1, hidden)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0), hidden, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden))
+    return out, res_out
+
+
+@triton.jit
+def _rotate(ptr, t, stride_t, stride_h, num_heads, cos, sin, half,
+            BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < num_heads) & (d < half)
+    p1 = ptr + t * stride_t + h * stride_h + d
+    x1 = tl.load(p1, mask=mask).to(tl.float32)
+    x2 = tl.load(p1 + half, mask=mask).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + half, (x2 * cos + x1 * sin).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_cache, num_heads, num_kv_heads, half,
+                   BLOCK_H: tl.constexpr, BLOCK_KV_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cache_ptr + pos * stride_cache + d, mask=d < half).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cache + half + d, mask=d < half).to(tl.float32)
+    _rotate(q_ptr, t, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_HALF)
+    _rotate(k_ptr, t, stride_kt, stride_kh, num_kv_heads, cos, sin, half, BLOCK_KV_H, BLOCK_HALF)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> None:
+    """Rotate q `[T, H, D]` and k `[T, KvH, D]` in place (NeoX halves), both in one launch."""
+    assert q.stride(-1) == k.stride(-1) == cos_sin_cache.stride(-1) == 1
+    num_tokens, num_heads, head_dim = q.shape
+    _rotary_kernel[(num_tokens,)](
+        positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cos_sin_cache.stride(0), num_heads, k.shape[1], head_dim // 2,
+        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV_H=triton.next_power_of_2(k.shape[1]),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2))
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = tl.load(x_ptr + t * stride_x + cols, mask=mask).to(tl.float32)
+    up = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask)
+    act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * inter + cols, act * up, mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """SwiGLU over the fused gate|up projection `[T, 2I]` -> `[T, I]`."""
+    inter = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * inter)
+    assert x2.stride(-1) == 1
+    out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype, device=x.device)
+    block = min(block, triton.next_power_of_2(inter))
+    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+        x2, out, x2.stride(0), inter, BLOCK=block)
+    return out

@@ -1,0 +1,123 @@
+"""All KV page accounting: free pages, ref counts, and the prefix cache over full pages.
+
+A full page is named by a hash chained from its parent page's hash and its own token ids, so
+two requests with the same prefix map it to the same page. A page whose ref count drops to 0
+goes to the back of the free queue but keeps its hash: until it is handed out again (oldest
+first, LRU), a later request with that prefix takes it back without recomputing it.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from scheduler.request import Request
+
+
+@dataclass
+class Page:
+    page_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()  # checked on a hit, so a hash collision cannot alias
+
+
+class BlockManager:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+        self.page_size = page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pages = [Page(i) for i in range(num_pages)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
+        self.cached: dict[int, int] = {}  # hash -> page id
+        self.page_hashes: dict[str, list[int]] = {}  # request id -> hashes of its full pages
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1 - self.num_free_pages / self.num_pages
+
+    def _page_hashes(self, token_ids: list[int], num_pages: int, parent: int | None = None):
+        ps = self.page_size
+        for i in range(num_pages):
+            chunk = tuple(token_ids[i * ps:(i + 1) * ps])
+            parent = hash((parent, chunk))
+            yield parent, chunk
+
+    def match_prefix(self, request: Request) -> list[int]:
+        """Cached pages holding the longest prefix of the request's tokens.
+
+        At most `num_tokens - 1` tokens are matched: the last one is always recomputed so the
+        step has a position to sample from.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        max_pages = (request.num_tokens - 1) // self.page_size
+        for h, chunk in self._page_hashes(request.all_token_ids, max_pages):
+            page_id = self.cached.get(h)
+            if page_id is None or self.pages[page_id].token_ids != chunk:
+                break
+            hits.append(page_id)
+        return hits
+
+    def allocate(self, request: Request, num_new_tokens: int,
+                 hit_pages: list[int] = ()) -> bool:
+        """Give the request pages for `num_new_tokens` more tokens (taking `hit_pages` first).
+
+        All or nothing: returns False and changes nothing when the free pages do not suffice.
+        """
+        total = len(request.page_ids) + len(hit_pages)
+        needed = -(-(request.num_computed_tokens + num_new_tokens) // self.page_size) - total
+        free_hits = sum(1 for p in hit_pages if self.pages[p].ref_count == 0)
+        if max(needed, 0) + free_hits > self.num_free_pages:
+            return False
+        for page_id in hit_pages:
+            self._take(page_id)
+        request.page_ids.extend(hit_pages)
+        for _ in range(needed):
+            page_id = next(iter(self.free_queue))
+            page = self.pages[page_id]
+            if page.hash is not None:
+                del self.cached[page.hash]
+                page.hash, page.token_ids = None, ()
+            self._take(page_id)
+            request.page_ids.append(page_id)
+        return True
+
+    def _take(self, page_id: int) -> None:
+        page = self.pages[page_id]
+        if page.ref_count == 0:
+            del self.free_queue[page_id]
+        page.ref_count += 1
+
+    def cache_full_pages(self, request: Request) -> None:
+        """Name the request's pages that its computed tokens have filled, for later hits."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self.page_hashes.setdefault(request.request_id, [])
+        num_full = request.num_computed_tokens // self.page_size
+        if num_full <= len(hashes):
+            return
+        parent = hashes[-1] if hashes else None
+        start = len(hashes) * self.page_size
+        tokens = request.all_token_ids[start:num_full * self.page_size]
+        for h, chunk in self._page_hashes(tokens, num_full - len(hashes), parent):
+            hashes.append(h)
+            page = self.pages[request.page_ids[len(hashes) - 1]]
+            if page.hash is None and h not in self.cached:
+                page.hash, page.token_ids = h, chunk
+                self.cached[h] = page.page_id
+
+    def free(self, request: Request) -> None:
+        """Release the request's pages; pages left unreferenced join the free queue's tail."""
+        for page_id in reversed(request.page_ids):
+            page = self.pages[page_id]
+            page.ref_count -= 1
+            if page.ref_count == 0:
+                self.free_queue[page_id] = None
+        request.page_ids = []
+        self.page_hashes.pop(request.request_id, None)

@@ -1,0 +1,53 @@
+"""A request as the scheduler sees it: tokens, how many are computed, which pages hold them."""
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # pages freed; waits again and recomputes its tokens
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = 0.0
+    eos_token_ids: tuple[int, ...] = ()
+    max_tokens: int = 16  # resolved against the model length at admission
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    page_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = -1  # prompt tokens hit in the prefix cache; -1 until first admitted
+    finish_reason: str | None = None
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def check_finished(self) -> bool:
+        """Apply stop token ids, EOS and max_tokens after a token was appended."""
+        params, n = self.sampling_params, len(self.output_token_ids)
+        last = self.output_token_ids[-1]
+        if n >= params.min_tokens and (last in params.stop_token_ids or (
+                not params.ignore_eos and last in self.eos_token_ids)):
+            self.finish_reason = "stop"
+        elif n >= self.max_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None

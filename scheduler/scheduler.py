@@ -1,0 +1,151 @@
+"""Iteration-level scheduling with no prefill or decode phase (vLLM v1's rule).
+
+Every request carries `num_computed_tokens`; a step gives each request the tokens that let it
+catch up with `num_tokens` (prompt plus output so far), under `max_num_batched_tokens` and
+`max_num_seqs`. Running requests go first, in admission order, so every one of them advances
+(a decode token each, or the next prompt chunk); waiting requests are then admitted first come,
+first served with what budget is left. Prefill, chunked prefill, decode, prefix-cache hits and
+recomputation after preemption are all this one rule.
+
+When pages run out, the most recently admitted running request is preempted: its pages are
+freed and it goes back to the front of the queue to recompute its tokens later.
+"""
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import SchedulerConfig
+from scheduler.block_manager import BlockManager
+from scheduler.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so it can sample."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up at first admission
+    prefix_cache_hits: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate(request, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.num_preemptions += 1
+                if victim is request:
+                    break
+            if request.status is RequestStatus.RUNNING:
+                out.scheduled.append(ScheduledRequest(request, n))
+                scheduled.add(request.request_id)
+                budget -= n
+        while (self.waiting and budget > 0 and not out.num_preemptions
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            first_admission = request.num_cached_tokens < 0
+            hits = self.block_manager.match_prefix(request)
+            num_cached = len(hits) * self.block_manager.page_size
+            n = min(request.num_tokens - num_cached, budget)
+            request.num_computed_tokens = num_cached
+            if not self.block_manager.allocate(request, n, hits):
+                request.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if first_admission:
+                request.num_cached_tokens = num_cached
+                request.scheduled_time = time.time()
+                out.prefix_cache_queries += request.num_tokens
+                out.prefix_cache_hits += num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        logger.warning("preempted request %s: %d computed tokens lost, will recompute",
+                       request.request_id, request.num_computed_tokens)
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed tokens, append sampled tokens; return requests that finished."""
+        finished = []
+        for s in out.scheduled:
+            request = s.request
+            request.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_pages(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = time.time()
+            if request.check_finished():
+                self._finish(request, request.finish_reason)
+                finished.append(request)
+        return finished
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, "abort")
+        return request
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.block_manager.free(request)
+        del self.requests[request.request_id]

@@ -1,0 +1,152 @@
+"""The API process's handle on the engine-core process.
+
+Spawns the engine, binds the two ZeroMQ sockets (PUSH requests, PULL outputs), and runs two
+tasks on the event loop: one routes each `RequestOutput` to its request's queue, one watches
+the child process. When the engine dies every waiting request receives `EngineDead` and new
+requests are refused, so nothing hangs on a process that is gone.
+"""
+import asyncio
+import logging
+import multiprocessing
+import pickle
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from engine.config import EngineConfig
+from engine.messages import (AbortRequests, AddRequest, EngineReady, EngineStep,
+                             RequestOutput, StepStats)
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("tessera.server")
+
+_WATCH_INTERVAL_S = 0.2
+
+
+class EngineDead(Exception):
+    pass
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig,
+                 on_step: Callable[[EngineStep], None] | None = None) -> None:
+        self.config = config
+        self.on_step = on_step
+        self.ready: EngineReady | None = None
+        self.dead_reason: str | None = None
+        self.last_stats: StepStats | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._ctx = zmq.asyncio.Context()
+        self._ipc_dir = tempfile.TemporaryDirectory(prefix="tessera-")
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._ready_event = asyncio.Event()
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready is not None and self.dead_reason is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self) -> None:
+        """Spawn the engine and return at once; `wait_ready` waits for the weights."""
+        from engine.core import run_engine_core  # the engine's imports stay out of `--help`
+
+        base = Path(self._ipc_dir.name)
+        input_addr, output_addr = f"ipc://{base / 'input'}", f"ipc://{base / 'output'}"
+        self._input = self._ctx.socket(zmq.PUSH)
+        self._input.bind(input_addr)
+        self._output = self._ctx.socket(zmq.PULL)
+        self._output.bind(output_addr)
+        spawn = multiprocessing.get_context("spawn")
+        self._process = spawn.Process(target=run_engine_core, name="tessera-engine-core",
+                                      args=(self.config, input_addr, output_addr), daemon=True)
+        self._process.start()
+        logger.info("engine core started (pid %d); loading the model", self._process.pid)
+        self._tasks = [asyncio.create_task(self._route_outputs()),
+                       asyncio.create_task(self._watch_process())]
+
+    async def wait_ready(self) -> EngineReady:
+        await self._ready_event.wait()
+        if self.ready is None:
+            raise EngineDead(self.dead_reason or "engine core failed to start")
+        return self.ready
+
+    async def _route_outputs(self) -> None:
+        while True:
+            message = pickle.loads(await self._output.recv())
+            if isinstance(message, EngineReady):
+                self.ready = message
+                self._ready_event.set()
+                logger.info("engine ready: %s", message)
+                continue
+            assert isinstance(message, EngineStep)
+            self.last_stats = message.stats
+            if self.on_step is not None:
+                self.on_step(message)
+            for output in message.outputs:
+                queue = self._queues.get(output.request_id)
+                if queue is not None:
+                    queue.put_nowait(output)
+
+    async def _watch_process(self) -> None:
+        while self._process.is_alive():
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+        self._fail(f"engine core process exited with code {self._process.exitcode}")
+
+    def _fail(self, reason: str) -> None:
+        if self.dead_reason is None:
+            self.dead_reason = reason
+            logger.error("%s; failing %d requests in flight", reason, len(self._queues))
+        for queue in self._queues.values():
+            queue.put_nowait(EngineDead(reason))
+        self._ready_event.set()
+
+    def check_alive(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDead(self.dead_reason)
+        if self.ready is None:
+            raise EngineDead("the engine is still loading the model")
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams, arrival_time: float | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until the finishing one.
+
+        Raises `EngineDead`. Leaving early (a stop string, a client gone, a cancelled task)
+        aborts the request in the engine, so its pages are freed at once.
+        """
+        self.check_alive()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        finished = False
+        try:
+            await self._input.send(pickle.dumps(AddRequest(
+                request_id, prompt_token_ids, params, arrival_time or time.time())))
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, EngineDead):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and self.dead_reason is None:
+                await self._input.send(pickle.dumps(AbortRequests([request_id])))
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+        self._ctx.destroy(linger=0)
+        self._ipc_dir.cleanup()
