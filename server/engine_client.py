@@ -21,6 +21,7 @@ from engine.config import EngineConfig
 from engine.messages import (AbortRequests, AddRequest, EngineReady, EngineStep,
                              RequestOutput, StepStats)
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import DEFAULT_MODEL_NAME
 
 logger = logging.getLogger("tessera.server")
 
@@ -66,7 +67,9 @@ class EngineClient:
         self._output.bind(output_addr)
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(target=run_engine_core, name="tessera-engine-core",
-                                      args=(self.config, input_addr, output_addr), daemon=True)
+                                      args=(self.config, input_addr, output_addr,
+                                            self.config.model.model or DEFAULT_MODEL_NAME),
+                                      daemon=True)
         self._process.start()
         logger.info("engine core started (pid %d); loading the model", self._process.pid)
         self._tasks = [asyncio.create_task(self._route_outputs()),

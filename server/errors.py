@@ -60,8 +60,9 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(Exception, _handle)
-    app.add_exception_handler(HTTPException, _handle)
+    """Expected errors answer quietly; anything else (our fault) is logged as a 500."""
+    for kind in (APIError, ValidationError, HTTPException, Exception):
+        app.add_exception_handler(kind, _handle)
 
 
 def sse_error(exc: Exception) -> str:

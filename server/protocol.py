@@ -46,7 +46,7 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -55,7 +55,7 @@ class SamplingRequest(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias or {}),
-            logprobs=logprobs)
+        )
 
 
 class ChatMessage(BaseModel):
@@ -95,20 +95,6 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: dict[str, int] | None = None
 
 
-class ChatLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(ChatLogprob):
-    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob]
-
-
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -117,7 +103,6 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -138,7 +123,6 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -151,17 +135,9 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
-class CompletionLogprobs(BaseModel):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

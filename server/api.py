@@ -1,0 +1,213 @@
+"""The HTTP API: a flat route table over `serving`, and `tessera serve`.
+
+Every handler raises on a user's mistake and `errors` answers; no handler formats an error.
+The engine core runs in a child process started by the app's lifespan, so `/health` answers
+503 while the weights load and after the engine died.
+"""
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from engine.config import EngineConfig
+from engine.tokenizer import load_tokenizer
+from server import config as server_config
+from server import errors
+from server.config import ServerConfig
+from server.engine_client import EngineClient, EngineDead
+from server.errors import APIError, EngineUnavailable
+from server.metrics import Metrics
+from server.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
+                             random_id)
+from server.serving import (ChatChunks, CompletionChunks, ServingContext, chat_response,
+                            collect, completion_response, generate, prepare_chat,
+                            prepare_completion, sse_stream)
+
+logger = logging.getLogger("tessera.server")
+
+_ENGINE_LOG_INTERVAL_S = 10.0
+
+
+class AppState:
+    """What the handlers share; `serving` is set once the engine and tokenizer are ready."""
+
+    def __init__(self, engine_config: EngineConfig, settings: ServerConfig) -> None:
+        self.settings = settings
+        self.metrics = Metrics(settings.served_model_name)
+        self.client = EngineClient(engine_config, on_step=self.metrics.on_step)
+        self.model = engine_config.model.model
+        self.serving: ServingContext | None = None
+
+    async def start(self) -> None:
+        await self.client.start()
+        tokenizer = await asyncio.to_thread(load_tokenizer, self.model)
+        ready = await self.client.wait_ready()
+        self.metrics.on_ready(ready)
+        self.serving = ServingContext(self.client, tokenizer, self.metrics,
+                                      self.settings.served_model_name, ready.max_model_len,
+                                      self.settings.log_prompts)
+        logger.info("ready: serving %s (max_model_len %d) on http://%s:%d",
+                    self.settings.served_model_name, ready.max_model_len, self.settings.host,
+                    self.settings.port)
+
+    def ready_context(self) -> ServingContext:
+        try:
+            self.client.check_alive()
+        except EngineDead as exc:
+            raise EngineUnavailable(str(exc)) from exc
+        if self.serving is None:
+            raise EngineUnavailable("the server is still loading the tokenizer")
+        return self.serving
+
+
+async def _log_engine_periodically(metrics: Metrics) -> None:
+    while True:
+        await asyncio.sleep(_ENGINE_LOG_INTERVAL_S)
+        metrics.window.log_and_reset()
+
+
+async def _start_in_background(state: AppState) -> None:
+    try:
+        await state.start()
+    except Exception:
+        logger.exception("engine start failed")
+
+
+def build_app(engine_config: EngineConfig, settings: ServerConfig) -> FastAPI:
+    state = AppState(engine_config, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        tasks = [asyncio.create_task(_start_in_background(state)),
+                 asyncio.create_task(_log_engine_periodically(state.metrics))]
+        yield
+        for task in tasks:
+            task.cancel()
+        await state.client.shutdown()
+
+    app = FastAPI(title="Tessera", lifespan=lifespan)
+    app.state.tessera = state
+    errors.install(app)
+    for method, path, handler in ROUTES:
+        app.add_api_route(path, handler, methods=[method])
+    return app
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The body as `model`: malformed JSON, a non-object or a wrong type is a 400."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise APIError("request body must be a JSON object")
+    return model.model_validate(body)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """Run `work`, cancelling it (and so aborting its engine request) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(_until_disconnected(request))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return Response(status_code=499)
+    return task.result()
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.tessera
+
+
+async def chat_completions(request: Request) -> Response:
+    arrival = time.time()
+    body = await _parse(request, ChatCompletionRequest)
+    ctx = _state(request).ready_context()
+    if body.logprobs or body.top_logprobs:
+        raise APIError("logprobs are not supported yet", param="logprobs")
+    prompt_ids, params = await prepare_chat(ctx, body)
+    request_id = random_id("chatcmpl")
+    deltas = generate(ctx, request_id, prompt_ids, params, arrival,
+                      body.messages[-1].text())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(sse_stream(deltas, ChatChunks(ctx, request_id), include_usage),
+                                 media_type="text/event-stream")
+    whole = await _unless_disconnected(request, collect(deltas))
+    if isinstance(whole, Response):
+        return whole
+    return JSONResponse(chat_response(ctx, request_id, whole))
+
+
+async def completions(request: Request) -> Response:
+    arrival = time.time()
+    body = await _parse(request, CompletionRequest)
+    ctx = _state(request).ready_context()
+    if body.logprobs is not None:
+        raise APIError("logprobs are not supported yet", param="logprobs")
+    prompt_ids, params = await prepare_completion(ctx, body)
+    request_id = random_id("cmpl")
+    echo = ctx.tokenizer.decode(prompt_ids) if body.echo else ""
+    deltas = generate(ctx, request_id, prompt_ids, params, arrival, str(body.prompt))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            sse_stream(deltas, CompletionChunks(ctx, request_id, echo), include_usage),
+            media_type="text/event-stream")
+    whole = await _unless_disconnected(request, collect(deltas))
+    if isinstance(whole, Response):
+        return whole
+    return JSONResponse(completion_response(ctx, request_id, whole, echo))
+
+
+async def models(request: Request) -> JSONResponse:
+    ctx = _state(request).ready_context()
+    card = ModelCard(id=ctx.served_model_name, max_model_len=ctx.max_model_len)
+    return JSONResponse(ModelList(data=[card]).model_dump())
+
+
+async def health(request: Request) -> JSONResponse:
+    _state(request).ready_context()
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.exposition(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+ROUTES = [
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/completions", completions),
+    ("GET", "/v1/models", models),
+    ("GET", "/health", health),
+    ("GET", "/metrics", metrics),
+]
+
+
+def serve(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="tessera serve",
+                                     description="Start the OpenAI-compatible server.")
+    server_config.add_serve_flags(parser)
+    engine_config, settings = server_config.resolve(parser.parse_args(argv), parser)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server_config.log_effective(engine_config, settings)
+    uvicorn.run(build_app(engine_config, settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=5)
