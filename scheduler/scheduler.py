@@ -26,12 +26,12 @@ logger = logging.getLogger(__name__)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    samples: bool = False  # this step reaches the request's last known token, so it samples
 
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last known token, so it can sample."""
-        r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
+        done = request.num_computed_tokens + num_new_tokens == request.num_tokens
+        return cls(request, num_new_tokens, done)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Scheduler:
                 if victim is request:
                     break
             if request.status is RequestStatus.RUNNING:
-                out.scheduled.append(ScheduledRequest(request, n))
+                out.scheduled.append(ScheduledRequest.of(request, n))
                 scheduled.add(request.request_id)
                 budget -= n
         while (self.waiting and budget > 0 and not out.num_preemptions
@@ -100,7 +100,7 @@ class Scheduler:
                 out.prefix_cache_hits += num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, n))
+            out.scheduled.append(ScheduledRequest.of(request, n))
             budget -= n
         return out
 

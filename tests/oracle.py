@@ -1,0 +1,32 @@
+"""The transformers oracle on the same GGUF weights (fp32, CPU), for token-exact comparisons."""
+from functools import lru_cache
+
+import torch
+
+from engine.tokenizer import default_model_path
+
+
+@lru_cache(maxsize=1)
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def greedy_tokens(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """HF greedy continuation; attention_mask passed so <|im_end|> (= pad id) is not masked."""
+    ids = torch.tensor([prompt_ids])
+    out = hf_model().generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                              eos_token_id=None, pad_token_id=2)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@torch.inference_mode()
+def logits(token_ids: list[int]) -> torch.Tensor:
+    """Logits `[len, vocab]` of the HF model over a full token sequence."""
+    return hf_model()(torch.tensor([token_ids])).logits[0].float()
