@@ -85,7 +85,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 activations keep full fp32 products; TF32 would cost them three decimal digits."""
+    """An fp32 cache keeps full fp32 products (TF32 would drop three digits); 16-bit ignores it."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -98,7 +98,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     One program per (query tile, head, request); tiles past a request's query length exit.
     """
     num_tokens, num_heads, head_dim = q.shape
-    assert q.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    assert q.stride(-1) == k_cache.stride(-1) == block_table.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride()
     out = torch.empty_like(q)
     grid = (triton.cdiv(max_query_len, block_m), num_heads, seq_lens.shape[0])
     _prefill_kernel[grid](
@@ -107,7 +108,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         scale * LOG2E, head_dim, GROUP=num_heads // k_cache.shape[2], PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        PRECISION=_precision(q.dtype), num_warps=4 if head_dim <= 64 else 8)
+        PRECISION=_precision(k_cache.dtype), num_warps=4 if head_dim <= 64 else 8)
     return out
 
 
@@ -191,7 +192,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     programs as a large batch has, so both keep the GPU's memory system busy.
     """
     num_tokens, num_heads, head_dim = q.shape
-    assert q.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    assert q.stride(-1) == k_cache.stride(-1) == block_table.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride()
     assert partition % block_n == 0
     num_reqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -207,7 +209,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_table.stride(0), scale * LOG2E, head_dim, num_heads, GROUP=group,
         PAGE_SIZE=k_cache.shape[1], PARTITION=partition, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=_precision(q.dtype), num_warps=4)
+        PRECISION=_precision(k_cache.dtype), num_warps=4)
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_out, part_lse, out, query_start_loc, seq_lens, out.stride(0), out.stride(1),
         head_dim, num_heads, PARTITION=partition, NUM_SPLITS=num_splits,

@@ -1,0 +1,138 @@
+"""Each Triton kernel, run by the Triton interpreter on CPU tensors, equals its torch reference.
+
+TRITON_INTERPRET must be set before `triton.jit` decorates the kernels; `kernels` imports its
+Triton modules lazily, so setting it here, first, is enough.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels import reference, triton_attention, triton_ops  # noqa: E402
+
+ATOL, RTOL = 1e-4, 1e-3
+
+# (num_heads, num_kv_heads, head_dim, page_size): GQA ratios 1, 3, 8; pages smaller than,
+# equal to and larger than the 16-key tile.
+ATTENTION_SHAPES = [(4, 4, 64, 8), (6, 2, 128, 16), (8, 1, 64, 32)]
+
+
+def _qkv_views(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    """q, k, v as strided views of one fused projection, as the model produces them."""
+    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    qkv = torch.randn(num_tokens, sum(sizes))
+    q, k, v = qkv.split(sizes, dim=-1)
+    return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
+            v.view(num_tokens, num_kv_heads, head_dim))
+
+
+def _paged_batch(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int,
+                 head_dim: int, page_size: int):
+    """A flat batch whose contexts sit on shuffled pages; unused table entries name real pages,
+    so a kernel reading past a request's context would be caught."""
+    pages_per_req = [-(-s // page_size) for s in seq_lens]
+    num_pages = sum(pages_per_req) + 3
+    max_pages = max(pages_per_req) + 2
+    shuffled = torch.randperm(num_pages)
+    block_table = torch.randint(0, num_pages, (len(seq_lens), max_pages), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(pages_per_req):
+        block_table[i, :n] = shuffled[used:used + n]
+        used += n
+    k_cache = torch.randn(num_pages, page_size, num_kv_heads, head_dim)
+    v_cache = torch.randn(num_pages, page_size, num_kv_heads, head_dim)
+    query_start_loc = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0).int()
+    q, _, _ = _qkv_views(sum(query_lens), num_heads, num_kv_heads, head_dim)
+    return (q, k_cache, v_cache, query_start_loc, torch.tensor(seq_lens, dtype=torch.int32),
+            block_table)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_write_kv_stores_at_slots_and_skips_padding():
+    _, k, v = _qkv_views(6, 2, 3, 64)
+    k_cache, v_cache = torch.zeros(2, 4, 3, 64), torch.zeros(2, 4, 3, 64)
+    slots = torch.tensor([5, -1, 0, 6, 2, -1])  # slot -1 must not wrap to the last slot, 7
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.write_kv(k, v, want_k, want_v, slots)
+    triton_ops.write_kv(k, v, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+    assert k_cache.view(-1, 3, 64)[[1, 3, 4, 7]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_fuses_the_residual_add(with_residual: bool):
+    x, weight = torch.randn(5, 96), torch.randn(96)
+    residual = torch.randn(5, 96) if with_residual else None
+    out, res = triton_ops.rms_norm(x, weight, 1e-6, residual)
+    want_out, want_res = reference.rms_norm(x, weight, 1e-6, residual)
+    torch.testing.assert_close(out, want_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(res, want_res, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotary_embedding_rotates_q_and_k_in_place(head_dim: int):
+    q, k, _ = _qkv_views(7, 6, 2, head_dim)
+    positions = torch.tensor([0, 1, 2, 30, 31, 5, 17])
+    cos_sin_cache = torch.randn(32, head_dim)
+    want_q, want_k = q.clone(), k.clone()
+    reference.rotary_embedding(positions, want_q, want_k, cos_sin_cache)
+    triton_ops.rotary_embedding(positions, q, k, cos_sin_cache)
+    torch.testing.assert_close(q, want_q, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(k, want_k, atol=ATOL, rtol=RTOL)
+
+
+def test_silu_and_mul_over_several_column_blocks():
+    x = torch.randn(4, 2 * 100) * 4
+    out = triton_ops.silu_and_mul(x, block=32)
+    torch.testing.assert_close(out, reference.silu_and_mul(x), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
+def test_prefill_attention_over_mixed_batch(num_heads: int, num_kv_heads: int, head_dim: int,
+                                            page_size: int):
+    # A decode row, a chunk attending to earlier pages, a fresh prompt longer than two query
+    # tiles, and a short chunk deep into its context.
+    batch = _paged_batch([1, 17, 35, 5], [40, 30, 35, 61], num_heads, num_kv_heads, head_dim,
+                         page_size)
+    out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=35,
+                                                   block_m=16, block_n=16)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=35, max_seq_len=61)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
+def test_decode_attention_merges_context_partitions(num_heads: int, num_kv_heads: int,
+                                                    head_dim: int, page_size: int):
+    # Contexts of one token, a ragged tail tile, exactly one partition, and several partitions.
+    seq_lens = [1, 23, 32, 100]
+    batch = _paged_batch([1] * 4, seq_lens, num_heads, num_kv_heads, head_dim, page_size)
+    out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=100,
+                                                  partition=32, block_n=16)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=1, max_seq_len=100)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+
+
+def test_dispatch_sends_decode_and_prefill_batches_to_their_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "_use_triton", lambda x: True)
+    calls = []
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        kernel = getattr(triton_attention, name)
+        monkeypatch.setattr(triton_attention, name,
+                            lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    for query_lens, seq_lens in (([1, 1], [20, 3]), ([1, 4], [20, 6])):
+        batch = _paged_batch(query_lens, seq_lens, 4, 2, 64, 16)
+        args = (0.125, max(query_lens), max(seq_lens))
+        torch.testing.assert_close(kernels.paged_attention(*batch, *args),
+                                   reference.paged_attention(*batch, *args),
+                                   atol=ATOL, rtol=RTOL)
+    assert calls == ["paged_decode_attention", "paged_prefill_attention"]
