@@ -148,7 +148,7 @@ class RequestTracker:
                  prompt_text: str | None = None) -> None:
         self.metrics, self.request_id, self.arrival = metrics, request_id, arrival_time
         self.prompt_text = prompt_text
-        self.num_prompt_tokens = self.num_output_tokens = 0
+        self.num_prompt_tokens = 0
         self.scheduled: float | None = None
         self.first_token: float | None = None
         self.last_output: float | None = None
@@ -165,7 +165,6 @@ class RequestTracker:
             elif self.last_output is not None:
                 self.metrics.itl.observe(now - self.last_output)
             self.last_output = now
-            self.num_output_tokens += len(output.new_token_ids)
 
     def finish(self, finish_reason: str, num_output_tokens: int) -> None:
         """`num_output_tokens` is the response's usage figure (a stop string may cut it)."""
