@@ -92,8 +92,16 @@ def test_prefix_cache_hits_never_exceed_queries(scrape):
         scrape, "tessera:prefix_cache_queries_total")
 
 
+# Lint rules the names that the metrics issue fixes (vLLM's convention) necessarily break:
+# the `tessera:` prefix and the `iteration_tokens_total` histogram.
+_EXPECTED_LINT = ("metric names should not contain ':'",
+                  'non-counter metrics should not have "_total" suffix')
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_exposition_passes_promtool(scrape):
     check = subprocess.run(["promtool", "check", "metrics"], input=scrape.encode(),
-                           capture_output=True)
-    assert check.returncode == 0, check.stderr.decode()
+                           capture_output=True, text=False)
+    problems = [line for line in (check.stdout + check.stderr).decode().splitlines()
+                if line.strip() and not line.endswith(_EXPECTED_LINT)]
+    assert problems == []
