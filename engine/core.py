@@ -10,6 +10,8 @@ from engine.config import EngineConfig
 from engine.messages import (AbortRequests, AddRequest, EngineReady, EngineStep,
                              RequestOutput, StepStats, TokenLogprobs)
 from engine.model_runner import ModelRunner
+from engine.structured_output import StructuredOutputManager
+from engine.tokenizer import load_tokenizer
 from scheduler.block_manager import BlockManager
 from scheduler.request import Request
 from scheduler.scheduler import Scheduler
@@ -32,6 +34,13 @@ class EngineCore:
         self.block_manager = BlockManager(num_pages, page_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.structured: StructuredOutputManager | None = None  # built on first use
+
+    def _structured(self) -> StructuredOutputManager:
+        if self.structured is None:
+            self.structured = StructuredOutputManager(load_tokenizer(self.config.model.model),
+                                                      self.runner.arch.vocab_size)
+        return self.structured
 
     def add_request(self, req: AddRequest) -> None:
         n = len(req.prompt_token_ids)
@@ -44,6 +53,8 @@ class EngineCore:
                              f"exceeds max_model_len={self.max_model_len}")
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"duplicate request id {req.request_id}")
+        if params.structured_output is not None:
+            self._structured().add(req.request_id, params.structured_output)
         self.scheduler.add_request(Request(
             req.request_id, list(req.prompt_token_ids), params, req.arrival_time,
             eos_token_ids=tuple(self.runner.arch.eos_token_ids),
@@ -53,6 +64,8 @@ class EngineCore:
         outputs = []
         for rid in request_ids:
             request = self.scheduler.abort(rid)
+            if self.structured is not None:
+                self.structured.remove(rid)
             if request is not None:
                 outputs.append(RequestOutput(rid, [], "abort", None, request.num_prompt_tokens,
                                              max(request.num_cached_tokens, 0)))
@@ -63,8 +76,14 @@ class EngineCore:
 
     def step(self) -> EngineStep:
         sched = self.scheduler.schedule()
-        sampled = self.runner.execute(sched) if sched.scheduled else {}
-        self.scheduler.update(sched, {rid: t for rid, (t, _) in sampled.items()})
+        sampled = self.runner.execute(sched, self.structured) if sched.scheduled else {}
+        tokens = {rid: t for rid, (t, _) in sampled.items()}
+        finished = self.scheduler.update(sched, tokens)
+        if self.structured is not None:
+            for rid, token in tokens.items():
+                self.structured.accept(rid, token)
+            for r in finished:
+                self.structured.remove(r.request_id)
         outputs = []
         for s in sched.scheduled:
             r = s.request

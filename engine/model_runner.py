@@ -13,6 +13,7 @@ from engine.layers.attention import AttentionMetadata
 from engine.messages import TokenLogprobs
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import SamplingBatch, sample
+from engine.structured_output import StructuredOutputManager
 from scheduler.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ class ModelRunner:
                 query_start_loc[1:] - 1)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
+    def execute(self, out: SchedulerOutput, structured: StructuredOutputManager | None = None
+                ) -> dict[str, tuple[int, TokenLogprobs | None]]:
         """Run one step; return the sampled token (and logprobs) of each request that samples."""
         input_ids, positions, meta, last_rows = self._prepare(out)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
@@ -109,7 +111,8 @@ class ModelRunner:
             return {}
         requests = [out.scheduled[i].request for i in sampling]
         logits = self.model.compute_logits(hidden[last_rows[sampling].to(self.device)])
-        batch = SamplingBatch.from_requests(requests, self.arch.vocab_size)
+        bitmask = structured and structured.bitmask([r.request_id for r in requests])
+        batch = SamplingBatch.from_requests(requests, self.arch.vocab_size, bitmask)
         tokens, logprobs = sample(logits.cpu(), batch)
         return {r.request_id: (t, logprobs[i] if logprobs else None)
                 for i, (r, t) in enumerate(zip(requests, tokens))}

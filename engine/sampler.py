@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.messages import TokenLogprobs
+from engine.structured_output import apply_bitmask
 from scheduler.request import Request
 
 
@@ -29,9 +30,11 @@ class SamplingBatch:
     output_ids: list[list[int]]
     prompt_ids: list[list[int]]
     max_logprobs: int | None
+    bitmask: torch.Tensor | None = None  # structured output: allowed tokens per row
 
     @classmethod
-    def from_requests(cls, requests: list[Request], vocab_size: int) -> "SamplingBatch":
+    def from_requests(cls, requests: list[Request], vocab_size: int,
+                      bitmask: torch.Tensor | None = None) -> "SamplingBatch":
         ps = [r.sampling_params for r in requests]
         temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32)
         need_k = any(p.top_k for p in ps)
@@ -59,6 +62,7 @@ class SamplingBatch:
             output_ids=[r.output_token_ids for r in requests],
             prompt_ids=[r.prompt_token_ids for r in requests],
             max_logprobs=max(logprobs) if logprobs else None,
+            bitmask=bitmask,
         )
 
 
@@ -72,7 +76,9 @@ def _token_mask(rows: list[list[int]], vocab_size: int) -> tuple[torch.Tensor, t
 
 
 def apply_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Logit bias, min_tokens bans and penalties (OpenAI and vLLM semantics), in place."""
+    """Grammar mask, logit bias, min_tokens bans and penalties (OpenAI/vLLM semantics)."""
+    if batch.bitmask is not None:
+        apply_bitmask(logits, batch.bitmask)
     for i, (bias, banned) in enumerate(zip(batch.logit_bias, batch.banned)):
         if bias:
             logits[i, list(bias)] += torch.tensor(list(bias.values()))

@@ -2,6 +2,17 @@
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output, enforced by a token mask while decoding."""
+    kind: str  # "json_schema" | "json_object" | "regex" | "grammar" (EBNF)
+    spec: str = ""  # the schema as JSON text, the regex, or the grammar
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json_schema", "json_object", "regex", "grammar"):
+            raise ValueError(f"structured_output kind {self.kind!r} is not supported")
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
@@ -20,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
