@@ -8,6 +8,7 @@ from engine.core import EngineCore
 from engine.messages import AddRequest, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
+from server.detokenizer import IncrementalDetokenizer, StopStringChecker
 
 
 @dataclass
@@ -37,6 +38,8 @@ class _Pending:
     text: str = ""
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    detokenizer: IncrementalDetokenizer | None = None
+    stops: StopStringChecker | None = None
 
 
 class LLM:
@@ -73,6 +76,9 @@ class LLM:
             ids = self._encode(prompt)
             self.engine.add_request(AddRequest(rid, ids, p, time.time()))
             pending[rid] = _Pending(ids, p)
+            if self.tokenizer is not None:
+                pending[rid].detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+                pending[rid].stops = StopStringChecker(p.stop, p.include_stop_str_in_output)
         while self.engine.has_unfinished():
             for out in self.engine.step().outputs:
                 self._absorb(pending[out.request_id], out)
@@ -89,13 +95,12 @@ class LLM:
         p.token_ids.extend(out.new_token_ids)
         p.logprobs.extend(out.new_logprobs or [])
         p.finish_reason = out.finish_reason
-        if self.tokenizer is not None:
-            p.text = self.tokenizer.decode(p.token_ids, skip_special_tokens=True)
-            for stop in p.params.stop:
-                at = p.text.find(stop)
-                if at >= 0:
-                    keep = at + len(stop) if p.params.include_stop_str_in_output else at
-                    p.text, p.finish_reason = p.text[:keep], "stop"
+        if p.detokenizer is not None:
+            done = out.finish_reason is not None
+            match = p.stops.add(p.detokenizer.add(out.new_token_ids, done), done)
+            p.text += match.text
+            if match.stopped:
+                p.finish_reason = "stop"
 
     def chat(self, messages: list[dict] | list[list[dict]],
              params: SamplingParams | None = None) -> list[RequestOutput]:

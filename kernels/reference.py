@@ -45,15 +45,21 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     Slots < 0 mark padding tokens that own no slot; indexing with -1 would overwrite the last
     slot of the last page.
     """
-    keep = slot_mapping >= 0
-    k_cache.view(-1, *k.shape[1:])[slot_mapping[keep]] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v.shape[1:])[slot_mapping[keep]] = v[keep].to(v_cache.dtype)
+    if (slot_mapping < 0).any():
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k.shape[1:])[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v.shape[1:])[slot_mapping] = v.to(v_cache.dtype)
 
 
 def _gather_context(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """`pages[..., P]` -> that context's tokens `[..., P * page_size, KvH, D]`."""
-    gathered = cache[pages]
-    return gathered.flatten(-4, -3)
+    """`pages[..., P]` -> that context's tokens `[..., P * page_size, KvH, D]`.
+
+    `index_select` on the flattened ids is a plain row copy, several times faster on CPU than
+    advanced indexing with a 2-D index.
+    """
+    gathered = cache.index_select(0, pages.flatten())
+    return gathered.view(*pages.shape[:-1], -1, *cache.shape[2:])
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -94,3 +94,14 @@ def test_seeded_sampling_is_reproducible_alone_and_batched(llm):
     assert batch[0].outputs[0].token_ids == alone[0]
     assert batch[2].outputs[0].token_ids == alone[1]
     assert alone[0] != alone[1]
+
+
+def test_stop_string_trims_text_and_ends_request(llm):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = llm.generate([PROMPTS[4]], params)[0].outputs[0]
+    stop = full.text[6:9]
+    cut = llm.generate([PROMPTS[4]], SamplingParams(temperature=0, max_tokens=40,
+                                                    ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.find(stop)]
+    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
