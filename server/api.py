@@ -9,11 +9,12 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -25,11 +26,12 @@ from server.config import ServerConfig
 from server.engine_client import EngineClient, EngineDead
 from server.errors import APIError, EngineUnavailable
 from server.metrics import Metrics
-from server.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
-                             random_id)
-from server.serving import (ChatChunks, CompletionChunks, ServingContext, chat_response,
-                            collect, completion_response, generate, prepare_chat,
-                            prepare_completion, sse_stream)
+from server.middleware import RequestIdAndAuth
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                             ModelCard, ModelList, SamplingRequest, TokenizeRequest, random_id)
+from server.responses import ChatResponder, CompletionResponder, sse_stream
+from server.serving import (Delta, ServingContext, chat_prompt_ids, collect, fan_out,
+                            prepare_chat, prepare_completion)
 
 logger = logging.getLogger("tessera.server")
 
@@ -53,7 +55,7 @@ class AppState:
         self.metrics.on_ready(ready)
         self.serving = ServingContext(self.client, tokenizer, self.metrics,
                                       self.settings.served_model_name, ready.max_model_len,
-                                      self.settings.log_prompts)
+                                      ready.vocab_size, self.settings.log_prompts)
         logger.info("ready: serving %s (max_model_len %d) on http://%s:%d",
                     self.settings.served_model_name, ready.max_model_len, self.settings.host,
                     self.settings.port)
@@ -96,19 +98,28 @@ def build_app(engine_config: EngineConfig, settings: ServerConfig) -> FastAPI:
     app = FastAPI(title="Tessera", lifespan=lifespan)
     app.state.tessera = state
     errors.install(app)
+    app.add_middleware(RequestIdAndAuth, api_key=settings.api_key)
+    if settings.allowed_origins:  # outermost, so preflights never meet the API key check
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["x-request-id"])
     for method, path, handler in ROUTES:
         app.add_api_route(path, handler, methods=[method])
     return app
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The body as `model`: malformed JSON, a non-object or a wrong type is a 400."""
+    """The body as `model`: malformed JSON, a non-object, a wrong type or a field we do not
+    support is a 400 naming it."""
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise APIError("request body must be a JSON object")
+    for name, unused in getattr(model, "UNSUPPORTED", {}).items():
+        if body.get(name, unused) not in (None, unused):
+            raise APIError(f"{name} is not supported by this server", param=name)
     return model.model_validate(body)
 
 
@@ -135,45 +146,65 @@ def _state(request: Request) -> AppState:
     return request.app.state.tessera
 
 
+async def _respond(request: Request, body: SamplingRequest,
+                   deltas: AsyncIterator[tuple[int, Delta]],
+                   responder: ChatResponder | CompletionResponder, count: int) -> Response:
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(sse_stream(deltas, responder, count, include_usage),
+                                 media_type="text/event-stream")
+    whole = await _unless_disconnected(request, collect(deltas, count))
+    if isinstance(whole, Response):
+        return whole
+    return JSONResponse(responder.whole(whole))
+
+
 async def chat_completions(request: Request) -> Response:
     arrival = time.time()
     body = await _parse(request, ChatCompletionRequest)
     ctx = _state(request).ready_context()
-    if body.logprobs or body.top_logprobs:
-        raise APIError("logprobs are not supported yet", param="logprobs")
-    prompt_ids, params = await prepare_chat(ctx, body)
+    prompt_ids, params, plan = await prepare_chat(ctx, body)
     request_id = random_id("chatcmpl")
-    deltas = generate(ctx, request_id, prompt_ids, params, arrival,
-                      body.messages[-1].text())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(sse_stream(deltas, ChatChunks(ctx, request_id), include_usage),
-                                 media_type="text/event-stream")
-    whole = await _unless_disconnected(request, collect(deltas))
-    if isinstance(whole, Response):
-        return whole
-    return JSONResponse(chat_response(ctx, request_id, whole))
+    deltas = fan_out(ctx, request_id, [(prompt_ids, params)], body.n, arrival,
+                     body.messages[-1].text())
+    responder = ChatResponder(ctx, request_id, body.n, plan, body.logprobs)
+    return await _respond(request, body, deltas, responder, body.n)
 
 
 async def completions(request: Request) -> Response:
     arrival = time.time()
     body = await _parse(request, CompletionRequest)
     ctx = _state(request).ready_context()
-    if body.logprobs is not None:
-        raise APIError("logprobs are not supported yet", param="logprobs")
-    prompt_ids, params = await prepare_completion(ctx, body)
+    prompts = await prepare_completion(ctx, body)
     request_id = random_id("cmpl")
-    echo = ctx.tokenizer.decode(prompt_ids) if body.echo else ""
-    deltas = generate(ctx, request_id, prompt_ids, params, arrival, str(body.prompt))
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            sse_stream(deltas, CompletionChunks(ctx, request_id, echo), include_usage),
-            media_type="text/event-stream")
-    whole = await _unless_disconnected(request, collect(deltas))
-    if isinstance(whole, Response):
-        return whole
-    return JSONResponse(completion_response(ctx, request_id, whole, echo))
+    echoes = [ctx.tokenizer.decode(ids) if body.echo else "" for ids, _ in prompts]
+    deltas = fan_out(ctx, request_id, prompts, body.n, arrival, str(body.prompt))
+    responder = CompletionResponder(ctx, request_id, body.n, echoes, body.logprobs is not None)
+    return await _respond(request, body, deltas, responder, len(prompts) * body.n)
+
+
+async def tokenize(request: Request) -> JSONResponse:
+    """vLLM's shape: `{"count", "max_model_len", "tokens"[, "token_strs"]}`."""
+    body = await _parse(request, TokenizeRequest)
+    ctx = _state(request).ready_context()
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError("give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        ids = await chat_prompt_ids(ctx, body)
+    else:
+        ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    out = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
+    if body.return_token_strs:
+        out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(ids)
+    return JSONResponse(out)
+
+
+async def detokenize(request: Request) -> JSONResponse:
+    body = await _parse(request, DetokenizeRequest)
+    ctx = _state(request).ready_context()
+    if any(not 0 <= t < len(ctx.tokenizer) for t in body.tokens):
+        raise APIError(f"tokens must be in [0, {len(ctx.tokenizer)})", param="tokens")
+    return JSONResponse({"prompt": ctx.tokenizer.decode(body.tokens)})
 
 
 async def models(request: Request) -> JSONResponse:
@@ -196,6 +227,8 @@ ROUTES = [
     ("POST", "/v1/chat/completions", chat_completions),
     ("POST", "/v1/completions", completions),
     ("GET", "/v1/models", models),
+    ("POST", "/tokenize", tokenize),
+    ("POST", "/detokenize", detokenize),
     ("GET", "/health", health),
     ("GET", "/metrics", metrics),
 ]

@@ -6,7 +6,8 @@ underscores), so every flag can live in a file and the README's flag table docum
 import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 
 import yaml
 
@@ -23,6 +24,8 @@ class ServerConfig:
     served_model_name: str = DEFAULT_MODEL_NAME
     log_level: str = "info"
     log_prompts: bool = False
+    api_key: str | None = None  # also TESSERA_API_KEY; guards every /v1 route
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
 
 
 def _byte_size(text: str) -> int:
@@ -63,6 +66,14 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="logging level (default info)")
     add("--log-prompts", action="store_const", const=True,
         help="include prompt text in per-request log lines")
+    add("--api-key", help="require `Authorization: Bearer <key>` on /v1 routes "
+        "(default: $TESSERA_API_KEY, else open)")
+    add("--allowed-origins", type=_origins,
+        help="comma-separated CORS origins, or * for any (default: no CORS)")
+
+
+def _origins(text: str) -> list[str]:
+    return [o.strip() for o in str(text).split(",") if o.strip()]
 
 
 def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -80,6 +91,8 @@ def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
             parser.error(f"--config {path}: unknown key {key!r}")
         if dest == "kv_cache_memory" and value is not None:
             value = _byte_size(value)
+        if dest == "allowed_origins" and isinstance(value, str):
+            value = _origins(value)
         out[dest] = value
     return out
 
@@ -96,10 +109,13 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
                 setattr(section, name, values[name])
     if "device" in values:
         engine.device = values["device"]
+    values.setdefault("api_key", os.environ.get("TESSERA_API_KEY") or None)
     server = ServerConfig(**{k: values[k] for k in asdict(ServerConfig()) if k in values})
     return engine, server
 
 
 def log_effective(engine: EngineConfig, server: ServerConfig) -> None:
     logger.info("effective config: %s", json.dumps(
-        {"engine": engine.to_dict(), "server": asdict(server)}, sort_keys=True))
+        {"engine": engine.to_dict(),
+         "server": {**asdict(server), "api_key": server.api_key and "<set>"}},
+        sort_keys=True))

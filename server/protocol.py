@@ -1,15 +1,16 @@
 """OpenAI request and response shapes (pydantic), plus the extras vLLM clients send.
 
-Requests ignore unknown fields, as OpenAI's SDKs send fields newer than any server; types are
-checked, and value ranges are checked once by `SamplingParams`.
+Requests ignore unknown fields, as OpenAI's SDKs send fields newer than any server, except the
+ones in `UNSUPPORTED`: features we lack, refused with a 400 rather than silently dropped. Types
+are checked here; value ranges once by `SamplingParams`.
 """
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutput
 
 
 def random_id(prefix: str) -> str:
@@ -20,15 +21,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingRequest(BaseModel):
     """Fields both endpoints share; `max_tokens` None = up to the model length."""
     model_config = ConfigDict(extra="ignore")
+    # Fields we refuse unless they carry the value that means "not used".
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "audio": None, "modalities": ["text"], "prediction": None, "web_search_options": None,
+        "functions": None, "function_call": None, "reasoning_effort": None, "suffix": None,
+        "best_of": 1, "prompt_logprobs": None, "guided_json": None, "guided_regex": None,
+        "guided_grammar": None, "guided_choice": None}
 
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -37,6 +56,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
     # Extras of vLLM and llama.cpp (`extra_body` in the openai client).
     top_k: int = 0
     min_p: float = 0.0
@@ -46,7 +66,8 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        structured: StructuredOutput | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -55,7 +76,36 @@ class SamplingRequest(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias or {}),
+            logprobs=logprobs, structured_output=structured,
         )
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # {"name": ...}
 
 
 class ChatMessage(BaseModel):
@@ -64,12 +114,14 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """Content as a string; array content joins its text parts (no images here)."""
         if isinstance(self.content, list):
             return "".join(part.get("text", "") for part in self.content
-                           if part.get("type") == "text")
+                           if part.get("type") in ("text", "input_text"))
         return self.content or ""
 
 
@@ -78,6 +130,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
 
@@ -86,6 +141,21 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: a raw `prompt` or chat `messages` (with the template applied)."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
 
 
 class UsageInfo(BaseModel):
@@ -97,12 +167,14 @@ class UsageInfo(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 
@@ -115,14 +187,23 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict[str, str]
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 
@@ -138,6 +219,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 

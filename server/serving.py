@@ -1,26 +1,32 @@
-"""From a validated OpenAI request to engine tokens and back to OpenAI responses.
+"""From a validated OpenAI request to engine requests, and their outputs back as text deltas.
 
 `prepare_*` turn a request into prompt ids and `SamplingParams` (raising `APIError` for a
-user's mistake); `generate` runs it through the engine, the detokenizer and the stop strings;
-`respond` answers whole or as server-sent events with one chunk builder per endpoint.
+user's mistake); `fan_out` starts one engine request per prompt and choice (`n`) and
+interleaves their `Delta`s, each tagged with its choice index; `generate` runs one engine
+request through the detokenizer and the stop strings.
 """
 import asyncio
-from contextlib import aclosing
+import dataclasses
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
+from engine.messages import TokenLogprobs
+from engine.sampling_params import SamplingParams, StructuredOutput
 from server.detokenizer import IncrementalDetokenizer, StopStringChecker
 from server.engine_client import EngineClient
-from server.errors import APIError, sse_error
+from server.errors import APIError
+from server.logprobs import TokenTexts
 from server.metrics import Metrics, RequestTracker
-from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
-                             ChatCompletionChunk, ChatCompletionRequest,
-                             ChatCompletionResponse, CompletionChoice, CompletionRequest,
-                             CompletionResponse, DeltaMessage, SamplingRequest, UsageInfo)
+from server.protocol import (ChatCompletionRequest, CompletionRequest, SamplingRequest,
+                             TokenizeRequest, UsageInfo)
+from server.structured import response_format_output
+from server.tools import ToolPlan, template_inputs
 
 # Prompts longer than this many characters are tokenized in a worker thread.
 _INLINE_TOKENIZE_CHARS = 2000
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100
 
 
 @dataclass
@@ -30,27 +36,45 @@ class ServingContext:
     metrics: Metrics
     served_model_name: str
     max_model_len: int
+    vocab_size: int
     log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        self.token_texts = TokenTexts(self.tokenizer)
 
 
 @dataclass
 class Delta:
+    """New text of one choice, with the tokens (and their logprobs) it came from."""
     text: str
     finish_reason: str | None
     usage: UsageInfo
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
-def _check_model(ctx: ServingContext, request: SamplingRequest) -> None:
+def _check_common(ctx: ServingContext, request: SamplingRequest) -> StructuredOutput | None:
+    """Checks both endpoints share; returns the `response_format` constraint."""
     if request.model != ctx.served_model_name:
         raise APIError(f"The model `{request.model}` does not exist; this server serves "
                        f"`{ctx.served_model_name}`.", status=404, param="model",
                        code="model_not_found")
-    if request.n != 1:
-        raise APIError("only n=1 is supported", param="n")
+    if request.stream_options is not None and not request.stream:
+        raise APIError("stream_options is only allowed with stream: true",
+                       param="stream_options")
+    for token, bias in (request.logit_bias or {}).items():
+        if not 0 <= token < ctx.vocab_size:
+            raise APIError(f"logit_bias token {token} is outside the vocabulary "
+                           f"[0, {ctx.vocab_size})", param="logit_bias")
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise APIError(f"logit_bias values must be in [-100, 100], got {bias}",
+                           param="logit_bias")
+    return response_format_output(request.response_format)
 
 
 def _sampling_params(ctx: ServingContext, request: SamplingRequest, prompt_len: int,
-                     max_tokens: int | None, prompt_param: str) -> SamplingParams:
+                     max_tokens: int | None, prompt_param: str, logprobs: int | None,
+                     structured: StructuredOutput | None) -> SamplingParams:
     room = ctx.max_model_len - prompt_len
     if room < 1:
         raise APIError(f"the prompt has {prompt_len} tokens; this model's maximum context "
@@ -58,8 +82,13 @@ def _sampling_params(ctx: ServingContext, request: SamplingRequest, prompt_len: 
     if max_tokens is not None and max_tokens > room:
         raise APIError(f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceed "
                        f"the maximum context length {ctx.max_model_len}", param="max_tokens")
+    return _checked(lambda: request.sampling_params(
+        room if max_tokens is None else max_tokens, logprobs, structured))
+
+
+def _checked(make: Callable[[], SamplingParams]) -> SamplingParams:
     try:
-        return request.sampling_params(max_tokens=room if max_tokens is None else max_tokens)
+        return make()
     except ValueError as exc:  # SamplingParams names the field first
         raise APIError(str(exc), param=str(exc).split()[0]) from exc
 
@@ -68,41 +97,123 @@ async def _run_tokenizer(fn: Callable, size: int):
     return await asyncio.to_thread(fn) if size > _INLINE_TOKENIZE_CHARS else fn()
 
 
-async def prepare_chat(ctx: ServingContext, request: ChatCompletionRequest,
-                       ) -> tuple[list[int], SamplingParams]:
-    _check_model(ctx, request)
+async def chat_prompt_ids(ctx: ServingContext, request: ChatCompletionRequest | TokenizeRequest,
+                          plan: ToolPlan | None = None) -> list[int]:
+    """The chat template applied to the messages (and the tools `plan` shows)."""
     if not request.messages:
         raise APIError("messages must not be empty", param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-    size = sum(len(m["content"]) for m in messages)
+    plan = plan or ToolPlan("none", [])
+    messages, extra = template_inputs(request, plan, ctx.tokenizer.chat_template or "")
+    size = sum(len(str(m["content"])) for m in messages)
     try:
-        ids = await _run_tokenizer(lambda: list(ctx.tokenizer.apply_chat_template(
+        return await _run_tokenizer(lambda: list(ctx.tokenizer.apply_chat_template(
             messages, add_generation_prompt=request.add_generation_prompt, tokenize=True,
-            return_dict=False)), size)
+            return_dict=False, **extra)), size)
     except Exception as exc:  # a template may reject e.g. the order of roles
         raise APIError(f"chat template failed: {exc}", param="messages") from exc
+
+
+async def prepare_chat(ctx: ServingContext, request: ChatCompletionRequest,
+                       ) -> tuple[list[int], SamplingParams, ToolPlan]:
+    structured = _check_common(ctx, request)
+    if request.top_logprobs is not None:
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]",
+                           param="top_logprobs")
+        if not request.logprobs:
+            raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+    plan = ToolPlan.from_request(request)
+    if (forced := plan.structured_output()) is not None:
+        if structured is not None:
+            raise APIError("response_format cannot be combined with a forced tool_choice",
+                           param="response_format")
+        structured = forced
+    ids = await chat_prompt_ids(ctx, request, plan)
     max_tokens = request.max_completion_tokens or request.max_tokens
-    return ids, _sampling_params(ctx, request, len(ids), max_tokens, "messages")
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return ids, _sampling_params(ctx, request, len(ids), max_tokens, "messages", logprobs,
+                                 structured), plan
+
+
+def _completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
+    prompt = request.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise APIError("prompt must not be empty", param="prompt")
+    return list(prompt)
 
 
 async def prepare_completion(ctx: ServingContext, request: CompletionRequest,
-                             ) -> tuple[list[int], SamplingParams]:
-    _check_model(ctx, request)
-    prompt = request.prompt
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise APIError("only one prompt per request is supported", param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = await _run_tokenizer(lambda: ctx.tokenizer.encode(prompt), len(prompt))
-    else:
-        vocab = len(ctx.tokenizer)
-        if any(not 0 <= t < vocab for t in prompt):
+                             ) -> list[tuple[list[int], SamplingParams]]:
+    """Prompt ids and params of each prompt, in order."""
+    structured = _check_common(ctx, request)
+    if request.echo and request.logprobs is not None:
+        raise APIError("echo with logprobs is not supported (no prompt logprobs)",
+                       param="echo")
+    prepared = []
+    vocab = len(ctx.tokenizer)
+    for prompt in _completion_prompts(request):
+        if isinstance(prompt, str):
+            ids = await _run_tokenizer(lambda: ctx.tokenizer.encode(prompt), len(prompt))
+        elif any(not 0 <= t < vocab for t in prompt):
             raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        ids = list(prompt)
-    if not ids:
-        raise APIError("prompt must not be empty", param="prompt")
-    return ids, _sampling_params(ctx, request, len(ids), request.max_tokens, "prompt")
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise APIError("prompt must not be empty", param="prompt")
+        prepared.append((ids, _sampling_params(ctx, request, len(ids), request.max_tokens,
+                                               "prompt", request.logprobs, structured)))
+    return prepared
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One params per choice; with a seed, choice i uses seed + i (reproducible, distinct)."""
+    if params.seed is None:
+        return [params] * n
+    return [_checked(lambda i=i: dataclasses.replace(params, seed=params.seed + i))
+            for i in range(n)]
+
+
+def fan_out(ctx: ServingContext, request_id: str,
+            prompts: list[tuple[list[int], SamplingParams]], n: int, arrival: float,
+            prompt_text: str | None = None) -> AsyncIterator[tuple[int, Delta]]:
+    """All choices' deltas as they come; choice `p * n + i` is prompt p's i-th sample."""
+    streams = [generate(ctx, f"{request_id}-{p * n + i}", ids, child, arrival, prompt_text)
+               for p, (ids, params) in enumerate(prompts)
+               for i, child in enumerate(choice_params(params, n))]
+    return _interleave(streams)
+
+
+async def _interleave(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Closing this cancels every stream still running, which aborts its engine request."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async with aclosing(stream):
+                async for delta in stream:
+                    queue.put_nowait((index, delta))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        else:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
@@ -115,11 +226,15 @@ async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
                              prompt_text if ctx.log_prompts else None)
     usage = UsageInfo(prompt_tokens=len(prompt_ids), total_tokens=len(prompt_ids))
     finish_reason = "abort"  # until the engine or a stop string says otherwise
+    token_ids: list[int] = []  # since the last delta: text held back keeps them here
+    logprobs: list[TokenLogprobs] = []
     try:
         async with aclosing(ctx.client.generate(request_id, prompt_ids, params,
                                                 arrival)) as outputs:
             async for output in outputs:
                 tracker.on_output(output)
+                token_ids += output.new_token_ids
+                logprobs += output.new_logprobs or []
                 usage.completion_tokens += len(output.new_token_ids)
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 if output.num_prompt_tokens:
@@ -128,93 +243,35 @@ async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
                 match = stops.add(detok.add(output.new_token_ids, finished), finished)
                 if match.stopped or finished:
                     finish_reason = "stop" if match.stopped else output.finish_reason
-                    yield Delta(match.text, finish_reason, usage)
+                    yield Delta(match.text, finish_reason, usage, token_ids, logprobs)
                     return
                 if match.text:
-                    yield Delta(match.text, None, usage)
+                    yield Delta(match.text, None, usage, token_ids, logprobs)
+                    token_ids, logprobs = [], []
     finally:
         tracker.finish(finish_reason, usage.completion_tokens)
 
 
-async def collect(deltas: AsyncIterator[Delta]) -> Delta:
-    text, last = [], None
+async def collect(deltas: AsyncIterator[tuple[int, Delta]], count: int) -> list[Delta]:
+    """Each choice's deltas joined into one, in choice order."""
+    whole = [Delta("", None, UsageInfo()) for _ in range(count)]
     async with aclosing(deltas):
-        async for last in deltas:
-            text.append(last.text)
-    return Delta("".join(text), last.finish_reason, last.usage)
+        async for index, delta in deltas:
+            acc = whole[index]
+            acc.text += delta.text
+            acc.token_ids += delta.token_ids
+            acc.logprobs += delta.logprobs
+            acc.finish_reason, acc.usage = delta.finish_reason, delta.usage
+    return whole
 
 
-def chat_response(ctx: ServingContext, request_id: str, whole: Delta) -> dict:
-    return ChatCompletionResponse(
-        id=request_id, model=ctx.served_model_name, usage=whole.usage,
-        choices=[ChatChoice(message=AssistantMessage(content=whole.text),
-                            finish_reason=whole.finish_reason)]).model_dump()
-
-
-def completion_response(ctx: ServingContext, request_id: str, whole: Delta,
-                        echo: str = "") -> dict:
-    return CompletionResponse(
-        id=request_id, model=ctx.served_model_name, usage=whole.usage,
-        choices=[CompletionChoice(text=echo + whole.text, finish_reason=whole.finish_reason)],
-    ).model_dump()
-
-
-class ChatChunks:
-    """Chunk builder for chat: a role-only first chunk, then content deltas."""
-
-    def __init__(self, ctx: ServingContext, request_id: str) -> None:
-        self.ctx, self.request_id = ctx, request_id
-
-    def _chunk(self, choices: list, usage: UsageInfo | None = None) -> str:
-        return ChatCompletionChunk(id=self.request_id, model=self.ctx.served_model_name,
-                                   choices=choices, usage=usage).model_dump_json()
-
-    def first(self) -> str:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-
-    def delta(self, delta: Delta) -> str:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=delta.text),
-                                            finish_reason=delta.finish_reason)])
-
-    def usage(self, usage: UsageInfo) -> str:
-        return self._chunk([], usage)
-
-
-class CompletionChunks:
-    def __init__(self, ctx: ServingContext, request_id: str, echo: str = "") -> None:
-        self.ctx, self.request_id, self.echo = ctx, request_id, echo
-
-    def _chunk(self, choices: list, usage: UsageInfo | None = None) -> str:
-        return CompletionResponse(id=self.request_id, model=self.ctx.served_model_name,
-                                  choices=choices, usage=usage).model_dump_json()
-
-    def first(self) -> str | None:
-        return self._chunk([CompletionChoice(text=self.echo)]) if self.echo else None
-
-    def delta(self, delta: Delta) -> str:
-        return self._chunk([CompletionChoice(text=delta.text,
-                                             finish_reason=delta.finish_reason)])
-
-    def usage(self, usage: UsageInfo) -> str:
-        return self._chunk([], usage)
-
-
-async def sse_stream(deltas: AsyncIterator[Delta], chunks: ChatChunks | CompletionChunks,
-                     include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's event stream: `data: {chunk}` events, then `data: [DONE]`.
-
-    Closing this generator (the client went away) closes `deltas`, which aborts the request.
-    """
-    try:
-        if (first := chunks.first()) is not None:
-            yield f"data: {first}\n\n"
-        last = None
-        async for last in deltas:
-            yield f"data: {chunks.delta(last)}\n\n"
-        if include_usage and last is not None:
-            yield f"data: {chunks.usage(last.usage)}\n\n"
-    except Exception as exc:  # the 200 is already sent: report in-band
-        yield sse_error(exc)
-    finally:
-        await deltas.aclose()
-    yield "data: [DONE]\n\n"
+def total_usage(usages: list[UsageInfo], n: int) -> UsageInfo:
+    """Completion tokens of every choice; prompt tokens once per prompt (every n-th choice)."""
+    prompts = usages[::n]
+    total = UsageInfo(prompt_tokens=sum(u.prompt_tokens for u in prompts),
+                      completion_tokens=sum(u.completion_tokens for u in usages))
+    total.total_tokens = total.prompt_tokens + total.completion_tokens
+    if any(u.prompt_tokens_details for u in prompts):
+        total.prompt_tokens_details = {"cached_tokens": sum(
+            (u.prompt_tokens_details or {}).get("cached_tokens", 0) for u in prompts)}
+    return total
