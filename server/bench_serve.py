@@ -132,6 +132,20 @@ def summarize(args: argparse.Namespace, results: list[Result], duration: float) 
     }
 
 
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of a process and its children's, in MiB (the engine core is a child process)."""
+    from pathlib import Path
+
+    def hwm(p: str) -> float:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return hwm(str(pid)) + sum(hwm(c) for c in children if Path(f"/proc/{c}").exists())
+
+
 def print_table(summary: dict, errors: list[str]) -> None:
     s = summary
     print(f"{'requests (ok/failed)':<28}{s['completed']}/{s['failed']}")
@@ -144,6 +158,13 @@ def print_table(summary: dict, errors: list[str]) -> None:
     for name in ("ttft", "tpot", "itl", "e2e"):
         row = [s[f"{k}_{name}_ms"] for k in ("mean", "p50", "p90", "p99")]
         print(f"{name.upper():<10}" + "".join(f"{v:>10.2f}" for v in row))
+    for pid, rss in s["peak_rss_mib"].items():
+        print(f"{f'peak RSS of pid {pid}':<28}{rss:.0f} MiB")
+    if "roofline" in s:
+        r = s["roofline"]
+        print(f"{'TPOT bound':<28}{r['tpot_bound_ms']:.2f} ms ({r['weight_bytes'] / 1e6:.0f} MB "
+              f"of {r['dtype']} weights at {r['matvec_gb_s']:.1f} GB/s); "
+              f"TPOT p50 / bound = {r['p50_tpot_over_bound']:.2f}")
     for error in errors[:5]:
         print("error:", error)
 
@@ -168,10 +189,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON line of results")
+    parser.add_argument("--roofline-dtype", default=None,
+                        help="also measure the batch-1 TPOT bound (weight bytes / matvec "
+                             "bandwidth) of the bundled model in this dtype, after the run")
+    parser.add_argument("--server-pid", type=int, action="append", default=[],
+                        help="report this process's peak RSS after the run (repeatable)")
     args = parser.parse_args(argv)
     prompts = synthetic_prompts(args.tokenizer, args.num_prompts, args.input_len, args.seed)
     results, duration = asyncio.run(run(args, prompts))
     summary = summarize(args, results, duration)
+    summary["peak_rss_mib"] = {pid: peak_rss_mib(pid) for pid in args.server_pid}
+    if args.roofline_dtype:
+        from engine.roofline import measure
+
+        bound = measure(dtype=args.roofline_dtype)
+        bound["p50_tpot_over_bound"] = summary["p50_tpot_ms"] / bound["tpot_bound_ms"]
+        summary["roofline"] = bound
     if args.json:
         print(json.dumps(summary))
     else:
