@@ -62,6 +62,22 @@ def _gather_context(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     return gathered.view(*pages.shape[:-1], -1, *cache.shape[2:])
 
 
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
+                      max_seq_len: int) -> torch.Tensor:
+    """One new token per row (`q` is `[B, H, D]`): one padded batch over the rows' contexts."""
+    pages = block_table[:, : -(-max_seq_len // k_cache.shape[1])]
+    k = _gather_context(k_cache, pages).transpose(1, 2)  # [B, KvH, N, D]
+    v = _gather_context(v_cache, pages).transpose(1, 2)
+    if q.shape[0] == 1:  # nothing to pad: cut to the context, no mask (the fast SDPA path)
+        k, v, mask = k[:, :, :max_seq_len], v[:, :, :max_seq_len], None
+    else:
+        mask = (torch.arange(k.shape[2], device=q.device) < seq_lens[:, None])[:, None, None]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2).to(k.dtype), k, v, attn_mask=mask,
+                                       scale=scale, enable_gqa=True)
+    return o.squeeze(2).to(q.dtype)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_table: torch.Tensor, scale: float, max_query_len: int,
@@ -72,23 +88,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     sees keys `0 .. s - n + i` (bottom-right aligned causal mask). Decode rows (one new token)
     run as one padded batch; each prefill chunk runs on its own.
     """
-    num_heads, page_size = q.shape[1], k_cache.shape[1]
+    if max_query_len == 1:  # a decode-only step: rows are requests, in order
+        return _decode_attention(q, k_cache, v_cache, seq_lens, block_table, scale,
+                                 max_seq_len)
+    page_size = k_cache.shape[1]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     out = torch.empty_like(q)
     decode = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
     if decode:
-        rows = torch.tensor([starts[i] for i in decode])
-        ctx = max(lens[i] for i in decode)
-        pages = block_table[decode, : -(-ctx // page_size)]
-        k = _gather_context(k_cache, pages).transpose(1, 2)  # [B, KvH, N, D]
-        v = _gather_context(v_cache, pages).transpose(1, 2)
-        key_pos = torch.arange(k.shape[2])
-        mask = key_pos[None, :] < torch.tensor([lens[i] for i in decode])[:, None]
-        o = F.scaled_dot_product_attention(
-            q[rows].unsqueeze(2).to(k.dtype), k, v, attn_mask=mask[:, None, None, :],
-            scale=scale, enable_gqa=True)
-        out[rows] = o.squeeze(2).to(out.dtype)
+        rows = torch.tensor([starts[i] for i in decode], device=q.device)
+        idx = torch.tensor(decode, device=q.device)
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, seq_lens[idx],
+                                      block_table[idx], scale, max(lens[i] for i in decode))
     for i in range(len(lens)):
         n, s = starts[i + 1] - starts[i], lens[i]
         if n == 1:
@@ -97,9 +109,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k = _gather_context(k_cache, pages)[:s].transpose(0, 1)  # [KvH, s, D]
         v = _gather_context(v_cache, pages)[:s].transpose(0, 1)
         qi = q[starts[i]:starts[i + 1]].transpose(0, 1).to(k.dtype)  # [H, n, D]
-        mask = torch.ones(n, s, dtype=torch.bool).tril(diagonal=s - n)
+        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
                                            enable_gqa=True)
         out[starts[i]:starts[i + 1]] = o.transpose(0, 1).to(out.dtype)
-    assert num_heads == q.shape[1]
     return out
