@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None, choices=["q4"],
+                   help="q4: GGUF 4-bit linears packed for few-token steps (CPU, bf16)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -83,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(model=args.model, load_format=args.load_format, device=args.device,
               dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.input_len + args.output_len + 1)
+              max_model_len=args.input_len + args.output_len + 1,
+              quantization=args.quantization)
     vocab = llm.engine.runner.arch.vocab_size
     prompts = synthetic_prompts(args.num_prompts, args.input_len, vocab)
     run_tessera(llm, prompts[:2], 4)  # warm-up
     results = {"device": args.device, "dtype": str(dtype).removeprefix("torch."),
+               "quantization": args.quantization,
                "threads": torch.get_num_threads(), "num_prompts": args.num_prompts,
                "input_len": args.input_len, "output_len": args.output_len,
                "tessera_batch_tok_s": run_tessera(llm, prompts, args.output_len),
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results))
         return 0
-    print(f"{args.device} {results['dtype']}, {results['threads']} threads, "
+    print(f"{args.device} {results['dtype']}{' q4' if args.quantization else ''}, "
+          f"{results['threads']} threads, "
           f"{args.num_prompts} prompts x {args.input_len} tokens -> {args.output_len} tokens")
     print(f"{'':14}{'batch tok/s':>14}{'single tok/s':>14}")
     print(f"{'tessera':14}{results['tessera_batch_tok_s']:14.1f}"

@@ -12,6 +12,8 @@ class ModelConfig:
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     max_model_len: int | None = None  # None = the model's own context length
     seed: int = 0  # seed of dummy weights
+    # "q4": keep a GGUF's Q4_0/Q4_1 layer linears packed 4-bit for few-token steps (CPU, bf16)
+    quantization: str | None = None
 
 
 @dataclass

@@ -47,9 +47,10 @@ class LLM:
                  dtype: str = "auto", page_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, num_kv_pages: int | None = None,
                  kv_cache_memory: int | None = None, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0):
+                 enable_prefix_caching: bool = True, seed: int = 0,
+                 quantization: str | None = None):
         self.config = EngineConfig(
-            ModelConfig(model, load_format, dtype, max_model_len, seed),
+            ModelConfig(model, load_format, dtype, max_model_len, seed, quantization),
             CacheConfig(page_size, num_kv_pages, kv_cache_memory, "auto",
                         enable_prefix_caching),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens), device)

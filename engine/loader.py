@@ -1,7 +1,9 @@
 """Weights and architecture from a GGUF file, a Hugging Face directory, or dummy values.
 
 Every source yields `(ModelArch, iterator of (hf_name, tensor))`; tensors use Hugging Face's
-Llama names and layout, so the model has one `load_weights` whatever the source.
+Llama names and layout, so the model has one `load_weights` whatever the source. With
+`quantization="q4"` a GGUF's 4-bit layer linears come as `QuantizedWeight` (codes and per-group
+scales) instead of dense tensors.
 """
 import json
 from collections.abc import Iterator
@@ -54,7 +56,29 @@ class ModelArch:
         )
 
 
-Weights = Iterator[tuple[str, torch.Tensor]]
+@dataclass
+class QuantizedWeight:
+    """A 4-bit linear weight `[N, K]`: `w[n, k] = scales[n, g] * codes[n, k] + zeros[n, g]`
+    with `g = k // group_size` and codes in 0..15 (GGUF Q4_1: d, m; Q4_0: d, -8d)."""
+    codes: torch.Tensor  # uint8 [N, K]
+    scales: torch.Tensor  # float32 [N, K / group_size]
+    zeros: torch.Tensor  # float32 [N, K / group_size]
+    group_size: int = 32
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.codes.float().unflatten(1, (-1, self.group_size))
+        w = w * self.scales[..., None] + self.zeros[..., None]
+        return w.flatten(1)
+
+    @classmethod
+    def cat(cls, parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """Stack along N (the output rows), as fused q|k|v and gate|up projections need."""
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                     ("codes", "scales", "zeros")), parts[0].group_size)
+
+
+Weights = Iterator[tuple[str, torch.Tensor | QuantizedWeight]]
+QUANTIZATIONS = (None, "q4")
 
 
 def load(cfg: ModelConfig) -> tuple[ModelArch, Weights]:
@@ -62,8 +86,13 @@ def load(cfg: ModelConfig) -> tuple[ModelArch, Weights]:
     fmt = cfg.load_format
     if fmt == "auto":
         fmt = "gguf" if path.suffix == ".gguf" else "hf"
+    if cfg.quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or 'q4', got {cfg.quantization!r}")
     if fmt == "gguf":
-        return _load_gguf(path)
+        return _load_gguf(path, cfg.quantization)
+    if cfg.quantization is not None:
+        raise ValueError(f"quantization={cfg.quantization!r} needs a GGUF model with Q4_0/Q4_1 "
+                         f"linear weights; {path} is loaded as {fmt!r}")
     config_path = path / "config.json" if path.is_dir() else path
     arch = ModelArch.from_hf_config(json.loads(config_path.read_text()))
     if fmt == "dummy":
@@ -124,15 +153,25 @@ _GGUF_NAMES = {
 }
 
 
+_GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
 def _gguf_field(reader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
-def _load_gguf(path: Path) -> tuple[ModelArch, Weights]:
+def _load_gguf(path: Path, quantization: str | None = None) -> tuple[ModelArch, Weights]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
+    q4_types = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+    linears = [t for t in reader.tensors if t.name.startswith("blk.")
+               and t.name.split(".")[2] in _GGUF_LINEARS and t.name.endswith(".weight")]
+    if quantization == "q4" and (bad := [t for t in linears if t.tensor_type not in q4_types]):
+        raise ValueError(f"quantization='q4' needs Q4_0/Q4_1 linear weights; {path.name} has "
+                         f"{bad[0].name} as {bad[0].tensor_type.name}")
+    keep_q4 = {t.name for t in linears} if quantization == "q4" else set()
     a = _gguf_field(reader, "general.architecture")
     if a not in ("llama", "qwen2"):
         raise ValueError(f"unsupported GGUF architecture {a!r}")
@@ -158,6 +197,14 @@ def _load_gguf(path: Path) -> tuple[ModelArch, Weights]:
 
     def weights() -> Weights:
         for t in reader.tensors:
+            if t.name in keep_q4:
+                w = unpack_q4(t.data, t.tensor_type == gguf.GGMLQuantizationType.Q4_1)
+                if a == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                    n = heads if "attn_q" in t.name else arch.num_kv_heads
+                    w = QuantizedWeight(*(_unpermute_rope(x, n) for x in
+                                          (w.codes, w.scales, w.zeros)))
+                yield _hf_name(t.name), w
+                continue
             w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                           dtype=np.float32))
             w = w.reshape(tuple(reversed([int(x) for x in t.shape])))
@@ -167,6 +214,24 @@ def _load_gguf(path: Path) -> tuple[ModelArch, Weights]:
             yield _hf_name(t.name), w
 
     return arch, weights()
+
+
+def unpack_q4(blocks: np.ndarray, has_min: bool) -> QuantizedWeight:
+    """GGUF Q4_1 (`has_min`) or Q4_0 blocks `[N, K/32 * bytes]` -> codes and scales.
+
+    A Q4_1 block is fp16 d, fp16 m, then 16 bytes whose low nibbles are values 0..15 and
+    high nibbles values 16..31 (gguf/quants.py); Q4_0 has no m and means d * (q - 8).
+    """
+    n = blocks.shape[0]
+    blocks = blocks.reshape(n, -1, 20 if has_min else 18)
+    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
+    if has_min:
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    else:
+        m = -8 * d
+    qs = torch.from_numpy(blocks[..., -16:].copy())
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, -1)
+    return QuantizedWeight(codes, d, m)
 
 
 def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -44,6 +44,10 @@ class ModelRunner:
         if self.device.type == "cpu":
             torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.dtype = resolve_dtype(config.model.dtype, config.device)
+        if config.model.quantization is not None and (
+                self.device.type != "cpu" or self.dtype != torch.bfloat16):
+            raise ValueError(f"quantization={config.model.quantization!r} runs on CPU in "
+                             f"bfloat16 only; got device {config.device!r}, dtype {self.dtype}")
         start = time.time()
         arch, weights = loader.load(config.model)
         self.arch = arch

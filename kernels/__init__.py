@@ -54,3 +54,15 @@ def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table,
             q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_seq_len)
     return triton_attention.paged_prefill_attention(
         q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_query_len)
+
+
+def pack_int4(codes, scales, zeros):
+    if codes.is_cuda:
+        raise NotImplementedError("int4 weights run on CPU only (torch's int4pack CPU kernel)")
+    return reference.pack_int4(codes, scales, zeros)
+
+
+def int4_linear(x, packed, scales_and_zeros, group_size):
+    if _use_triton(x):
+        raise NotImplementedError("int4_linear has a CPU kernel only; use dense weights on CUDA")
+    return reference.int4_linear(x, packed, scales_and_zeros, group_size)

@@ -114,3 +114,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                            enable_gqa=True)
         out[starts[i]:starts[i + 1]] = o.transpose(0, 1).to(out.dtype)
     return out
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes `[N, K]` (0..15) with `w = scales * codes + zeros` per group of K -> the layout of
+    `int4_linear`: torch's packed int4 weight and bf16 `scales_and_zeros[K / group, N, 2]`.
+
+    torch's kernel computes `w = scale * (q - 8) + zero`, so its zero is ours plus 8 * scale.
+    """
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    scales_and_zeros = torch.stack([scales, zeros + 8 * scales], -1).transpose(0, 1)
+    return packed, scales_and_zeros.contiguous().to(torch.bfloat16)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """`x[M, K] @ w.T` for a `pack_int4` weight; bf16 activations (fp32 ones are far slower)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size,
+                                                      scales_and_zeros).to(x.dtype)

@@ -1,7 +1,8 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) over a flat, unpadded token batch.
 
 q/k/v and gate/up projections are fused into one matmul each; weights arrive with Hugging
-Face names and are packed by `load_weights`.
+Face names and are packed by `load_weights`. A 4-bit weight (`QuantizedWeight`) fills the
+dense weight with its dequantized values and also stays packed in its `Linear`.
 """
 import torch
 from torch import nn
@@ -9,8 +10,9 @@ from torch.nn import functional as F
 
 import kernels
 from engine.layers.attention import AttentionMetadata, paged_attention
+from engine.layers.linear import Linear
 from engine.layers.rotary import cos_sin_cache
-from engine.loader import ModelArch, Weights
+from engine.loader import ModelArch, QuantizedWeight, Weights
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +32,9 @@ class LlamaAttention(nn.Module):
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
+        self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
@@ -48,8 +50,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArch):
         super().__init__()
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
@@ -102,12 +104,16 @@ class LlamaForCausalLM(nn.Module):
         packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
                   "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
                   "up_proj": ("gate_up_proj", 1)}
-        loaded = set()
+        loaded, quantized = set(), {}
         for name, w in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
             *prefix, module, kind = name.split(".")
+            if isinstance(w, QuantizedWeight):
+                fused, shard = packed.get(module, (module, 0))
+                quantized.setdefault(".".join([*prefix, fused]), {})[shard] = w
+                w = w.dequantize()
             if module in packed:
                 fused, shard = packed[module]
                 target = params[".".join([*prefix, fused, kind])]
@@ -122,3 +128,6 @@ class LlamaForCausalLM(nn.Module):
             k.startswith(n + "#") for k in loaded)]
         if missing:
             raise ValueError(f"weights missing from checkpoint: {missing[:5]}")
+        modules = dict(self.named_modules())
+        for name, shards in quantized.items():
+            modules[name].set_int4(QuantizedWeight.cat([shards[i] for i in sorted(shards)]))
