@@ -51,6 +51,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--device", help="cpu or cuda[:N] (default cpu)")
     add("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
         help="weight and activation dtype (default auto)")
+    add("--quantization", choices=["q4"],
+        help="q4: run a GGUF's Q4_0/Q4_1 layer weights packed 4-bit for small steps "
+             "(CPU, bfloat16; default: dequantize at load)")
     add("--max-model-len", type=int, help="prompt + output token limit (default: the model's)")
     add("--max-num-seqs", type=int, help="most requests in one step (default 64)")
     add("--max-num-batched-tokens", type=int, help="token budget of one step (default 512)")
