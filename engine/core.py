@@ -51,6 +51,12 @@ class EngineCore:
         if room < 1 or (params.max_tokens or 0) > room:
             raise ValueError(f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) "
                              f"exceeds max_model_len={self.max_model_len}")
+        vocab = self.runner.arch.vocab_size
+        for name, ids in (("prompt", req.prompt_token_ids),
+                          ("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", params.logit_bias)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab})")
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"duplicate request id {req.request_id}")
         if params.structured_output is not None:

@@ -75,7 +75,11 @@ class LLM:
         for prompt, p in zip(prompts, params_list):
             rid = uuid.uuid4().hex
             ids = self._encode(prompt)
-            self.engine.add_request(AddRequest(rid, ids, p, time.time()))
+            try:
+                self.engine.add_request(AddRequest(rid, ids, p, time.time()))
+            except ValueError:
+                self.engine.abort(list(pending))  # all or nothing: drop this call's requests
+                raise
             pending[rid] = _Pending(ids, p)
             if self.tokenizer is not None:
                 pending[rid].detokenizer = IncrementalDetokenizer(self.tokenizer, ids)

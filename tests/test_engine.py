@@ -105,3 +105,15 @@ def test_stop_string_trims_text_and_ends_request(llm):
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[:full.text.find(stop)]
     assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+
+
+def test_out_of_vocabulary_ids_are_refused_not_crashing(llm):
+    vocab = llm.engine.runner.arch.vocab_size
+    for prompt, params in (([1, vocab], SamplingParams()),
+                           ([1, -3], SamplingParams()),
+                           ([1, 2], SamplingParams(stop_token_ids=[-1])),
+                           ([1, 2], SamplingParams(logit_bias={vocab + 5: 1.0}))):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate([[5, 6, 7], prompt], [SamplingParams(), params])
+    assert not llm.engine.has_unfinished()
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
