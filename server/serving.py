@@ -69,6 +69,9 @@ def _check_common(ctx: ServingContext, request: SamplingRequest) -> StructuredOu
         if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
             raise APIError(f"logit_bias values must be in [-100, 100], got {bias}",
                            param="logit_bias")
+    if any(not 0 <= t < ctx.vocab_size for t in request.stop_token_ids or []):
+        raise APIError(f"stop_token_ids must be in [0, {ctx.vocab_size})",
+                       param="stop_token_ids")
     return response_format_output(request.response_format)
 
 

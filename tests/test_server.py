@@ -138,6 +138,9 @@ ERROR_CASES = {
     "missing field": ({"model": MODEL}, 400, "invalid_request_error", "messages"),
     "bad role": ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400,
                  "invalid_request_error", "messages.0.role"),
+    "stop token outside the vocabulary": ({"model": MODEL, "messages": HI,
+                                           "stop_token_ids": [10**7]}, 400,
+                                          "invalid_request_error", "stop_token_ids"),
 }
 
 
