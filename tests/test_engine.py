@@ -41,7 +41,7 @@ def test_greedy_matches_transformers(llm):
         assert out.outputs[0].token_ids == expected, prompt
 
 
-def test_batch_invariance_and_preemption(llm):
+def test_batch_invariance_and_preemption(llm, caplog):
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
@@ -49,7 +49,9 @@ def test_batch_invariance_and_preemption(llm):
     assert together == alone
     small = LLM(dtype="float32", page_size=16, num_kv_pages=40, max_model_len=256,
                 enable_prefix_caching=False)
-    squeezed = small.generate(prompts, params)
+    with caplog.at_level("WARNING", logger="scheduler.scheduler"):
+        squeezed = small.generate(prompts, params)
+    assert any("preempted request" in r.message for r in caplog.records)
     assert [o.outputs[0].token_ids for o in squeezed] == alone
     assert all(o.outputs[0].finish_reason == "length" for o in squeezed)
     assert small.engine.block_manager.num_free_pages == 40
