@@ -61,13 +61,12 @@ def test_prefix_cache_skips_shared_prefix(llm):
     bm = llm.engine.block_manager
     prefix = llm.tokenizer.encode(PROMPTS[5])[:100]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    first = llm.generate([prefix + [28, 253, 1345]], params)[0]
+    llm.generate([prefix + [28, 253, 1345]], params)
     second = llm.generate([prefix + [42, 1012, 30, 335, 3]], params)[0]
     assert second.num_cached_tokens == 96  # six full pages of 16 out of the 100 shared tokens
     uncached = LLM(dtype="float32", enable_prefix_caching=False)
     expected = uncached.generate([prefix + [42, 1012, 30, 335, 3]], params)[0]
     assert second.outputs[0].token_ids == expected.outputs[0].token_ids
-    assert first.num_cached_tokens < 96 or first.num_cached_tokens == 96  # may hit earlier runs
     assert bm.num_free_pages == bm.num_pages
 
 
