@@ -14,7 +14,7 @@ from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import load_tokenizer
 from scheduler.block_manager import BlockManager
 from scheduler.request import Request
-from scheduler.scheduler import Scheduler
+from scheduler.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +105,17 @@ class EngineCore:
         num_prompt = sum(max(0, min(s.request.num_computed_tokens, s.request.num_prompt_tokens)
                              - (s.request.num_computed_tokens - s.num_new_tokens))
                          for s in sched.scheduled)
-        stats = StepStats(
+        return EngineStep(outputs, self._stats(sched, num_prompt, len(outputs)))
+
+    def _stats(self, sched: SchedulerOutput, num_prompt: int, num_generation: int) -> StepStats:
+        bm = self.block_manager
+        return StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_kv_pages_total=self.block_manager.num_pages,
-            num_kv_pages_used=self.block_manager.num_pages - self.block_manager.num_free_pages,
+            num_kv_pages_total=bm.num_pages, num_kv_pages_used=bm.num_pages - bm.num_free_pages,
             num_scheduled_tokens=sched.num_tokens, num_prompt_tokens=num_prompt,
-            num_generation_tokens=len(outputs), num_preemptions=sched.num_preemptions,
+            num_generation_tokens=num_generation, num_preemptions=sched.num_preemptions,
             prefix_cache_queries=sched.prefix_cache_queries,
             prefix_cache_hits=sched.prefix_cache_hits)
-        return EngineStep(outputs, stats)
 
     def ready_message(self, model_name: str) -> EngineReady:
         r = self.runner
@@ -123,10 +125,7 @@ class EngineCore:
                            r.arch.vocab_size)
 
     def idle_stats(self) -> EngineStep:
-        bm = self.block_manager
-        return EngineStep([], StepStats(
-            len(self.scheduler.running), len(self.scheduler.waiting), bm.num_pages,
-            bm.num_pages - bm.num_free_pages, 0, 0, 0, 0, 0, 0))
+        return EngineStep([], self._stats(SchedulerOutput(), 0, 0))
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,

@@ -56,7 +56,6 @@ class ModelRunner:
             model = LlamaForCausalLM(arch, max(self.max_model_len, 1))
         model.load_weights(weights)
         self.model = model.to(self.dtype).eval()
-        self.model.cos_sin = self.model.cos_sin.float()
         logger.info("loaded %s weights (%s) in %.1f s", config.model.load_format, self.dtype,
                     time.time() - start)
         kv_dtype = self.dtype if config.cache.kv_cache_dtype == "auto" else _DTYPES[
@@ -82,7 +81,7 @@ class ModelRunner:
         ids, starts, lens, num_new = [], [], [], []
         for s in out.scheduled:
             r, start = s.request, s.request.num_computed_tokens
-            ids.extend(r.all_token_ids[start:start + s.num_new_tokens])
+            ids.extend(r.token_ids(start, start + s.num_new_tokens))
             starts.append(start)
             num_new.append(s.num_new_tokens)
             lens.append(start + s.num_new_tokens)

@@ -104,7 +104,7 @@ class BlockManager:
             return
         parent = hashes[-1] if hashes else None
         start = len(hashes) * self.page_size
-        tokens = request.all_token_ids[start:num_full * self.page_size]
+        tokens = request.token_ids(start, num_full * self.page_size)
         for h, chunk in self._page_hashes(tokens, num_full - len(hashes), parent):
             hashes.append(h)
             page = self.pages[request.page_ids[len(hashes) - 1]]

@@ -33,6 +33,12 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens `start:end` of prompt + output, without copying the whole history."""
+        p = len(self.prompt_token_ids)
+        return (self.prompt_token_ids[start:min(end, p)]
+                + self.output_token_ids[max(start - p, 0):max(end - p, 0)])
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

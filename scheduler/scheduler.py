@@ -64,7 +64,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
         for request in list(self.running):
             if budget == 0:
                 break
@@ -79,7 +78,6 @@ class Scheduler:
                     break
             if request.status is RequestStatus.RUNNING:
                 out.scheduled.append(ScheduledRequest.of(request, n))
-                scheduled.add(request.request_id)
                 budget -= n
         while (self.waiting and budget > 0 and not out.num_preemptions
                and len(self.running) < self.config.max_num_seqs):

@@ -128,3 +128,10 @@ def test_evicted_cached_page_is_not_hit():
     assert bm.allocate(c, 8)
     bm.free(c)
     assert bm.match_prefix(request("a2", 5, first_token=0)) == []
+
+
+def test_token_ids_slices_across_prompt_and_output():
+    r = request("a", 3, first_token=10)
+    r.output_token_ids = [90, 91]
+    for start, end in [(0, 5), (1, 4), (3, 5), (4, 5), (0, 2)]:
+        assert r.token_ids(start, end) == r.all_token_ids[start:end]

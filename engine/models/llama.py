@@ -81,8 +81,9 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = None if arch.tie_word_embeddings else nn.Linear(
             arch.hidden_size, arch.vocab_size, bias=False)
-        self.register_buffer("cos_sin", cos_sin_cache(
-            arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling), persistent=False)
+        # A plain attribute, not a buffer: `.to(dtype)` must not round the table to bf16.
+        self.cos_sin = cos_sin_cache(arch.head_dim, max_positions, arch.rope_theta,
+                                     arch.rope_scaling)
         self.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
