@@ -164,22 +164,28 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr,
 @triton.jit
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens_ptr,
                           stride_ot, stride_oh, head_dim, num_heads, PARTITION: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the partitions in order, whatever the grid's size: a CUDA graph captured with
+    room for `max_model_len` and an eager step sized to the batch give the same bits."""
     r = tl.program_id(0)
     head = tl.program_id(1)
     num_valid = tl.cdiv(tl.load(seq_lens_ptr + r), PARTITION)
-    s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    part = (r.to(tl.int64) * num_heads + head) * NUM_SPLITS + s
-    lse = tl.load(part_lse_ptr + part, mask=s < num_valid, other=float("-inf"))
-    weight = tl.math.exp2(lse - tl.max(lse, 0))
-    o_mask = (s < num_valid)[:, None] & (d < head_dim)[None, :]
-    o = tl.load(part_out_ptr + part[:, None] * head_dim + d[None, :], mask=o_mask, other=0.0)
-    o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
+    base = (r.to(tl.int64) * num_heads + head) * NUM_SPLITS
+    m = tl.load(part_lse_ptr + base)
+    acc = tl.load(part_out_ptr + base * head_dim + d, mask=d < head_dim, other=0.0)
+    l_sum = tl.full([], 1.0, tl.float32)  # a tensor, so the loop carries one type
+    for s in range(1, num_valid):
+        lse = tl.load(part_lse_ptr + base + s)
+        o = tl.load(part_out_ptr + (base + s) * head_dim + d, mask=d < head_dim, other=0.0)
+        m_new = tl.maximum(m, lse)
+        old, new = tl.math.exp2(m - m_new), tl.math.exp2(lse - m_new)
+        acc = acc * old + o * new
+        l_sum = l_sum * old + new
+        m = m_new
     tok = tl.load(qsl_ptr + r).to(tl.int64)
-    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
-             mask=d < head_dim)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d,
+             (acc / l_sum).to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -212,6 +218,5 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         PRECISION=_precision(k_cache.dtype), num_warps=4)
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_out, part_lse, out, query_start_loc, seq_lens, out.stride(0), out.stride(1),
-        head_dim, num_heads, PARTITION=partition, NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+        head_dim, num_heads, PARTITION=partition, NUM_SPLITS=num_splits, BLOCK_D=block_d)
     return out
