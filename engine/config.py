@@ -14,6 +14,7 @@ class ModelConfig:
     seed: int = 0  # seed of dummy weights
     # "q4": keep a GGUF's Q4_0/Q4_1 layer linears packed 4-bit for few-token steps (CPU, bf16)
     quantization: str | None = None
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of as CUDA graphs
 
 
 @dataclass
@@ -21,8 +22,16 @@ class CacheConfig:
     page_size: int = 16
     num_kv_pages: int | None = None  # wins over kv_cache_memory when set
     kv_cache_memory: int | None = None  # bytes; None = a default budget per device
+    # CUDA without the two above: the share of the GPU's memory that weights, the peak
+    # activations of a warm-up step and the KV pool may take together
+    gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"  # "auto" = the model dtype
     enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
 
 
 @dataclass

@@ -24,14 +24,7 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(config)
         self.max_model_len = self.runner.max_model_len
-        num_pages = self.runner.kv_cache.num_pages
-        page_size = config.cache.page_size
-        if num_pages * page_size < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {num_pages * page_size} tokens ({num_pages} pages), fewer "
-                f"than max_model_len={self.max_model_len}: raise num_kv_pages / "
-                f"kv_cache_memory or lower max_model_len")
-        self.block_manager = BlockManager(num_pages, page_size,
+        self.block_manager = BlockManager(self.runner.kv_cache.num_pages, config.cache.page_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.structured: StructuredOutputManager | None = None  # built on first use

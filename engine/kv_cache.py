@@ -26,7 +26,31 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
 
     def num_pages_for(self, memory_bytes: int) -> int:
-        return memory_bytes // self.page_bytes
+        return max(memory_bytes, 0) // self.page_bytes
+
+
+def gpu_kv_budget(total: int, used: int, activation_peak: int, utilization: float) -> int:
+    """Bytes left for KV pages when the process may use `utilization` of the GPU's `total`.
+
+    `used` is what the device has in use after loading the weights (this process's weights
+    and CUDA context, and any other process), `activation_peak` what a warm-up step of the
+    largest batch allocated on top of that.
+    """
+    return int(total * utilization) - used - activation_peak
+
+
+def check_fits(num_pages: int, page_size: int, max_model_len: int) -> None:
+    """Refuse to start when one request of `max_model_len` tokens could never be scheduled."""
+    if num_pages < 1:
+        raise ValueError("No available memory for the cache blocks. Try increasing "
+                         "`gpu_memory_utilization` (or `kv_cache_memory` / `num_kv_pages`) "
+                         "when initializing the engine.")
+    if num_pages * page_size < max_model_len:
+        raise ValueError(
+            f"The model's max seq len ({max_model_len}) is larger than the maximum number of "
+            f"tokens that can be stored in KV cache ({num_pages * page_size}). Try increasing "
+            f"`gpu_memory_utilization` (or `kv_cache_memory` / `num_kv_pages`) or decreasing "
+            f"`max_model_len` when initializing the engine.")
 
 
 class KVCache:

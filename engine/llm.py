@@ -48,11 +48,15 @@ class LLM:
                  max_num_batched_tokens: int = 512, num_kv_pages: int | None = None,
                  kv_cache_memory: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0,
-                 quantization: str | None = None):
+                 quantization: str | None = None, enforce_eager: bool = False,
+                 gpu_memory_utilization: float = 0.9):
         self.config = EngineConfig(
-            ModelConfig(model, load_format, dtype, max_model_len, seed, quantization),
-            CacheConfig(page_size, num_kv_pages, kv_cache_memory, "auto",
-                        enable_prefix_caching),
+            ModelConfig(model, load_format, dtype, max_model_len, seed, quantization,
+                        enforce_eager),
+            CacheConfig(page_size=page_size, num_kv_pages=num_kv_pages,
+                        kv_cache_memory=kv_cache_memory,
+                        gpu_memory_utilization=gpu_memory_utilization,
+                        enable_prefix_caching=enable_prefix_caching),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens), device)
         self.engine = EngineCore(self.config)
         self.tokenizer = None if load_format == "dummy" else load_tokenizer(model)

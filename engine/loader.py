@@ -81,7 +81,8 @@ Weights = Iterator[tuple[str, torch.Tensor | QuantizedWeight]]
 QUANTIZATIONS = (None, "q4")
 
 
-def load(cfg: ModelConfig) -> tuple[ModelArch, Weights]:
+def load(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[ModelArch, Weights]:
+    """The architecture and a stream of HF-named weights (dummy ones are drawn on `device`)."""
     path = resolve_model_path(cfg.model)
     fmt = cfg.load_format
     if fmt == "auto":
@@ -96,7 +97,7 @@ def load(cfg: ModelConfig) -> tuple[ModelArch, Weights]:
     config_path = path / "config.json" if path.is_dir() else path
     arch = ModelArch.from_hf_config(json.loads(config_path.read_text()))
     if fmt == "dummy":
-        return arch, _dummy_weights(arch, cfg.seed)
+        return arch, _dummy_weights(arch, cfg.seed, device)
     if fmt == "hf":
         return arch, _safetensors_weights(path)
     raise ValueError(f"load_format must be auto, gguf, hf or dummy, got {fmt!r}")
@@ -135,14 +136,18 @@ def hf_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _dummy_weights(arch: ModelArch, seed: int) -> Weights:
-    """Deterministic random weights: norms at 1, the rest N(0, 0.02) from one seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
+def _dummy_weights(arch: ModelArch, seed: int, device: torch.device | str) -> Weights:
+    """Deterministic random weights: norms at 1, the rest N(0, 0.02) from one seeded generator.
+
+    Drawn on the target device, so an 8B model's 8e9 values take a second on a GPU, not
+    minutes on the host; the same seed gives the same weights on the same device type.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, shape in hf_weight_shapes(arch).items():
         if name.endswith("norm.weight"):
-            yield name, torch.ones(shape)
+            yield name, torch.ones(shape, device=device)
         else:
-            yield name, torch.randn(shape, generator=gen) * 0.02
+            yield name, torch.randn(shape, generator=gen, device=device) * 0.02
 
 
 _GGUF_NAMES = {

@@ -2,13 +2,15 @@
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from engine import loader
 from engine.config import EngineConfig
-from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec
+from engine.cuda_graphs import DecodeGraphs
+from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits, gpu_kv_budget
 from engine.layers.attention import AttentionMetadata
 from engine.messages import TokenLogprobs
 from engine.models.llama import LlamaForCausalLM
@@ -37,6 +39,17 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build parameters in the serving dtype: no fp32 copy of the model ever exists."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -49,20 +62,30 @@ class ModelRunner:
             raise ValueError(f"quantization={config.model.quantization!r} runs on CPU in "
                              f"bfloat16 only; got device {config.device!r}, dtype {self.dtype}")
         start = time.time()
-        arch, weights = loader.load(config.model)
+        arch, weights = loader.load(config.model, self.device)
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
-        with torch.device(self.device):
+        with torch.device(self.device), _default_dtype(self.dtype):
             model = LlamaForCausalLM(arch, max(self.max_model_len, 1))
         model.load_weights(weights)
-        self.model = model.to(self.dtype).eval()
+        self.model = model.eval()
         logger.info("loaded %s weights (%s) in %.1f s", config.model.load_format, self.dtype,
                     time.time() - start)
         kv_dtype = self.dtype if config.cache.kv_cache_dtype == "auto" else _DTYPES[
             config.cache.kv_cache_dtype]
         self.kv_spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                    config.cache.page_size, kv_dtype)
-        self.kv_cache = KVCache(self.kv_spec, self._num_kv_pages(), self.device)
+        num_pages = self._num_kv_pages()
+        check_fits(num_pages, config.cache.page_size, self.max_model_len)
+        self.kv_cache = KVCache(self.kv_spec, num_pages, self.device)
+        logger.info("KV cache: %d pages of %d tokens (%.2f GiB)", num_pages,
+                    config.cache.page_size, num_pages * self.kv_spec.page_bytes / 2**30)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.model.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache.layers,
+                                       config.scheduler.max_num_seqs,
+                                       -(-self.max_model_len // config.cache.page_size),
+                                       self.max_model_len, self.device)
 
     def _num_kv_pages(self) -> int:
         cache = self.config.cache
@@ -71,9 +94,47 @@ class ModelRunner:
         if cache.kv_cache_memory is not None:
             return self.kv_spec.num_pages_for(cache.kv_cache_memory)
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return self.kv_spec.num_pages_for(int(free * 0.9))
+            return self.kv_spec.num_pages_for(self._cuda_kv_budget())
         return self.kv_spec.num_pages_for(DEFAULT_CPU_KV_MEMORY)
+
+    def _cuda_kv_budget(self) -> int:
+        """What `gpu_memory_utilization` leaves after the weights and a warm-up step's peak.
+
+        The captured CUDA graphs' pool (outputs and scratch of one decode step) comes on top.
+        """
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        self._warm_up()
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = gpu_kv_budget(total, total - free, peak,
+                               self.config.cache.gpu_memory_utilization)
+        logger.info("GPU memory: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak "
+                    "of a warm-up step: %.2f GiB for KV pages at utilization %.2f",
+                    total / 2**30, (total - free) / 2**30, peak / 2**30, budget / 2**30,
+                    self.config.cache.gpu_memory_utilization)
+        return budget
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """The largest step the scheduler can build: a full token budget of prefill, on a
+        scratch KV cache, then logits for `max_num_seqs` rows in fp32 (as the sampler sees)."""
+        dev, sched = self.device, self.config.scheduler
+        tokens = min(sched.max_num_batched_tokens, self.max_model_len)
+        pages = -(-tokens // self.kv_spec.page_size)
+        scratch = KVCache(self.kv_spec, pages, dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(tokens, device=dev),
+            query_start_loc=torch.tensor([0, tokens], device=dev),
+            seq_lens=torch.tensor([tokens], device=dev),
+            block_table=torch.arange(pages, device=dev)[None],
+            max_query_len=tokens, max_seq_len=tokens)
+        hidden = self.model(torch.zeros(tokens, dtype=torch.int64, device=dev),
+                            torch.arange(tokens, device=dev), scratch.layers, meta)
+        self.model.compute_logits(hidden[:1].expand(sched.max_num_seqs, -1)).float()
+        torch.cuda.synchronize(dev)
 
     def _prepare(self, out: SchedulerOutput):
         """The flat batch: token ids, positions, slots and per-request attention metadata."""
@@ -108,7 +169,11 @@ class ModelRunner:
                 ) -> dict[str, tuple[int, TokenLogprobs | None]]:
         """Run one step; return the sampled token (and logprobs) of each request that samples."""
         input_ids, positions, meta, last_rows = self._prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        if (self.graphs is not None and meta.max_query_len == 1
+                and len(out.scheduled) <= self.graphs.max_batch):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
         if not sampling:
             return {}
@@ -116,6 +181,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[last_rows[sampling].to(self.device)])
         bitmask = structured and structured.bitmask([r.request_id for r in requests])
         batch = SamplingBatch.from_requests(requests, self.arch.vocab_size, bitmask)
-        tokens, logprobs = sample(logits.cpu(), batch)
+        # Plain greedy rows need only an argmax: keep the [B, vocab] logits on the device.
+        tokens, logprobs = sample(logits if batch.plain_greedy else logits.cpu(), batch)
         return {r.request_id: (t, logprobs[i] if logprobs else None)
                 for i, (r, t) in enumerate(zip(requests, tokens))}

@@ -32,6 +32,13 @@ class SamplingBatch:
     max_logprobs: int | None
     bitmask: torch.Tensor | None = None  # structured output: allowed tokens per row
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: no processor, no draw, no logprobs (any device works)."""
+        return (self.all_greedy and self.bitmask is None and self.penalties is None
+                and self.max_logprobs is None and not any(self.logit_bias)
+                and not any(self.banned))
+
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int,
                       bitmask: torch.Tensor | None = None) -> "SamplingBatch":

@@ -7,7 +7,7 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import yaml
 
@@ -62,6 +62,10 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--num-kv-pages", type=int, help="KV pages to allocate (wins over memory)")
     kv.add_argument("--kv-cache-memory", type=_byte_size,
                     help="KV cache budget in bytes, e.g. 2GiB (default: per-device budget)")
+    add("--gpu-memory-utilization", type=float,
+        help="CUDA: share of GPU memory for weights, activations and KV pages (default 0.9)")
+    add("--enforce-eager", action="store_const", const=True,
+        help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     add("--kv-cache-dtype", help="KV page storage dtype (default auto = model dtype)")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,
         help="disable sharing of identical prompt-prefix pages")
@@ -106,10 +110,13 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
     values = _load_yaml(args.config, parser) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     engine = EngineConfig()
-    for section in (engine.model, engine.cache, engine.scheduler):
-        for name in asdict(section):
-            if name in values:
-                setattr(section, name, values[name])
+    for attr in ("model", "cache", "scheduler"):
+        section = getattr(engine, attr)
+        try:
+            setattr(engine, attr, replace(section, **{
+                name: values[name] for name in asdict(section) if name in values}))
+        except ValueError as e:
+            parser.error(str(e))
     if "device" in values:
         engine.device = values["device"]
     values.setdefault("api_key", os.environ.get("TESSERA_API_KEY") or None)

@@ -42,3 +42,19 @@ def test_unknown_preset_key_is_an_error(tmp_path):
 def test_shipped_presets_load(name):
     engine, _ = configs(["--config", str(ROOT / "configs" / f"{name}.yaml")])
     assert engine.cache.page_size == 16
+
+
+def test_gpu_flags_reach_the_engine_config(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("device: cuda\ngpu-memory-utilization: 0.8\nenforce-eager: true\n")
+    engine, _ = configs(["--config", str(preset), "--gpu-memory-utilization", "0.75"])
+    assert engine.device == "cuda" and engine.model.enforce_eager
+    assert engine.cache.gpu_memory_utilization == 0.75
+    assert not configs([])[0].model.enforce_eager
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
+def test_gpu_memory_utilization_outside_0_1_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit):
+        configs(["--gpu-memory-utilization", value])
+    assert "gpu_memory_utilization must be in (0, 1]" in capsys.readouterr().err
