@@ -115,9 +115,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
                          part_out_ptr, part_lse_ptr, stride_qt, stride_qh, stride_cp, stride_cs,
-                         stride_ch, stride_bt, qk_scale, head_dim, num_heads,
+                         stride_ch, stride_bt, qk_scale, head_dim, num_heads, num_splits,
                          GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, PARTITION: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Attend all query heads of one KV head to one partition of the context.
 
@@ -155,7 +155,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr,
                                      stride_ch, head_dim, qk_scale, True, PAGE_SIZE, BLOCK_N,
                                      BLOCK_D, PRECISION)
     # Partial results: the normalized output and its log2-sum-exp, merged by the reduce pass.
-    part = (r.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split
+    part = (r.to(tl.int64) * num_heads + heads) * num_splits + split
     tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc / l_i[:, None],
              mask=q_mask)
     tl.store(part_lse_ptr + part, m_i + tl.math.log2(l_i), mask=g < GROUP)
@@ -163,15 +163,15 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr,
 
 @triton.jit
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens_ptr,
-                          stride_ot, stride_oh, head_dim, num_heads, PARTITION: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+                          stride_ot, stride_oh, head_dim, num_heads, num_splits,
+                          PARTITION: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the partitions in order, whatever the grid's size: a CUDA graph captured with
     room for `max_model_len` and an eager step sized to the batch give the same bits."""
     r = tl.program_id(0)
     head = tl.program_id(1)
     num_valid = tl.cdiv(tl.load(seq_lens_ptr + r), PARTITION)
     d = tl.arange(0, BLOCK_D)
-    base = (r.to(tl.int64) * num_heads + head) * NUM_SPLITS
+    base = (r.to(tl.int64) * num_heads + head) * num_splits
     m = tl.load(part_lse_ptr + base)
     acc = tl.load(part_out_ptr + base * head_dim + d, mask=d < head_dim, other=0.0)
     l_sum = tl.full([], 1.0, tl.float32)  # a tensor, so the loop carries one type
@@ -195,7 +195,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Attention of one new token per request over its paged context (flash-decoding).
 
     Splitting each context into `partition`-token pieces gives a long single request as many
-    programs as a large batch has, so both keep the GPU's memory system busy.
+    programs as a large batch has, so both keep the GPU's memory system busy. The split count
+    is a runtime argument: a growing context never triggers a recompile.
     """
     num_tokens, num_heads, head_dim = q.shape
     assert q.stride(-1) == k_cache.stride(-1) == block_table.stride(-1) == 1
@@ -212,11 +213,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, query_start_loc, seq_lens, block_table, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_table.stride(0), scale * LOG2E, head_dim, num_heads, GROUP=group,
-        PAGE_SIZE=k_cache.shape[1], PARTITION=partition, NUM_SPLITS=num_splits,
+        block_table.stride(0), scale * LOG2E, head_dim, num_heads, num_splits, GROUP=group,
+        PAGE_SIZE=k_cache.shape[1], PARTITION=partition,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=_precision(k_cache.dtype), num_warps=4)
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_out, part_lse, out, query_start_loc, seq_lens, out.stride(0), out.stride(1),
-        head_dim, num_heads, PARTITION=partition, NUM_SPLITS=num_splits, BLOCK_D=block_d)
+        head_dim, num_heads, num_splits, PARTITION=partition, BLOCK_D=block_d)
     return out
