@@ -1,7 +1,8 @@
 """`tessera bench kernels`: each Triton kernel beside the GPU's own limits and torch's best.
 
 The ceilings (device-to-device copy bandwidth, bf16 matmul throughput) are measured in the same
-run, so the ratios mean the same on any GPU. Shapes are Llama-3-8B's; pages are shuffled.
+run by `engine.roofline.device_ceilings`, the measurement `tessera bench throughput` computes its
+bound from, so the ratios mean the same on any GPU. Shapes are Llama-3-8B's; pages are shuffled.
 """
 import argparse
 import sys
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from engine.roofline import device_ceilings
 from kernels import reference
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, PAGE = 32, 8, 128, 4096, 14336, 16
@@ -19,15 +21,6 @@ HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, PAGE = 32, 8, 128, 4096, 14336, 16
 def _ms(fn) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=100)
-
-
-def _ceilings(dtype: torch.dtype) -> tuple[float, float]:
-    """(GB/s of a 1 GiB device copy counting read and write, dense matmul TFLOP/s)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    a, b = (torch.randn(8192, 8192, dtype=dtype, device="cuda") for _ in range(2))
-    copy_ms, matmul_ms = _ms(lambda: dst.copy_(src)), _ms(lambda: a @ b)
-    return 2 * src.numel() / copy_ms / 1e6, 2 * 8192**3 / matmul_ms / 1e9
 
 
 def _attention(batch: int, q_len: int, ctx: int, dtype: torch.dtype):
@@ -85,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("tessera bench kernels needs a CUDA GPU: it times the Triton kernels, which "
                  "only run there (the CPU path uses the torch references).")
     dtype = getattr(torch, args.dtype)
-    bandwidth, tflops = _ceilings(dtype)
+    bandwidth, tflops = device_ceilings(dtype)
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s, "
           f"{args.dtype} matmul {tflops:.0f} TFLOP/s (measured)")
     print("torch: SDPA on the same K/V unpaged for attention, the eager reference otherwise")
