@@ -4,8 +4,8 @@ A decode step of an 8B model launches ~350 small kernels; replaying them as one 
 the CPU launch cost off the critical path. Graphs replay fixed addresses and shapes, so the
 step's inputs are copied into static buffers of the next bucket size up; padded rows write no
 KV (slot -1) and attend to one key of page 0, and their outputs are dropped. The split-KV
-grid is sized by `max_model_len` here and in eager decode alike (see `decode_grid_len`), so a
-replayed step runs exactly the kernels an eager one does.
+grid is sized for `max_model_len`; programs past a context exit at once, and the merge pass
+adds partitions in order whatever the grid, so a replayed step gives an eager step's bits.
 """
 import logging
 import time
@@ -38,6 +38,12 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
+        self._capture(device)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), n,
+                    time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def _capture(self, device: torch.device) -> None:
         pool = None
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
             self._forward(size)  # compiles the Triton kernels outside the capture
@@ -48,8 +54,6 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(device)
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), n,
-                    time.perf_counter() - start)
 
     @property
     def max_batch(self) -> int:
