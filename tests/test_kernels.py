@@ -1,8 +1,14 @@
-"""Each Triton kernel, run by the Triton interpreter on CPU tensors, equals its torch reference.
+"""Each Triton kernel equals its torch reference.
 
 TRITON_INTERPRET must be set before `triton.jit` decorates the kernels; `kernels` imports its
-Triton modules lazily, so setting it here, first, is enough.
+Triton modules lazily, so setting it here, first, is enough. Where the kernels run:
+
+* TRITON_INTERPRET=1 (the default here): the Triton interpreter on CPU tensors, fp32.
+* TRITON_INTERPRET=0 with a GPU: compiled kernels on CUDA tensors, fp32 and bf16, plus long
+  contexts at the engine's own tile sizes. Without a GPU the module skips: compiled Triton
+  cannot run on CPU tensors.
 """
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -10,29 +16,55 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
 from kernels import reference, triton_attention, triton_ops  # noqa: E402
 
+
+def _interpreting() -> bool:
+    """Whether `triton.jit` builds interpreted kernels, read as Triton itself reads it."""
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if _interpreting():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("TRITON_INTERPRET=0 runs compiled kernels, which need a CUDA device",
+                allow_module_level=True)
+
 ATOL, RTOL = 1e-4, 1e-3
+# The interpreter gets bf16 wrong (numpy has no bf16: NaNs), so bf16 runs on the GPU only.
+# A bf16 kernel and its bf16 reference round at the same points but may each be an ulp or
+# two (2^-8 relative) off where their fp32 intermediates differ in the last bits; atol covers
+# results near zero.
+TOLERANCES = {torch.float32: dict(atol=ATOL, rtol=RTOL),
+              torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2)}
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+with_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 
 # (num_heads, num_kv_heads, head_dim, page_size): GQA ratios 1, 3, 8; pages smaller than,
 # equal to and larger than the 16-key tile.
 ATTENTION_SHAPES = [(4, 4, 64, 8), (6, 2, 128, 16), (8, 1, 64, 32)]
 
 
-def _qkv_views(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int):
+def _qkv_views(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+               dtype: torch.dtype = torch.float32):
     """q, k, v as strided views of one fused projection, as the model produces them."""
     sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-    qkv = torch.randn(num_tokens, sum(sizes))
+    qkv = torch.randn(num_tokens, sum(sizes)).to(dtype)
     q, k, v = qkv.split(sizes, dim=-1)
     return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
             v.view(num_tokens, num_kv_heads, head_dim))
 
 
 def _paged_batch(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int,
-                 head_dim: int, page_size: int):
+                 head_dim: int, page_size: int, dtype: torch.dtype = torch.float32):
     """A flat batch whose contexts sit on shuffled pages; unused table entries name real pages,
     so a kernel reading past a request's context would be caught."""
     pages_per_req = [-(-s // page_size) for s in seq_lens]
@@ -44,22 +76,26 @@ def _paged_batch(query_lens: list[int], seq_lens: list[int], num_heads: int, num
     for i, n in enumerate(pages_per_req):
         block_table[i, :n] = shuffled[used:used + n]
         used += n
-    k_cache = torch.randn(num_pages, page_size, num_kv_heads, head_dim)
-    v_cache = torch.randn(num_pages, page_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(num_pages, page_size, num_kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_pages, page_size, num_kv_heads, head_dim).to(dtype)
     query_start_loc = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0).int()
-    q, _, _ = _qkv_views(sum(query_lens), num_heads, num_kv_heads, head_dim)
+    q, _, _ = _qkv_views(sum(query_lens), num_heads, num_kv_heads, head_dim, dtype)
     return (q, k_cache, v_cache, query_start_loc, torch.tensor(seq_lens, dtype=torch.int32),
             block_table)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Seeded, and every tensor a test makes is on DEVICE (CPU: unchanged)."""
     torch.manual_seed(0)
+    with torch.device(DEVICE) if DEVICE != "cpu" else contextlib.nullcontext():
+        yield
 
 
-def test_write_kv_stores_at_slots_and_skips_padding():
-    _, k, v = _qkv_views(6, 2, 3, 64)
-    k_cache, v_cache = torch.zeros(2, 4, 3, 64), torch.zeros(2, 4, 3, 64)
+@with_dtypes
+def test_write_kv_stores_at_slots_and_skips_padding(dtype: torch.dtype):
+    _, k, v = _qkv_views(6, 2, 3, 64, dtype)
+    k_cache, v_cache = (torch.zeros(2, 4, 3, 64, dtype=dtype) for _ in range(2))
     slots = torch.tensor([5, -1, 0, 6, 2, -1])  # slot -1 must not wrap to the last slot, 7
     want_k, want_v = k_cache.clone(), v_cache.clone()
     reference.write_kv(k, v, want_k, want_v, slots)
@@ -69,57 +105,91 @@ def test_write_kv_stores_at_slots_and_skips_padding():
     assert k_cache.view(-1, 3, 64)[[1, 3, 4, 7]].abs().sum() == 0
 
 
+@with_dtypes
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_rms_norm_fuses_the_residual_add(with_residual: bool):
-    x, weight = torch.randn(5, 96), torch.randn(96)
-    residual = torch.randn(5, 96) if with_residual else None
+def test_rms_norm_fuses_the_residual_add(with_residual: bool, dtype: torch.dtype):
+    x, weight = torch.randn(5, 96).to(dtype), torch.randn(96).to(dtype)
+    residual = torch.randn(5, 96).to(dtype) if with_residual else None
     out, res = triton_ops.rms_norm(x, weight, 1e-6, residual)
     want_out, want_res = reference.rms_norm(x, weight, 1e-6, residual)
-    torch.testing.assert_close(out, want_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out, want_out, **TOLERANCES[dtype])
     torch.testing.assert_close(res, want_res, atol=0, rtol=0)
 
 
+@with_dtypes
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_rotary_embedding_rotates_q_and_k_in_place(head_dim: int):
-    q, k, _ = _qkv_views(7, 6, 2, head_dim)
+def test_rotary_embedding_rotates_q_and_k_in_place(head_dim: int, dtype: torch.dtype):
+    q, k, _ = _qkv_views(7, 6, 2, head_dim, dtype)
     positions = torch.tensor([0, 1, 2, 30, 31, 5, 17])
-    cos_sin_cache = torch.randn(32, head_dim)
+    cos_sin_cache = torch.randn(32, head_dim)  # fp32 whatever the activations, as the model's
     want_q, want_k = q.clone(), k.clone()
     reference.rotary_embedding(positions, want_q, want_k, cos_sin_cache)
     triton_ops.rotary_embedding(positions, q, k, cos_sin_cache)
-    torch.testing.assert_close(q, want_q, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(k, want_k, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(q, want_q, **TOLERANCES[dtype])
+    torch.testing.assert_close(k, want_k, **TOLERANCES[dtype])
 
 
-def test_silu_and_mul_over_several_column_blocks():
-    x = torch.randn(4, 2 * 100) * 4
+@with_dtypes
+def test_silu_and_mul_over_several_column_blocks(dtype: torch.dtype):
+    x = (torch.randn(4, 2 * 100) * 4).to(dtype)
     out = triton_ops.silu_and_mul(x, block=32)
-    torch.testing.assert_close(out, reference.silu_and_mul(x), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out, reference.silu_and_mul(x), **TOLERANCES[dtype])
 
 
+@with_dtypes
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
 def test_prefill_attention_over_mixed_batch(num_heads: int, num_kv_heads: int, head_dim: int,
-                                            page_size: int):
+                                            page_size: int, dtype: torch.dtype):
     # A decode row, a chunk attending to earlier pages, a fresh prompt longer than two query
     # tiles, and a short chunk deep into its context.
     batch = _paged_batch([1, 17, 35, 5], [40, 30, 35, 61], num_heads, num_kv_heads, head_dim,
-                         page_size)
+                         page_size, dtype)
     out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=35,
                                                    block_m=16, block_n=16)
     want = reference.paged_attention(*batch, 0.125, max_query_len=35, max_seq_len=61)
-    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
 
 
+@with_dtypes
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
 def test_decode_attention_merges_context_partitions(num_heads: int, num_kv_heads: int,
-                                                    head_dim: int, page_size: int):
+                                                    head_dim: int, page_size: int,
+                                                    dtype: torch.dtype):
     # Contexts of one token, a ragged tail tile, exactly one partition, and several partitions.
     seq_lens = [1, 23, 32, 100]
-    batch = _paged_batch([1] * 4, seq_lens, num_heads, num_kv_heads, head_dim, page_size)
+    batch = _paged_batch([1] * 4, seq_lens, num_heads, num_kv_heads, head_dim, page_size,
+                         dtype)
     out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=100,
                                                   partition=32, block_n=16)
     want = reference.paged_attention(*batch, 0.125, max_query_len=1, max_seq_len=100)
-    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="thousands of keys at the engine's 64-key tiles "
+                    "take ~25 s in the interpreter; runs compiled on a GPU (TRITON_INTERPRET=0)")
+@with_dtypes
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
+def test_attention_at_engine_tile_sizes_over_long_contexts(num_heads: int, num_kv_heads: int,
+                                                           head_dim: int, page_size: int,
+                                                           dtype: torch.dtype):
+    # The wrappers' default tiles, as the engine launches them. Prefill: a decode row deep in
+    # a context, a 300-token chunk after 1200 earlier tokens, a fresh 700-token prompt (11
+    # query tiles), and a 65-token chunk one past a tile edge.
+    batch = _paged_batch([1, 300, 700, 65], [1537, 1500, 700, 2113], num_heads, num_kv_heads,
+                         head_dim, page_size, dtype)
+    out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=700)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=700, max_seq_len=2113)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+    # Decode: contexts on both sides of the 512-key partition edges, up to five partitions.
+    seq_lens = [1, 511, 512, 513, 1025, 2113]
+    batch = _paged_batch([1] * 6, seq_lens, num_heads, num_kv_heads, head_dim, page_size, dtype)
+    out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=2113)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=1, max_seq_len=2113)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+    # A grid sized for a longer context than any row has, as a CUDA graph captured for
+    # max_model_len launches it, gives the same bits as the eager step's grid.
+    wide = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=4096)
+    torch.testing.assert_close(wide, out, atol=0, rtol=0)
 
 
 def test_dispatch_sends_decode_and_prefill_batches_to_their_kernels(monkeypatch):
