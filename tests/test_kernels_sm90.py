@@ -117,6 +117,21 @@ def _run_wrappers(ta, ops, model, act_name, cache_name):
                               MAX_MODEL_LEN)
 
 
+def _register_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, bytes of stack: spills and local arrays) from the bundled
+    cuobjdump; reported, not asserted: they bound occupancy, which only a GPU can time."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return (int(found[1]), int(found[2])) if found else (-1, -1)
+
+
 def _compile_one(job) -> dict:
     """Compile one configuration for sm_90 (in a worker process); errors are returned."""
     import importlib
@@ -141,6 +156,7 @@ def _compile_one(job) -> dict:
                                 target=GPUTarget("cuda", 90, 32), options=options)
         entry["has_cubin"] = bool(kernel.asm.get("cubin"))
         entry["shared"] = kernel.metadata.shared
+        entry["registers"], entry["spill_bytes"] = _register_usage(kernel.asm["cubin"])
     except Exception as e:  # report every failing configuration, not just the first
         entry["error"] = f"{type(e).__name__}: {e}"
     entry["seconds"] = round(time.perf_counter() - start, 2)
@@ -234,6 +250,7 @@ def test_every_triton_kernel_compiles_for_sm90():
     print(f"\n{len(results)} sm_90 compiles in {time.perf_counter() - start:.1f} s")
     for r in results:
         print(f"  {r['kernel'].rsplit('.', 1)[1]:22} {r.get('shared', '-'):>7} B smem "
+              f"{r.get('registers', '-'):>4} regs {r.get('spill_bytes', '-'):>4} B stack "
               f"{r['seconds']:5.2f} s warps={r['num_warps']} {r['constexprs']} "
               f"{sorted(set(r['signature'].values()))}")
     errors = {}  # one entry per distinct error, with every configuration that hits it
