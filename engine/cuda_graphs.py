@@ -3,9 +3,10 @@
 A decode step of an 8B model launches ~350 small kernels; replaying them as one graph takes
 the CPU launch cost off the critical path. Graphs replay fixed addresses and shapes, so the
 step's inputs are copied into static buffers of the next bucket size up; padded rows write no
-KV (slot -1) and attend to one key of page 0, and their outputs are dropped. The split-KV
-grid is sized for `max_model_len`; programs past a context exit at once, and the merge pass
-adds partitions in order whatever the grid, so a replayed step gives an eager step's bits.
+KV (slot -1) and attend to one key of a page an earlier step named, and their outputs are
+dropped. The split-KV grid is sized for `max_model_len`; programs past a context exit at once,
+and the merge pass adds partitions in order whatever the grid, so a replayed step gives an
+eager step's bits.
 """
 import logging
 import time
@@ -74,10 +75,10 @@ class DecodeGraphs:
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:size].fill_(-1)
+        self.slot_mapping[n:size].fill_(-1)  # stale slots may be a live request's
         self.seq_lens[:n].copy_(meta.seq_lens)
+        # Stale rows still name valid pages; one key each keeps them from reading long contexts.
         self.seq_lens[n:size].fill_(1)
         self.block_table[:n, :width].copy_(meta.block_table)
-        self.block_table[n:size, 0].fill_(0)
         self.graphs[size].replay()
         return self.outputs[size][:n]

@@ -20,6 +20,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,6 +29,7 @@ triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from kernels import reference, triton_attention, triton_ops  # noqa: E402
 
 
@@ -269,6 +271,48 @@ def test_engine_on_interpreted_triton_matches_reference(tmp_path, monkeypatch, t
     assert all(c.finish_reason == "length" for c in want)
     assert want[len(CPU_LENGTHS)].num_cached_tokens == CPU_SHARED // CPU_PAGE * CPU_PAGE
     assert_same_completions(got, want, atol=2e-5)  # measured: <= 5e-7
+
+
+class EagerReplayGraphs(DecodeGraphs):
+    """`DecodeGraphs` whose "graphs" rerun the captured forward on the static buffers.
+
+    On CPU this runs everything around the capture itself: the bucket choice, the padding
+    rows (slot -1, one key of page 0), stale block-table columns, and the split-KV grid sized
+    for `max_model_len` while eager steps size it for the batch. CUDA's capture and replay
+    are the GPU test's (`test_cuda_graph_decode_matches_eager`)."""
+
+    def _capture(self, device):
+        self.replays = Counter()
+        for size in self.sizes:
+            self.outputs[size] = self._forward(size)
+            self.graphs[size] = SimpleNamespace(replay=lambda s=size: self.replays.update([s])
+                                                or self.outputs[s].copy_(self._forward(s)))
+
+
+@needs_interpreter
+def test_padded_graph_decode_steps_match_eager_steps(tmp_path, monkeypatch):
+    model = write_tiny_llama(tmp_path / "tiny-llama")
+    # Then seven 3-token prompts prefilled in one step, whose decode batch shrinks by one a
+    # step: 7, 6, 5 run padded to 8 and 3 padded to 4.
+    calls = engine_workload(512, CPU_LENGTHS, CPU_MAX_TOKENS, CPU_SHARED, tail=6) + [
+        (random_prompts([3] * 7, 512, seed=5), [greedy(3 + i) for i in range(7)])]
+    with monkeypatch.context() as m:
+        force_kernels(m, use_triton=True, tiles=SMALL_TILES)
+        eager = _cpu_llm(model)
+        want = run_calls(eager, calls)
+        llm = _cpu_llm(model)
+        runner = llm.engine.runner
+        graphs = runner.graphs = EagerReplayGraphs(
+            runner.model, runner.kv_cache.layers, max_batch=8,
+            max_pages=-(-runner.max_model_len // CPU_PAGE), max_model_len=runner.max_model_len,
+            device=runner.device)
+        got = run_calls(llm, calls)
+    assert set(graphs.replays) == {1, 2, 4, 8}, graphs.replays
+    assert_same_completions(got, want, atol=2e-5)
+    # Same schedule, same pages: padding rows must not have written a single KV slot.
+    for (k, v), (k_want, v_want) in zip(runner.kv_cache.layers, eager.engine.runner.kv_cache.layers):
+        torch.testing.assert_close(k, k_want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v, v_want, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
