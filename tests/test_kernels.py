@@ -9,9 +9,8 @@ Triton modules lazily, so setting it here, first, is enough. Where the kernels r
   cannot run on CPU tensors.
 """
 import contextlib
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_mode import interpreting  # first: it sets TRITON_INTERPRET
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -22,15 +21,7 @@ import kernels  # noqa: E402
 from kernels import reference, triton_attention, triton_ops  # noqa: E402
 
 
-def _interpreting() -> bool:
-    """Whether `triton.jit` builds interpreted kernels, read as Triton itself reads it."""
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-if _interpreting():
+if interpreting():
     DEVICE = "cpu"
 elif torch.cuda.is_available():
     DEVICE = "cuda"

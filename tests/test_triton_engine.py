@@ -12,9 +12,8 @@ Which tests run is decided by TRITON_INTERPRET (set to 1 below unless already se
   fp32 and bf16; CUDA-graph vs eager decode); the interpreter test skips. Run
   `TRITON_INTERPRET=0 pytest tests/test_triton_engine.py tests/test_kernels.py`.
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+from tests.triton_mode import interpreting  # first: it sets TRITON_INTERPRET
 
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -33,15 +32,7 @@ from engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from kernels import reference, triton_attention, triton_ops  # noqa: E402
 
 
-def _interpreting() -> bool:
-    """Whether `triton.jit` builds interpreted kernels, read as Triton itself reads it."""
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-INTERPRET = _interpreting()
+INTERPRET = interpreting()
 HAS_CUDA = torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(
     not INTERPRET, reason="runs the Triton interpreter on CPU tensors; TRITON_INTERPRET=0 is set")
