@@ -140,7 +140,8 @@ def _dummy_weights(arch: ModelArch, seed: int, device: torch.device | str) -> We
     """Deterministic random weights: norms at 1, the rest N(0, 0.02) from one seeded generator.
 
     Drawn on the target device, so an 8B model's 8e9 values take a second on a GPU, not
-    minutes on the host; the same seed gives the same weights on the same device type.
+    minutes on the host. The same seed gives the same weights on the same device model (a
+    GPU's random numbers depend on its number of SMs).
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, shape in hf_weight_shapes(arch).items():

@@ -56,6 +56,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(len(os.sched_getaffinity(0)))
+        elif self.device.index is not None:  # Triton and graph capture use the current device
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.model.dtype, config.device)
         if config.model.quantization is not None and (
                 self.device.type != "cpu" or self.dtype != torch.bfloat16):
@@ -98,43 +100,64 @@ class ModelRunner:
         return self.kv_spec.num_pages_for(DEFAULT_CPU_KV_MEMORY)
 
     def _cuda_kv_budget(self) -> int:
-        """What `gpu_memory_utilization` leaves after the weights and a warm-up step's peak.
-
-        The captured CUDA graphs' pool (outputs and scratch of one decode step) comes on top.
-        """
+        """What `gpu_memory_utilization` leaves for KV pages after what is in use once the
+        weights are loaded, the larger peak of the two largest steps the scheduler can build,
+        and, with CUDA graphs, their pool (the buckets share one decode step's scratch)."""
+        dev, sched = self.device, self.config.scheduler
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        baseline = torch.cuda.memory_allocated(self.device)
-        self._warm_up()
-        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        free, total = torch.cuda.mem_get_info(dev)
+        # A full token budget of prefill, as requests of at most max_model_len tokens.
+        tokens, chunk = sched.max_num_batched_tokens, min(sched.max_num_batched_tokens,
+                                                          self.max_model_len)
+        prefill_lens = [chunk] * (tokens // chunk) + ([tokens % chunk] if tokens % chunk else [])
+        width = -(-chunk // self.kv_spec.page_size)
+        scratch = KVCache(self.kv_spec, len(prefill_lens) * width, dev)
+        prefill = self._peak_of(lambda: self._warm_up(scratch, prefill_lens, width))
+        decode = self._peak_of(lambda: self._warm_up(scratch, [1] * sched.max_num_seqs, width))
+        del scratch
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = gpu_kv_budget(total, total - free, peak,
+        graphs = 0 if self.config.model.enforce_eager else decode
+        budget = gpu_kv_budget(total, total - free, max(prefill, decode) + graphs,
                                self.config.cache.gpu_memory_utilization)
-        logger.info("GPU memory: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB peak "
-                    "of a warm-up step: %.2f GiB for KV pages at utilization %.2f",
-                    total / 2**30, (total - free) / 2**30, peak / 2**30, budget / 2**30,
+        logger.info("GPU memory: %.2f GiB total, %.2f GiB in use after loading, step peaks "
+                    "%.2f GiB prefill / %.2f GiB decode, CUDA graph pool ~%.2f GiB: %.2f GiB "
+                    "for KV pages at utilization %.2f", total / 2**30, (total - free) / 2**30,
+                    prefill / 2**30, decode / 2**30, graphs / 2**30, budget / 2**30,
                     self.config.cache.gpu_memory_utilization)
         return budget
 
-    @torch.inference_mode()
-    def _warm_up(self) -> None:
-        """The largest step the scheduler can build: a full token budget of prefill, on a
-        scratch KV cache, then logits for `max_num_seqs` rows in fp32 (as the sampler sees)."""
-        dev, sched = self.device, self.config.scheduler
-        tokens = min(sched.max_num_batched_tokens, self.max_model_len)
-        pages = -(-tokens // self.kv_spec.page_size)
-        scratch = KVCache(self.kv_spec, pages, dev)
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(tokens, device=dev),
-            query_start_loc=torch.tensor([0, tokens], device=dev),
-            seq_lens=torch.tensor([tokens], device=dev),
-            block_table=torch.arange(pages, device=dev)[None],
-            max_query_len=tokens, max_seq_len=tokens)
-        hidden = self.model(torch.zeros(tokens, dtype=torch.int64, device=dev),
-                            torch.arange(tokens, device=dev), scratch.layers, meta)
-        self.model.compute_logits(hidden[:1].expand(sched.max_num_seqs, -1)).float()
+    def _peak_of(self, step) -> int:
+        """Bytes `step` takes on top of what is allocated, counting the allocator's reserve."""
+        dev = self.device
         torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        allocated, reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
+        step()
+        torch.cuda.synchronize(dev)
+        return max(torch.cuda.max_memory_allocated(dev) - allocated,
+                   torch.cuda.max_memory_reserved(dev) - reserved)
+
+    @torch.inference_mode()
+    def _warm_up(self, scratch: KVCache, lens: list[int], width: int) -> None:
+        """One step of prompts of these lengths on a scratch cache, and their logits in fp32 (as
+        the sampler sees them). One-token steps take the decode path with the split-KV grid
+        sized for `max_model_len`, as a captured decode step is."""
+        dev, ps = self.device, self.kv_spec.page_size
+        lens_t = torch.tensor(lens, device=dev)
+        query_start_loc = torch.zeros(len(lens) + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(lens_t, 0, out=query_start_loc[1:])
+        block_table = torch.arange(len(lens) * width, device=dev).view(-1, width) % \
+            scratch.num_pages
+        row = torch.repeat_interleave(torch.arange(len(lens), device=dev), lens_t)
+        positions = torch.arange(sum(lens), device=dev) - query_start_loc[row]
+        meta = AttentionMetadata(
+            slot_mapping=block_table[row, positions // ps] * ps + positions % ps,
+            query_start_loc=query_start_loc, seq_lens=lens_t, block_table=block_table,
+            max_query_len=max(lens),
+            max_seq_len=max(lens) if max(lens) > 1 else self.max_model_len)
+        hidden = self.model(torch.zeros(sum(lens), dtype=torch.int64, device=dev), positions,
+                            scratch.layers, meta)
+        self.model.compute_logits(hidden[query_start_loc[1:] - 1]).float()
 
     def _prepare(self, out: SchedulerOutput):
         """The flat batch: token ids, positions, slots and per-request attention metadata."""

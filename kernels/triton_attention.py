@@ -40,7 +40,7 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block table's width changes each step
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cp, stride_cs, stride_ch,
                     stride_bt, qk_scale, head_dim, GROUP: tl.constexpr,
@@ -112,7 +112,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])  # both change with the batch
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
                          part_out_ptr, part_lse_ptr, stride_qt, stride_qh, stride_cp, stride_cs,
                          stride_ch, stride_bt, qk_scale, head_dim, num_heads, num_splits,
@@ -161,7 +161,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr,
     tl.store(part_lse_ptr + part, m_i + tl.math.log2(l_i), mask=g < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens_ptr,
                           stride_ot, stride_oh, head_dim, num_heads, num_splits,
                           PARTITION: tl.constexpr, BLOCK_D: tl.constexpr):

@@ -29,6 +29,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from engine.kv_cache import KVCache  # noqa: E402
 from kernels import reference, triton_attention, triton_ops  # noqa: E402
 
 
@@ -304,6 +305,24 @@ def test_padded_graph_decode_steps_match_eager_steps(tmp_path, monkeypatch):
     for (k, v), (k_want, v_want) in zip(runner.kv_cache.layers, eager.engine.runner.kv_cache.layers):
         torch.testing.assert_close(k, k_want, atol=1e-5, rtol=0)
         torch.testing.assert_close(v, v_want, atol=1e-5, rtol=0)
+
+
+@needs_interpreter
+def test_memory_profiling_warm_up_steps_run_on_the_triton_path(tmp_path, monkeypatch):
+    """The CUDA KV sizing profiles two synthetic steps (`ModelRunner._warm_up`): a full token
+    budget of prefill as requests of at most max_model_len tokens, and a decode step of
+    max_num_seqs rows over the grid of max_model_len. Their metadata must be what the kernels
+    accept: every prefill token lands in its own slot of the scratch cache."""
+    with monkeypatch.context() as m:
+        calls = force_kernels(m, use_triton=True)
+        runner = _cpu_llm(write_tiny_llama(tmp_path / "tiny-llama")).engine.runner
+        lens, width = [50, 50, 28], -(-50 // CPU_PAGE)  # 128 tokens of budget, 50 per request
+        scratch = KVCache(runner.kv_spec, len(lens) * width, "cpu")
+        runner._warm_up(scratch, lens, width)
+        written = scratch.layers[0][0].flatten(0, 1).ne(0).any(-1).any(-1)
+        assert written.sum() == sum(lens)
+        runner._warm_up(scratch, [1] * 8, width)
+    assert calls["paged_prefill_attention"] == calls["paged_decode_attention"] == 2  # 2 layers
 
 
 # ---------------------------------------------------------------------------------------------
