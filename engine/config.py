@@ -22,8 +22,8 @@ class CacheConfig:
     page_size: int = 16
     num_kv_pages: int | None = None  # wins over kv_cache_memory when set
     kv_cache_memory: int | None = None  # bytes; None = a default budget per device
-    # CUDA without the two above: the share of the GPU's memory that weights, the peak
-    # activations of a warm-up step and the KV pool may take together
+    # CUDA without the two above: the share of the GPU's memory that weights, the peaks of
+    # warm-up steps, the CUDA graph pool and the KV pool may take together
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"  # "auto" = the model dtype
     enable_prefix_caching: bool = True
