@@ -142,50 +142,33 @@ class ModelRunner:
         """One step of prompts of these lengths on a scratch cache, and their logits in fp32 (as
         the sampler sees them). One-token steps take the decode path with the split-KV grid
         sized for `max_model_len`, as a captured decode step is."""
-        dev, ps = self.device, self.kv_spec.page_size
+        dev, longest = self.device, max(lens)
         lens_t = torch.tensor(lens, device=dev)
-        query_start_loc = torch.zeros(len(lens) + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(lens_t, 0, out=query_start_loc[1:])
         block_table = torch.arange(len(lens) * width, device=dev).view(-1, width) % \
             scratch.num_pages
-        row = torch.repeat_interleave(torch.arange(len(lens), device=dev), lens_t)
-        positions = torch.arange(sum(lens), device=dev) - query_start_loc[row]
-        meta = AttentionMetadata(
-            slot_mapping=block_table[row, positions // ps] * ps + positions % ps,
-            query_start_loc=query_start_loc, seq_lens=lens_t, block_table=block_table,
-            max_query_len=max(lens),
-            max_seq_len=max(lens) if max(lens) > 1 else self.max_model_len)
+        positions, meta = AttentionMetadata.for_batch(
+            torch.zeros_like(lens_t), lens_t, block_table, self.kv_spec.page_size, longest,
+            longest if longest > 1 else self.max_model_len)
         hidden = self.model(torch.zeros(sum(lens), dtype=torch.int64, device=dev), positions,
                             scratch.layers, meta)
-        self.model.compute_logits(hidden[query_start_loc[1:] - 1]).float()
+        self.model.compute_logits(hidden[meta.query_start_loc[1:] - 1]).float()
 
     def _prepare(self, out: SchedulerOutput):
         """The flat batch: token ids, positions, slots and per-request attention metadata."""
-        ps = self.kv_spec.page_size
-        ids, starts, lens, num_new = [], [], [], []
+        ids, starts, num_new = [], [], []
         for s in out.scheduled:
             r, start = s.request, s.request.num_computed_tokens
             ids.extend(r.token_ids(start, start + s.num_new_tokens))
             starts.append(start)
             num_new.append(s.num_new_tokens)
-            lens.append(start + s.num_new_tokens)
         max_pages = max(len(s.request.page_ids) for s in out.scheduled)
         block_table = torch.tensor([s.request.page_ids + [0] * (max_pages - len(s.request.page_ids))
                                     for s in out.scheduled], dtype=torch.int64)
-        num_new_t = torch.tensor(num_new)
-        row = torch.repeat_interleave(torch.arange(len(num_new)), num_new_t)
-        query_start_loc = torch.zeros(len(num_new) + 1, dtype=torch.int64)
-        torch.cumsum(num_new_t, 0, out=query_start_loc[1:])
-        positions = torch.tensor(starts)[row] + torch.arange(len(ids)) - query_start_loc[row]
-        slot_mapping = block_table[row, positions // ps] * ps + positions % ps
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(self.device),
-            query_start_loc=query_start_loc.to(self.device),
-            seq_lens=torch.tensor(lens).to(self.device),
-            block_table=block_table.to(self.device),
-            max_query_len=max(num_new), max_seq_len=max(lens))
-        return (torch.tensor(ids, device=self.device), positions.to(self.device), meta,
-                query_start_loc[1:] - 1)
+        positions, meta = AttentionMetadata.for_batch(
+            torch.tensor(starts), torch.tensor(num_new), block_table, self.kv_spec.page_size,
+            max(num_new), max(a + n for a, n in zip(starts, num_new)))
+        return (torch.tensor(ids, device=self.device), positions.to(self.device),
+                meta.to(self.device), meta.query_start_loc[1:] - 1)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, structured: StructuredOutputManager | None = None

@@ -1,5 +1,5 @@
 """Paged attention over the flat batch: write this step's K/V into pages, attend via block table."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,6 +15,26 @@ class AttentionMetadata:
     block_table: torch.Tensor  # [R, max_pages]
     max_query_len: int
     max_seq_len: int
+
+    @classmethod
+    def for_batch(cls, starts: torch.Tensor, num_new: torch.Tensor, block_table: torch.Tensor,
+                  page_size: int, max_query_len: int, max_seq_len: int
+                  ) -> tuple[torch.Tensor, "AttentionMetadata"]:
+        """Positions and metadata of a flat batch in which request i brings `num_new[i]` tokens
+        after its first `starts[i]`, on the pages of row i of `block_table`."""
+        dev = num_new.device
+        row = torch.repeat_interleave(torch.arange(len(num_new), device=dev), num_new)
+        query_start_loc = torch.zeros(len(num_new) + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(num_new, 0, out=query_start_loc[1:])
+        positions = starts[row] + torch.arange(len(row), device=dev) - query_start_loc[row]
+        slots = block_table[row, positions // page_size] * page_size + positions % page_size
+        return positions, cls(slots, query_start_loc, starts + num_new, block_table,
+                              max_query_len, max_seq_len)
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        return replace(self, slot_mapping=self.slot_mapping.to(device),
+                       query_start_loc=self.query_start_loc.to(device),
+                       seq_lens=self.seq_lens.to(device), block_table=self.block_table.to(device))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
