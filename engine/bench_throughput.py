@@ -20,6 +20,7 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
+from engine.config import CacheConfig
 from engine.model_runner import resolve_dtype
 from engine.roofline import batch_bound, decode_step_bound_s, device_ceilings
 
@@ -44,8 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly, not as CUDA graphs")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="CUDA: fraction of GPU memory the engine may use (default: the engine's)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   default=CacheConfig.gpu_memory_utilization,
+                   help="CUDA: fraction of GPU memory the engine may use (default %(default)s)")
     p.add_argument("--transformers-batch", type=int, default=None,
                    help="prompts per transformers `generate` call (default: all at once); on "
                         "CUDA it is halved on out-of-memory until it fits")
@@ -60,14 +62,12 @@ def synthetic_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[li
 
 
 def build_llm(args) -> LLM:
-    # both only matter on CUDA; without --gpu-memory-utilization the engine's default holds
-    extra = ({} if args.gpu_memory_utilization is None
-             else {"gpu_memory_utilization": args.gpu_memory_utilization})
     return LLM(model=args.model, load_format=args.load_format, device=args.device,
                dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                max_model_len=args.input_len + args.output_len + 1,
-               quantization=args.quantization, enforce_eager=args.enforce_eager, **extra)
+               quantization=args.quantization, enforce_eager=args.enforce_eager,
+               gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def time_tessera(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
@@ -128,8 +128,7 @@ def time_transformers_batch(model, prompts, output_len, device, batch: int | Non
         print(f"transformers: out of memory at {batch} prompts per generate, retrying with "
               f"{(batch + 1) // 2}", file=sys.stderr)
         batch = (batch + 1) // 2
-        gc.collect()
-        torch.cuda.empty_cache()
+        _free_cuda()
 
 
 def _free_cuda() -> None:

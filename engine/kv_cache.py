@@ -29,14 +29,14 @@ class KVCacheSpec:
         return max(memory_bytes, 0) // self.page_bytes
 
 
-def gpu_kv_budget(total: int, used: int, activation_peak: int, utilization: float) -> int:
+def gpu_kv_budget(total: int, used: int, headroom: int, utilization: float) -> int:
     """Bytes left for KV pages when the process may use `utilization` of the GPU's `total`.
 
     `used` is what the device has in use after loading the weights (this process's weights
-    and CUDA context, and any other process), `activation_peak` what a warm-up step of the
-    largest batch allocated on top of that.
+    and CUDA context, and any other process), `headroom` what steps need on top of that (the
+    largest warm-up step's peak, plus the CUDA graph pool).
     """
-    return int(total * utilization) - used - activation_peak
+    return int(total * utilization) - used - headroom
 
 
 def check_fits(num_pages: int, page_size: int, max_model_len: int) -> None:
