@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tessera-installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test gpu-check clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ serve: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# On a GPU machine (tests/gpu/check.sh works without make too); ARGS="--only kernels" etc.
+gpu-check:
+	bash tests/gpu/check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

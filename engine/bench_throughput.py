@@ -6,10 +6,10 @@ then a single request. transformers runs batched (`--transformers-batch` at a ti
 Tessera uses (its fastest on this machine unless `--dtype` is given); with `--load-format dummy`
 both get random weights of the config's shapes, built on the device.
 
-On CUDA the run also measures the device's copy bandwidth and matmul throughput (as `tessera
-bench kernels` does) and prints the batch against the bound they give (see
-`engine.roofline.batch_bound`), and the batch-1 decode step against weights-plus-KV bytes over
-the bandwidth.
+On CUDA (or anywhere with `--roofline`) the run also measures the device's copy bandwidth and
+matmul throughput (as `tessera bench kernels` does) and prints the batch against the bound they
+give (see `engine.roofline.batch_bound`), and the batch-1 decode step against weights-plus-KV
+bytes over the bandwidth. On CUDA it reports the decode graphs' capture time.
 """
 import argparse
 import gc
@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transformers-batch", type=int, default=None,
                    help="prompts per transformers `generate` call (default: all at once); on "
                         "CUDA it is halved on out-of-memory until it fits")
+    p.add_argument("--roofline", action="store_true",
+                   help="measure the ceilings and compare with the bound off CUDA too (on CUDA "
+                        "always); on CPU a small copy and matmul, enough for a dry run")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers runs")
     p.add_argument("--json", action="store_true", help="print one JSON line of results")
     return p.parse_args(argv)
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = resolve_dtype(args.dtype, args.device)
     cuda = args.device.startswith("cuda")
+    roofline = cuda or args.roofline
     n, in_len, out_len = args.num_prompts, args.input_len, args.output_len
     results = {"device": args.device, "dtype": str(dtype).removeprefix("torch."),
                "quantization": args.quantization,
@@ -147,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                "input_len": in_len, "output_len": out_len,
                "max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens}
-    if cuda:  # before the engine takes its share of memory, on an otherwise idle device
-        bandwidth, tflops = device_ceilings(dtype, args.device)
-        results |= {"device_name": torch.cuda.get_device_name(args.device),
+    if roofline:  # before the engine takes its share of memory, on an otherwise idle device
+        sizes = {} if cuda else {"copy_bytes": 1 << 26, "matmul_n": 1024}
+        bandwidth, tflops = device_ceilings(dtype, args.device, **sizes)
+        results |= {"device_name": torch.cuda.get_device_name(args.device) if cuda else "cpu",
                     "enforce_eager": args.enforce_eager, "copy_gb_s": bandwidth,
                     "matmul_tflops": tflops}
     llm = build_llm(args)
+    graphs = llm.engine.runner.graphs
+    results["graph_capture_s"] = graphs.capture_s if graphs is not None else None
     arch = llm.engine.runner.arch
     prompts = synthetic_prompts(n, in_len, arch.vocab_size)
     # Warm-up and single-request prompts differ from the batch's, so the prefix cache gives
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     single_s = time_tessera(llm, single, out_len)
     results |= {"tessera_batch_s": batch_s, "tessera_batch_tok_s": n * out_len / batch_s,
                 "tessera_single_tok_s": out_len / single_s}
-    if cuda:
+    if roofline:
         elt = torch.finfo(dtype).bits // 8
         page_size = llm.config.cache.page_size
         kv_pages = llm.engine.runner.kv_cache.num_pages
@@ -250,6 +257,8 @@ def print_table(r: dict, args) -> None:
               f"({r['single_decode_tok_s']:.1f} tok/s), bound {r['single_decode_bound_ms']:.2f} ms"
               f" ({r['single_decode_bound_tok_s']:.1f} tok/s, weights + KV / copy bandwidth): "
               f"{r['single_decode_fraction_of_bound']:.0%} of the roofline")
+    if r["graph_capture_s"] is not None:
+        print(f"decode CUDA graphs captured in {r['graph_capture_s']:.1f} s")
     if "reference" in r:
         print(f"{r['reference']} (context only, not run here)")
 

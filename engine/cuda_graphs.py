@@ -40,8 +40,9 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
         self._capture(device)
+        self.capture_s = time.perf_counter() - start
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), n,
-                    time.perf_counter() - start)
+                    self.capture_s)
 
     @torch.inference_mode()
     def _capture(self, device: torch.device) -> None:

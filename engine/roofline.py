@@ -1,7 +1,7 @@
 """Speed bounds, and the ceilings they are computed from, measured in the run that uses them.
 
-- `device_ceilings`: a GPU's copy bandwidth and dense matmul throughput (what `tessera bench
-  kernels` and `tessera bench throughput` divide by).
+- `device_ceilings`: a device's copy bandwidth and dense matmul throughput (what `tessera bench
+  kernels` and `tessera bench throughput` divide by), timed by `time_ms`.
 - `batch_bound`: the fastest a batch of equal requests can run on those ceilings: prompt FLOPs
   at matmul speed plus, per decode step, the weights and the KV read at copy speed.
 - `decode_step_bound_s`: one decode step of a few sequences, bytes over bandwidth.
@@ -107,22 +107,36 @@ def batch_bound(arch: ModelArch, dtype_bytes: int, num_prompts: int, input_len: 
             "total_s": total_s, "tok_s": num_prompts * output_len / total_s}
 
 
-def device_ceilings(dtype: torch.dtype, device: str = "cuda") -> tuple[float, float]:
-    """(GB/s of a 1 GiB device copy counting read and write, 8192^3 matmul TFLOP/s in `dtype`),
-    timed with triton's `do_bench`. Frees what it allocated, so a KV cache sized from free
-    memory afterwards is not shrunk by it."""
-    from triton.testing import do_bench
+def time_ms(fn, device: str) -> float:
+    """Milliseconds per call of `fn`: triton's `do_bench` on CUDA (events, cache flushed), the
+    median of a few wall-clock calls elsewhere (CPU runs only prove that a bench works)."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100)
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[1] * 1e3
 
+
+def device_ceilings(dtype: torch.dtype, device: str = "cuda", copy_bytes: int = 1 << 30,
+                    matmul_n: int = 8192) -> tuple[float, float]:
+    """(GB/s of a `copy_bytes` device copy counting read and write, `matmul_n`^3 matmul TFLOP/s
+    in `dtype`). Frees what it allocated, so a KV cache sized from free memory afterwards is not
+    shrunk by it."""
     with torch.device(device):
-        src = torch.empty(1 << 30, dtype=torch.uint8)
+        src = torch.empty(copy_bytes, dtype=torch.uint8)
         dst = torch.empty_like(src)
-        a, b = (torch.randn(8192, 8192, dtype=dtype) for _ in range(2))
-    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100)
-    matmul_ms = do_bench(lambda: a @ b, warmup=25, rep=100)
-    nbytes = 2 * src.numel()
+        a, b = (torch.randn(matmul_n, matmul_n, dtype=dtype) for _ in range(2))
+    copy_ms = time_ms(lambda: dst.copy_(src), device)
+    matmul_ms = time_ms(lambda: a @ b, device)
     del src, dst, a, b
-    torch.cuda.empty_cache()
-    return nbytes / copy_ms / 1e6, 2 * 8192**3 / matmul_ms / 1e9
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return 2 * copy_bytes / copy_ms / 1e6, 2 * matmul_n**3 / matmul_ms / 1e9
 
 
 def measure(model: str | None = None, dtype: str = "auto", repeats: int = 5) -> dict:

@@ -9,7 +9,7 @@ import sys
 _BENCHES = {
     "serve": "server.bench_serve",
     "throughput": "engine.bench_throughput",
-    "kernels": "kernels.bench",
+    "kernels": "engine.bench_kernels",
 }
 
 

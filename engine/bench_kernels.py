@@ -1,0 +1,159 @@
+"""`tessera bench kernels`: each Triton kernel beside the GPU's own limits and torch's best.
+
+The ceilings (device-to-device copy bandwidth, matmul throughput) are measured in the same run
+by `engine.roofline.device_ceilings`, the measurement `tessera bench throughput` computes its
+bound from, so the ratios mean the same on any GPU. Shapes are Llama-3-8B's; pages are shuffled.
+The Triton functions are called directly (not through `kernels`' dispatch), so `--tiny` runs
+the same rows on CPU under TRITON_INTERPRET=1: that proves the bench, it measures nothing.
+
+It lives in `engine/` rather than `kernels/` because it uses the engine's roofline.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from engine.roofline import device_ceilings, time_ms
+from kernels import reference
+
+
+@dataclass(frozen=True)
+class Shapes:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    inter: int
+    page: int
+    tokens: int  # for the per-token ops
+    # (row id, batch, new tokens per request, context): the ids stay put across shape sets, so
+    # a dry run's JSON has a real run's keys.
+    attention: tuple[tuple[str, int, int, int], ...]
+    copy_bytes: int
+    matmul_n: int
+
+
+LLAMA3_8B = Shapes(heads=32, kv_heads=8, head_dim=128, hidden=4096, inter=14336, page=16,
+                   tokens=4096, attention=(("decode_64x4k", 64, 1, 4096),
+                                           ("decode_1x32k", 1, 1, 32768),
+                                           ("prefill_2k", 1, 2048, 2048),
+                                           ("prefill_8k", 1, 8192, 8192)),
+                   copy_bytes=1 << 30, matmul_n=8192)
+TINY = Shapes(heads=4, kv_heads=2, head_dim=64, hidden=256, inter=512, page=16, tokens=64,
+              attention=(("decode_64x4k", 4, 1, 96), ("decode_1x32k", 1, 1, 160),
+                         ("prefill_2k", 1, 32, 32), ("prefill_8k", 1, 48, 48)),
+              copy_bytes=1 << 22, matmul_n=256)
+
+
+def _attention(s: Shapes, batch: int, q_len: int, ctx: int, dtype: torch.dtype, dev: str):
+    """(ours, SDPA on the same tokens unpaged, bytes, flops) for `batch` x `q_len` new tokens."""
+    from kernels import triton_attention
+
+    num_pages = batch * -(-ctx // s.page)
+    k_cache, v_cache = (torch.randn(num_pages, s.page, s.kv_heads, s.head_dim, dtype=dtype,
+                                    device=dev) for _ in range(2))
+    block_table = torch.randperm(num_pages, device=dev).int().view(batch, -1)
+    q = torch.randn(batch * q_len, s.heads, s.head_dim, dtype=dtype, device=dev)
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=dev) * q_len
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    qp = q.view(batch, q_len, s.heads, s.head_dim).transpose(1, 2)
+    kp, vp = (torch.randn(batch, s.kv_heads, ctx, s.head_dim, dtype=dtype, device=dev)
+              for _ in range(2))
+    scale = s.head_dim**-0.5
+    args = (q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale)
+    ours = (partial(triton_attention.paged_decode_attention, *args, ctx) if q_len == 1 else
+            partial(triton_attention.paged_prefill_attention, *args, q_len))
+    peer = partial(F.scaled_dot_product_attention, qp, kp, vp, is_causal=q_len > 1, scale=scale,
+                   enable_gqa=True)
+    visible = q_len * ctx - (q_len * (q_len - 1)) // 2  # query-key pairs under the causal mask
+    nbytes = q.element_size() * (2 * q.numel() + 2 * batch * ctx * s.kv_heads * s.head_dim)
+    return ours, peer, nbytes, 4 * batch * s.heads * s.head_dim * visible
+
+
+def _ops(s: Shapes, dtype: torch.dtype, dev: str):
+    """(row id, the op given its module (Triton's or the reference), bytes) for the per-token
+    ops over `s.tokens` tokens."""
+    tokens, elt = s.tokens, torch.finfo(dtype).bits // 8
+    x, res, gate_up = (torch.randn(tokens, n, dtype=dtype, device=dev)
+                       for n in (s.hidden, s.hidden, 2 * s.inter))
+    w = torch.randn(s.hidden, dtype=dtype, device=dev)
+    q = torch.randn(tokens, s.heads, s.head_dim, dtype=dtype, device=dev)
+    k, v = (torch.randn(tokens, s.kv_heads, s.head_dim, dtype=dtype, device=dev)
+            for _ in range(2))
+    angles = torch.rand(tokens, s.head_dim // 2, device=dev) * 6.3  # norm-preserving rotations
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)
+    positions = torch.arange(tokens, device=dev)
+    k_cache, v_cache = (torch.empty(-(-tokens // s.page), s.page, s.kv_heads, s.head_dim,
+                                    dtype=dtype, device=dev) for _ in range(2))
+    slots = torch.randperm(tokens, device=dev)
+    kv_bytes = 4 * k.numel() * elt
+    return [
+        ("rms_norm_residual", lambda m: m.rms_norm(x, w, 1e-5, res), 4 * x.numel() * elt),
+        ("rotary_embedding", lambda m: m.rotary_embedding(positions, q, k, cos_sin),
+         2 * (q.numel() + k.numel()) * elt + cos_sin.numel() * elt),
+        ("silu_and_mul", lambda m: m.silu_and_mul(gate_up), 3 * gate_up.numel() // 2 * elt),
+        ("write_kv", lambda m: m.write_kv(k, v, k_cache, v_cache, slots), kv_bytes),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tessera bench kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        default="bfloat16")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes; on CPU with TRITON_INTERPRET=1 this proves the bench "
+                             "runs (a dry run), it measures nothing")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per line: the ceilings, then one per kernel row")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not (args.tiny and os.environ.get("TRITON_INTERPRET") == "1"):
+        sys.exit("tessera bench kernels needs a CUDA GPU: it times the Triton kernels, which "
+                 "only run there (the CPU path uses the torch references). A dry run on CPU: "
+                 "TRITON_INTERPRET=1 tessera bench kernels --tiny --dtype float32")
+    dev, shapes, dtype = ("cuda" if cuda else "cpu"), (TINY if args.tiny else LLAMA3_8B), \
+        getattr(torch, args.dtype)
+    bandwidth, tflops = device_ceilings(dtype, dev, shapes.copy_bytes, shapes.matmul_n)
+    name = torch.cuda.get_device_name() if cuda else "cpu (interpreted Triton)"
+    emit = (lambda row: print(json.dumps(row), flush=True)) if args.json else None
+    if emit:
+        emit({"row": "ceilings", "device_name": name, "dtype": args.dtype, "tiny": args.tiny,
+              "copy_gb_s": bandwidth, "matmul_tflops": tflops})
+    else:
+        print(f"{name}: copy {bandwidth:.0f} GB/s, {args.dtype} matmul {tflops:.0f} TFLOP/s "
+              "(measured)")
+        print("torch: SDPA on the same K/V unpaged for attention, the eager reference otherwise")
+        print(f"{'kernel':28} {'ms':>8} {'GB/s':>7} {'TFLOP/s':>8} {'of limit':>8} "
+              f"{'torch ms':>9} {'speedup':>8}")
+
+    def row(row_id: str, shape: str, ms: float, peer_ms: float, nbytes: int,
+            flops: int = 0) -> None:
+        gbs, tfs = nbytes / ms / 1e6, flops / ms / 1e9
+        of_bw, of_mm = gbs / bandwidth, tfs / tflops
+        if emit:
+            emit({"row": row_id, "shape": shape, "ms": ms, "gb_s": gbs, "tflop_s": tfs,
+                  "fraction_of_bandwidth": of_bw, "fraction_of_matmul": of_mm,
+                  "torch_ms": peer_ms, "speedup_vs_torch": peer_ms / ms})
+            return
+        print(f"{row_id + ' ' + shape:28} {ms:8.3f} {gbs:7.0f} {tfs:8.1f} {max(of_bw, of_mm):8.0%} "
+              f"{peer_ms:9.3f} {peer_ms / ms:7.2f}x")
+
+    for row_id, batch, q_len, ctx in shapes.attention:
+        ours, peer, nbytes, flops = _attention(shapes, batch, q_len, ctx, dtype, dev)
+        row(row_id, f"{batch}x{q_len}x{ctx}", time_ms(ours, dev), time_ms(peer, dev), nbytes,
+            flops)
+    from kernels import triton_ops
+    for row_id, op, nbytes in _ops(shapes, dtype, dev):
+        row(row_id, f"{shapes.tokens} tok", time_ms(lambda: op(triton_ops), dev),
+            time_ms(lambda: op(reference), dev), nbytes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
