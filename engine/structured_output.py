@@ -27,7 +27,7 @@ class StructuredOutputManager:
         if spec.kind == "json_schema":
             return c.compile_json_schema(spec.spec)
         if spec.kind == "json_object":
-            return c.compile_builtin_json_grammar()
+            return c.compile_json_schema('{"type": "object"}')
         if spec.kind == "regex":
             return c.compile_regex(spec.spec)
         return c.compile_grammar(spec.spec)

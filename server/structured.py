@@ -1,12 +1,19 @@
 """`response_format` (and forced tool calls) as an engine `StructuredOutput`.
 
-A JSON schema is converted here, in the API process, to an xgrammar EBNF grammar without
-optional whitespace: a schema xgrammar cannot handle is a 400 naming the parameter instead of an
-aborted request, and small models cannot wander off into newlines and indentation between
-tokens (compact JSON is also fewer tokens). The engine compiles (and caches) the grammar.
+A JSON schema is converted here, in the API process, to an xgrammar EBNF grammar without free
+whitespace (exactly one space after each `:` and `,`, none elsewhere): a schema xgrammar cannot
+handle is a 400 naming the parameter instead of an aborted request, and small models cannot
+wander off into newlines and indentation between tokens. The engine compiles (and caches) the
+grammar.
+
+Numbers a schema leaves open are bounded first, as llama.cpp's grammar does: an `integer` to
+16 digits, a `number` to magnitudes under 1e15 (which xgrammar writes with at most 6 fraction
+digits and no exponent). Unbounded, a small model can run digits until `max_tokens` (a
+300-token integer was seen, under LangChain's structured output).
 """
 import json
 from functools import lru_cache
+from typing import Any
 
 from engine.sampling_params import StructuredOutput
 from server.errors import APIError
@@ -25,8 +32,31 @@ def _schema_grammar(schema_text: str) -> tuple[str | None, str | None]:
     return str(grammar), None
 
 
+_OPEN_BOUNDS = {"integer": 10**16 - 1, "number": 10**15}
+_NOT_SCHEMAS = ("const", "enum", "default", "examples")  # keys whose values are data
+
+
+def bound_open_numbers(schema: Any) -> Any:
+    """A copy of `schema` where every integer or number without a bound on a side has one."""
+    if isinstance(schema, list):
+        return [bound_open_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _NOT_SCHEMAS else bound_open_numbers(v) for k, v in schema.items()}
+    types = out.get("type")  # a str or a list; a dict here is a property named "type"
+    types = types if isinstance(types, list) else [types]
+    limit = max((_OPEN_BOUNDS[t] for t in types if isinstance(t, str) and t in _OPEN_BOUNDS),
+                default=None)
+    if limit is not None:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -limit
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = limit
+    return out
+
+
 def json_schema_output(schema: dict, param: str) -> StructuredOutput:
-    grammar, problem = _schema_grammar(json.dumps(schema))
+    grammar, problem = _schema_grammar(json.dumps(bound_open_numbers(schema)))
     if grammar is None:
         raise APIError(f"{param}: unsupported JSON schema: {problem}", param=param)
     return StructuredOutput("grammar", grammar)
@@ -39,8 +69,8 @@ def response_format_output(response_format: ResponseFormat | None) -> Structured
     """
     if response_format is None or response_format.type == "text":
         return None
-    if response_format.type == "json_object":
-        return StructuredOutput("json_object")
+    if response_format.type == "json_object":  # OpenAI's contract: an object, not any value
+        return json_schema_output({"type": "object"}, "response_format")
     if response_format.json_schema is None:
         raise APIError("response_format.json_schema is required for type json_schema",
                        param="response_format.json_schema")

@@ -63,14 +63,28 @@ class ToolPlan:
             return json_schema_output(tool.function.parameters, "tools")
         if self.mode != "required":
             return None
+        # Each tool's schema moves whole under the root's $defs, so its own `$ref`s (pydantic
+        # writes "#/$defs/Model") are rebased there rather than broken by the embedding.
+        defs = {f"tool{i}": _rebase_refs(t.function.parameters, f"#/$defs/tool{i}")
+                for i, t in enumerate(self.tools)}
         calls = [{"type": "object", "additionalProperties": False,
                   "properties": {"name": {"const": t.function.name},
-                                 "arguments": t.function.parameters},
-                  "required": ["name", "arguments"]} for t in self.tools]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+                                 "arguments": {"$ref": f"#/$defs/tool{i}"}},
+                  "required": ["name", "arguments"]} for i, t in enumerate(self.tools)]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, "$defs": defs}
         if not self.parallel:
             schema["maxItems"] = 1
         return json_schema_output(schema, "tools")
+
+
+def _rebase_refs(schema, root: str):
+    """A copy of `schema` whose local references ("#", "#/...") point below `root`."""
+    if isinstance(schema, list):
+        return [_rebase_refs(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: root + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#")
+            else _rebase_refs(v, root) for k, v in schema.items()}
 
 
 def _history_message(message) -> dict:
