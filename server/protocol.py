@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from engine.sampling_params import SamplingParams, StructuredOutput
 
@@ -187,14 +187,30 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class ToolCallDelta(BaseModel):
+class OmitNone(BaseModel):
+    """Serializes without its unset (None) fields, as OpenAI's streamed objects come: a client
+    may test `"role" in delta`, and `"tool_calls": null` is not a list to iterate."""
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(OmitNone):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(OmitNone):
+    """A call's first delta has `id`, `type`, `function.name` and empty arguments; the next
+    ones carry argument fragments only."""
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
-    function: dict[str, str]
+    function: FunctionDelta
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(OmitNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
@@ -207,7 +223,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(OmitNone):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))

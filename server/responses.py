@@ -9,8 +9,8 @@ from server.errors import sse_error
 from server.logprobs import chat_logprobs, completion_logprobs
 from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                              ChatCompletionChunk, ChatCompletionResponse, CompletionChoice,
-                             CompletionResponse, DeltaMessage, ToolCall, ToolCallDelta,
-                             UsageInfo)
+                             CompletionResponse, DeltaMessage, FunctionDelta, ToolCall,
+                             ToolCallDelta, UsageInfo)
 from server.serving import Delta, ServingContext, total_usage
 from server.tools import ToolCallParser, ToolPlan
 
@@ -65,18 +65,28 @@ class ChatResponder:
                                                                           content=""))])
                 for i in range(count)]
 
-    def chunk(self, index: int, delta: Delta) -> str | None:
+    def chunks(self, index: int, delta: Delta) -> list[str]:
+        """Content first; then, once the output is complete, each call as OpenAI streams it:
+        a delta with its id, type, name and empty arguments, then one with the arguments."""
         state = self.states.setdefault(index, _ChatChoiceState(self.plan))
         content, calls, finish = state.step(delta)
         logprobs = self._logprobs(delta) if delta.token_ids else None
-        if not (content or calls or finish or logprobs):
-            return None
-        tool_calls = [ToolCallDelta(index=k, id=c.id, type="function",
-                                    function=c.function.model_dump())
-                      for k, c in enumerate(calls)] or None
-        return self._chunk([ChatChunkChoice(
-            index=index, delta=DeltaMessage(content=content or None, tool_calls=tool_calls),
-            logprobs=logprobs, finish_reason=finish)])
+        deltas = []
+        if content or logprobs:
+            deltas.append((DeltaMessage(content=content), logprobs))
+        for k, call in enumerate(calls):
+            name, arguments = call.function.name, call.function.arguments
+            deltas += [(DeltaMessage(tool_calls=[ToolCallDelta(
+                index=k, id=call.id, type="function",
+                function=FunctionDelta(name=name, arguments=""))]), None),
+                (DeltaMessage(tool_calls=[ToolCallDelta(
+                    index=k, function=FunctionDelta(arguments=arguments))]), None)]
+        if finish is not None:
+            deltas.append((DeltaMessage(), None))
+        last = len(deltas) - 1
+        return [self._chunk([ChatChunkChoice(index=index, delta=message, logprobs=lp,
+                                             finish_reason=finish if k == last else None)])
+                for k, (message, lp) in enumerate(deltas)]
 
     def usage(self, usage: UsageInfo) -> str:
         return self._chunk([], usage)
@@ -115,13 +125,13 @@ class CompletionResponder:
         return [self._chunk([CompletionChoice(index=i, text=self._echo(i))])
                 for i in range(count) if self._echo(i)]
 
-    def chunk(self, index: int, delta: Delta) -> str | None:
+    def chunks(self, index: int, delta: Delta) -> list[str]:
         offset = self.offsets.get(index, len(self._echo(index)))
         self.offsets[index] = offset + sum(len(self.ctx.token_texts.text(t))
                                            for t in delta.token_ids)
-        return self._chunk([CompletionChoice(index=index, text=delta.text,
-                                             finish_reason=delta.finish_reason,
-                                             logprobs=self._logprobs(delta, offset))])
+        return [self._chunk([CompletionChoice(index=index, text=delta.text,
+                                              finish_reason=delta.finish_reason,
+                                              logprobs=self._logprobs(delta, offset))])]
 
     def usage(self, usage: UsageInfo) -> str:
         return self._chunk([], usage)
@@ -140,7 +150,7 @@ async def sse_stream(deltas: AsyncIterator[tuple[int, Delta]],
         usages = [UsageInfo() for _ in range(count)]
         async for index, delta in deltas:
             usages[index] = delta.usage
-            if (chunk := responder.chunk(index, delta)) is not None:
+            for chunk in responder.chunks(index, delta):
                 yield f"data: {chunk}\n\n"
         if include_usage:
             yield f"data: {responder.usage(total_usage(usages, responder.n))}\n\n"
