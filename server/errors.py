@@ -37,10 +37,12 @@ def error_body(exc: APIError) -> dict:
 
 
 def from_validation_error(exc: ValidationError) -> APIError:
-    """A pydantic error on the request body: 400 naming the first offending field."""
-    first = exc.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    return APIError(f"{param or 'body'}: {first['msg']}", param=param)
+    """A pydantic error on the request body: 400 listing every offending field (a client
+    fixes them all at once), `param` the first."""
+    problems = [(".".join(str(part) for part in e["loc"]) or None, e["msg"])
+                for e in exc.errors()]
+    message = "; ".join(f"{param or 'body'}: {msg}" for param, msg in problems)
+    return APIError(message, param=problems[0][0])
 
 
 def to_api_error(exc: Exception) -> APIError:

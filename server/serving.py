@@ -62,13 +62,15 @@ def _check_common(ctx: ServingContext, request: SamplingRequest) -> StructuredOu
     if request.stream_options is not None and not request.stream:
         raise APIError("stream_options is only allowed with stream: true",
                        param="stream_options")
-    for token, bias in (request.logit_bias or {}).items():
-        if not 0 <= token < ctx.vocab_size:
-            raise APIError(f"logit_bias token {token} is outside the vocabulary "
-                           f"[0, {ctx.vocab_size})", param="logit_bias")
-        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-            raise APIError(f"logit_bias values must be in [-100, 100], got {bias}",
-                           param="logit_bias")
+    bias = request.logit_bias or {}
+    outside = [str(t) for t in bias if not 0 <= t < ctx.vocab_size]
+    if outside:
+        raise APIError(f"logit_bias tokens {', '.join(outside)} are outside the vocabulary "
+                       f"[0, {ctx.vocab_size})", param="logit_bias")
+    extreme = [f"{t}: {b}" for t, b in bias.items() if not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS]
+    if extreme:
+        raise APIError(f"logit_bias values must be in [-100, 100], got {', '.join(extreme)}",
+                       param="logit_bias")
     if any(not 0 <= t < ctx.vocab_size for t in request.stop_token_ids or []):
         raise APIError(f"stop_token_ids must be in [0, {ctx.vocab_size})",
                        param="stop_token_ids")
