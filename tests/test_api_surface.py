@@ -41,13 +41,18 @@ def ask(client, content, **kw):
 
 
 def streamed(stream) -> tuple[str, str | None, list]:
-    text, finish, calls = [], None, []
+    """Text, finish reason and tool calls, with call fragments joined by index as clients do."""
+    text, finish, calls = [], None, {}
     for chunk in stream:
         for choice in chunk.choices:
             text.append(choice.delta.content or "")
-            calls += choice.delta.tool_calls or []
+            for d in choice.delta.tool_calls or []:
+                if d.index in calls:
+                    calls[d.index].function.arguments += d.function.arguments or ""
+                else:
+                    calls[d.index] = d
             finish = choice.finish_reason or finish
-    return "".join(text), finish, calls
+    return "".join(text), finish, [calls[i] for i in sorted(calls)]
 
 
 # --- 1. json_schema -------------------------------------------------------------------------
