@@ -138,8 +138,10 @@ def test_langchain_structured_output_with_open_integers_returns_valid_json(serve
 
     llm = ChatOpenAI(model=MODEL, base_url=f"{server.base_url}/v1", api_key="none",
                      temperature=0, max_tokens=120, max_retries=0)
+    # Unbounded, the default model answers this with an area of 10000... to the length limit
+    # (LangChain then raises LengthFinishReasonError).
     city = llm.with_structured_output(City, method="json_schema").invoke(
-        "Give the name, population and area of the biggest city of France.")
+        "How many stars are in the sky?")
     assert isinstance(city, City)
     assert abs(city.population) < 10**16 and abs(city.area_km2) <= 10**15
 
