@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -153,10 +153,16 @@ async def _respond(request: Request, body: SamplingRequest,
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(sse_stream(deltas, responder, count, include_usage),
                                  media_type="text/event-stream")
+    return await _whole(request, deltas, count, responder.whole)
+
+
+async def _whole(request: Request, deltas: AsyncIterator[tuple[int, Delta]], count: int,
+                 body: Callable[[list[Delta]], dict]) -> Response:
+    """The joined choices as one JSON `body`, or 499 if the client left first."""
     whole = await _unless_disconnected(request, collect(deltas, count))
     if isinstance(whole, Response):
         return whole
-    return JSONResponse(responder.whole(whole))
+    return JSONResponse(body(whole))
 
 
 async def chat_completions(request: Request) -> Response:

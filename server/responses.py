@@ -15,7 +15,7 @@ from server.serving import Delta, ServingContext, total_usage
 from server.tools import ToolCallParser, ToolPlan
 
 
-class _ChatChoiceState:
+class ChatChoiceState:
     """One chat choice as it streams: content, tool calls at the end, logprobs."""
 
     def __init__(self, plan: ToolPlan) -> None:
@@ -37,7 +37,7 @@ class ChatResponder:
                  logprobs: bool) -> None:
         self.ctx, self.request_id, self.n, self.plan = ctx, request_id, n, plan
         self.logprobs = logprobs
-        self.states: dict[int, _ChatChoiceState] = {}
+        self.states: dict[int, ChatChoiceState] = {}
 
     def _logprobs(self, delta: Delta) -> dict | None:
         if not self.logprobs:
@@ -47,7 +47,7 @@ class ChatResponder:
     def whole(self, deltas: list[Delta]) -> dict:
         choices = []
         for index, delta in enumerate(deltas):
-            content, calls, finish = _ChatChoiceState(self.plan).step(delta)
+            content, calls, finish = ChatChoiceState(self.plan).step(delta)
             message = AssistantMessage(content=(content.strip() or None) if calls else content,
                                        tool_calls=calls or None)
             choices.append(ChatChoice(index=index, message=message, finish_reason=finish,
@@ -66,7 +66,7 @@ class ChatResponder:
                 for i in range(count)]
 
     def chunk(self, index: int, delta: Delta) -> str | None:
-        state = self.states.setdefault(index, _ChatChoiceState(self.plan))
+        state = self.states.setdefault(index, ChatChoiceState(self.plan))
         content, calls, finish = state.step(delta)
         logprobs = self._logprobs(delta) if delta.token_ids else None
         if not (content or calls or finish or logprobs):
