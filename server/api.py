@@ -30,6 +30,8 @@ from server.middleware import RequestIdAndAuth
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                              ModelCard, ModelList, SamplingRequest, TokenizeRequest, random_id)
 from server.responses import ChatResponder, CompletionResponder, sse_stream
+from server.responses_api import (ResponseBuilder, ResponsesRequest, prepare_response,
+                                  response_events, to_chat_request)
 from server.serving import (Delta, ServingContext, chat_prompt_ids, collect, fan_out,
                             prepare_chat, prepare_completion)
 
@@ -189,6 +191,22 @@ async def completions(request: Request) -> Response:
     return await _respond(request, body, deltas, responder, len(prompts) * body.n)
 
 
+async def responses(request: Request) -> Response:
+    """OpenAI's Responses API over the chat path (see `server/responses_api.py`)."""
+    arrival = time.time()
+    body = await _parse(request, ResponsesRequest)
+    ctx = _state(request).ready_context()
+    chat = to_chat_request(body)
+    prompt_ids, params, plan = await prepare_response(ctx, chat)
+    builder = ResponseBuilder(ctx, body, plan)
+    deltas = fan_out(ctx, builder.response.id, [(prompt_ids, params)], 1, arrival,
+                     chat.messages[-1].text())
+    if body.stream:
+        return StreamingResponse(response_events(deltas, builder),
+                                 media_type="text/event-stream")
+    return await _whole(request, deltas, 1, builder.whole)
+
+
 async def tokenize(request: Request) -> JSONResponse:
     """vLLM's shape: `{"count", "max_model_len", "tokens"[, "token_strs"]}`."""
     body = await _parse(request, TokenizeRequest)
@@ -232,6 +250,7 @@ async def metrics(request: Request) -> Response:
 ROUTES = [
     ("POST", "/v1/chat/completions", chat_completions),
     ("POST", "/v1/completions", completions),
+    ("POST", "/v1/responses", responses),
     ("GET", "/v1/models", models),
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),
