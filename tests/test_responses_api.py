@@ -4,12 +4,17 @@ against one real `tessera serve`. Greedy answers are compared token for token wi
 few tokens and every schema is WEATHER (one grammar compile), to stay fast on a small CPU."""
 import json
 from functools import cache
+from types import SimpleNamespace
 
 import httpx
 import jsonschema
 import openai
 import pytest
 
+from server.protocol import UsageInfo
+from server.responses_api import ResponseBuilder, ResponsesRequest
+from server.serving import Delta
+from server.tools import ToolPlan
 from tests.conftest import wait_for
 from tests.test_server import kv_state
 
@@ -190,3 +195,16 @@ def test_disconnect_mid_stream_aborts_the_request(server):
             pass
         assert kv_state(server)[0] > 0
     assert wait_for(lambda: kv_state(server) == (0.0, 0.0), timeout_s=10)
+
+
+def test_an_engine_abort_fails_the_response_after_the_text_so_far():
+    builder = ResponseBuilder(SimpleNamespace(served_model_name=MODEL),
+                              ResponsesRequest(model=MODEL, input="hi"), ToolPlan("none", []))
+    events = builder.start() + builder.step(Delta("Hel", None, UsageInfo()))
+    events += builder.step(Delta("", "abort", UsageInfo(prompt_tokens=3, total_tokens=3)))
+    assert deduped([e["type"] for e in events]) == [
+        "response.created", "response.in_progress", *TEXT_EVENTS, "response.failed"]
+    final = events[-1]["response"]
+    assert final["status"] == "failed" and final["error"]["code"] == "server_error"
+    assert final["output"][0]["status"] == "incomplete"
+    assert final["output"][0]["content"][0]["text"] == "Hel"
