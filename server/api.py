@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -30,6 +30,8 @@ from server.middleware import RequestIdAndAuth
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                              ModelCard, ModelList, SamplingRequest, TokenizeRequest, random_id)
 from server.responses import ChatResponder, CompletionResponder, sse_stream
+from server.responses_api import (ResponseBuilder, ResponsesRequest, prepare_response,
+                                  response_events, to_chat_request)
 from server.serving import (Delta, ServingContext, chat_prompt_ids, collect, fan_out,
                             prepare_chat, prepare_completion)
 
@@ -153,10 +155,16 @@ async def _respond(request: Request, body: SamplingRequest,
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(sse_stream(deltas, responder, count, include_usage),
                                  media_type="text/event-stream")
+    return await _whole(request, deltas, count, responder.whole)
+
+
+async def _whole(request: Request, deltas: AsyncIterator[tuple[int, Delta]], count: int,
+                 body: Callable[[list[Delta]], dict]) -> Response:
+    """The joined choices as one JSON `body`, or 499 if the client left first."""
     whole = await _unless_disconnected(request, collect(deltas, count))
     if isinstance(whole, Response):
         return whole
-    return JSONResponse(responder.whole(whole))
+    return JSONResponse(body(whole))
 
 
 async def chat_completions(request: Request) -> Response:
@@ -181,6 +189,22 @@ async def completions(request: Request) -> Response:
     deltas = fan_out(ctx, request_id, prompts, body.n, arrival, str(body.prompt))
     responder = CompletionResponder(ctx, request_id, body.n, echoes, body.logprobs is not None)
     return await _respond(request, body, deltas, responder, len(prompts) * body.n)
+
+
+async def responses(request: Request) -> Response:
+    """OpenAI's Responses API over the chat path (see `server/responses_api.py`)."""
+    arrival = time.time()
+    body = await _parse(request, ResponsesRequest)
+    ctx = _state(request).ready_context()
+    chat = to_chat_request(body)
+    prompt_ids, params, plan = await prepare_response(ctx, chat)
+    builder = ResponseBuilder(ctx, body, plan)
+    deltas = fan_out(ctx, builder.response.id, [(prompt_ids, params)], 1, arrival,
+                     chat.messages[-1].text())
+    if body.stream:
+        return StreamingResponse(response_events(deltas, builder),
+                                 media_type="text/event-stream")
+    return await _whole(request, deltas, 1, builder.whole)
 
 
 async def tokenize(request: Request) -> JSONResponse:
@@ -226,6 +250,7 @@ async def metrics(request: Request) -> Response:
 ROUTES = [
     ("POST", "/v1/chat/completions", chat_completions),
     ("POST", "/v1/completions", completions),
+    ("POST", "/v1/responses", responses),
     ("GET", "/v1/models", models),
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),

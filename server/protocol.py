@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from engine.sampling_params import SamplingParams, StructuredOutput
 
 
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def random_id(prefix: str, sep: str = "-") -> str:
+    """`chatcmpl-...` for Chat Completions; the Responses API spells its ids `resp_...`."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
 class StreamOptions(BaseModel):

@@ -15,7 +15,7 @@ from server.serving import Delta, ServingContext, total_usage
 from server.tools import ToolCallParser, ToolPlan
 
 
-class _ChatChoiceState:
+class ChatChoiceState:
     """One chat choice as it streams: content, tool calls at the end, logprobs."""
 
     def __init__(self, plan: ToolPlan) -> None:
@@ -37,7 +37,7 @@ class ChatResponder:
                  logprobs: bool) -> None:
         self.ctx, self.request_id, self.n, self.plan = ctx, request_id, n, plan
         self.logprobs = logprobs
-        self.states: dict[int, _ChatChoiceState] = {}
+        self.states: dict[int, ChatChoiceState] = {}
 
     def _logprobs(self, delta: Delta) -> dict | None:
         if not self.logprobs:
@@ -47,7 +47,7 @@ class ChatResponder:
     def whole(self, deltas: list[Delta]) -> dict:
         choices = []
         for index, delta in enumerate(deltas):
-            content, calls, finish = _ChatChoiceState(self.plan).step(delta)
+            content, calls, finish = ChatChoiceState(self.plan).step(delta)
             message = AssistantMessage(content=(content.strip() or None) if calls else content,
                                        tool_calls=calls or None)
             choices.append(ChatChoice(index=index, message=message, finish_reason=finish,
@@ -68,7 +68,7 @@ class ChatResponder:
     def chunks(self, index: int, delta: Delta) -> list[str]:
         """Content first; then, once the output is complete, each call as OpenAI streams it:
         a delta with its id, type, name and empty arguments, then one with the arguments."""
-        state = self.states.setdefault(index, _ChatChoiceState(self.plan))
+        state = self.states.setdefault(index, ChatChoiceState(self.plan))
         content, calls, finish = state.step(delta)
         logprobs = self._logprobs(delta) if delta.token_ids else None
         deltas = []
