@@ -141,7 +141,7 @@ def _free_cuda() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dtype = resolve_dtype(args.dtype, args.device)
+    dtype, _ = resolve_dtype(args.dtype, args.device)
     cuda = args.device.startswith("cuda")
     roofline = cuda or args.roofline
     n, in_len, out_len = args.num_prompts, args.input_len, args.output_len
