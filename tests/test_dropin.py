@@ -1,11 +1,15 @@
 """What vLLM users reach for, on one tiny server: `/version`, `/ping`, `--tokenizer`,
-`--chat-template` and the start-up log."""
+`--chat-template`, the start-up log, and `tessera bench serve` with `--save-result`/`--plot`."""
+import json
+import subprocess
+import sys
+
 import httpx
 import openai
 import pytest
 
 from server import __version__
-from tests.conftest import (TINY_CHAT_TEMPLATE, start_server, stop_server,
+from tests.conftest import (ROOT, TINY_CHAT_TEMPLATE, start_server, stop_server,
                             tiny_model_args, write_tiny_tokenizer)
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -27,6 +31,12 @@ def tiny(tmp):
                            "--log-level", "info"], tmp / "server.log")
     yield server
     stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def bench_tokenizer(tmp):
+    """The bench sizes prompts with a tokenizer whose own template is the server's."""
+    return write_tiny_tokenizer(tmp / "bench-tokenizer")
 
 
 def test_version_is_the_package_version(tiny):
@@ -60,3 +70,18 @@ def test_the_start_up_log_says_loading_before_uvicorn_runs_and_ready_after(tiny)
     assert "dtype     float32 (as requested)" in log
     assert "KV cache  256 pages x 16 tokens = 4096 tokens" in log
 
+
+def test_bench_serve_sizes_chat_prompts_and_saves_json_and_a_plot(tiny, bench_tokenizer,
+                                                                   tmp_path):
+    result, plot = tmp_path / "result.json", tmp_path / "plot.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "serve", "--base-url", tiny.base_url,
+         "--tokenizer", str(bench_tokenizer), "--num-prompts", "2", "--input-len", "12",
+         "--output-len", "3", "--save-result", str(result), "--plot", str(plot)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "output tok/s" in out.stdout and "goodput" not in out.stdout  # no SLO given
+    saved = json.loads(result.read_text())
+    assert saved["completed"] == 2 and "goodput" not in saved
+    assert [r["prompt_tokens"] for r in saved["requests"]] == [12, 12]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
