@@ -9,7 +9,8 @@ both get random weights of the config's shapes, built on the device.
 On CUDA (or anywhere with `--roofline`) the run also measures the device's copy bandwidth and
 matmul throughput (as `tessera bench kernels` does) and prints the batch against the bound they
 give (see `engine.roofline.batch_bound`), and the batch-1 decode step against weights-plus-KV
-bytes over the bandwidth. On CUDA it reports the decode graphs' capture time.
+bytes over the bandwidth. On CUDA it reports the decode graphs' capture time. Each stage says
+on stderr what it is doing, and long generations print their progress every few seconds.
 """
 import argparse
 import gc
@@ -21,10 +22,18 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.config import CacheConfig
+from engine.logs import Progress
 from engine.model_runner import resolve_dtype
 from engine.roofline import batch_bound, decode_step_bound_s, device_ceilings
+from engine.tokenizer import DEFAULT_MODEL_NAME
 
 VLLM_REFERENCE = "vLLM published: ~5.3k output tok/s for Llama-3.1-8B on one H100"
+_PROGRESS_INTERVAL_S = 5.0
+
+
+def stage(text: str) -> None:
+    """What the run does now, on stderr (stdout keeps the results, and --json one line)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,8 +85,9 @@ def build_llm(args) -> LLM:
 def time_tessera(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
     """Seconds to generate `output_len` tokens for every prompt, end to end."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    progress = Progress(len(prompts), "requests done", stage, _PROGRESS_INTERVAL_S)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, progress.update)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
     return elapsed
@@ -128,8 +138,8 @@ def time_transformers_batch(model, prompts, output_len, device, batch: int | Non
         except torch.cuda.OutOfMemoryError:
             if not device.startswith("cuda") or batch == 1:
                 raise
-        print(f"transformers: out of memory at {batch} prompts per generate, retrying with "
-              f"{(batch + 1) // 2}", file=sys.stderr)
+        stage(f"transformers: out of memory at {batch} prompts per generate, retrying with "
+              f"{(batch + 1) // 2}")
         batch = (batch + 1) // 2
         _free_cuda()
 
@@ -141,22 +151,26 @@ def _free_cuda() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dtype = resolve_dtype(args.dtype, args.device)
+    dtype, _ = resolve_dtype(args.dtype, args.device)
     cuda = args.device.startswith("cuda")
     roofline = cuda or args.roofline
     n, in_len, out_len = args.num_prompts, args.input_len, args.output_len
-    results = {"device": args.device, "dtype": str(dtype).removeprefix("torch."),
+    results = {"model": args.model or f"{DEFAULT_MODEL_NAME} (bundled)",
+               "load_format": args.load_format,
+               "device": args.device, "dtype": str(dtype).removeprefix("torch."),
                "quantization": args.quantization,
                "threads": torch.get_num_threads(), "num_prompts": n,
                "input_len": in_len, "output_len": out_len,
                "max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens}
     if roofline:  # before the engine takes its share of memory, on an otherwise idle device
+        stage("measuring the device's copy bandwidth and matmul throughput")
         sizes = {} if cuda else {"copy_bytes": 1 << 26, "matmul_n": 1024}
         bandwidth, tflops = device_ceilings(dtype, args.device, **sizes)
         results |= {"device_name": torch.cuda.get_device_name(args.device) if cuda else "cpu",
                     "enforce_eager": args.enforce_eager, "copy_gb_s": bandwidth,
                     "matmul_tflops": tflops}
+    stage(f"tessera: loading {results['model']} ({args.load_format})")
     llm = build_llm(args)
     graphs = llm.engine.runner.graphs
     results["graph_capture_s"] = graphs.capture_s if graphs is not None else None
@@ -167,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = synthetic_prompts(8 if cuda else 2, in_len, arch.vocab_size, seed=1)
     single = synthetic_prompts(1, in_len, arch.vocab_size, seed=2)
     time_tessera(llm, warm, 4)
+    stage(f"tessera: {n} prompts x {in_len} tokens -> {out_len} tokens, then one")
     batch_s = time_tessera(llm, prompts, out_len)
     single_s = time_tessera(llm, single, out_len)
     results |= {"tessera_batch_s": batch_s, "tessera_batch_tok_s": n * out_len / batch_s,
@@ -182,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         results |= {f"bound_{k}": v for k, v in bound.items()}
         results["batch_fraction_of_bound"] = results["tessera_batch_tok_s"] / bound["tok_s"]
         if out_len > 1:
+            stage("tessera: timing the batch-1 decode step")
             # One decode step at batch 1: the same prompt (now in the prefix cache, so both
             # runs prefill alike) run to 1 and to output_len tokens, best of 3 each; steps see
             # contexts input_len + 1 .. input_len + output_len - 1, on average
@@ -200,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         _free_cuda()
     if not args.no_transformers:
+        stage("transformers: loading the same weights")
         model = load_transformers(args, dtype)
         time_transformers(model, warm[:2], 4, args.device)  # warm-up
+        stage(f"transformers: {n} prompts x {in_len} tokens -> {out_len} tokens, then one")
         t_batch_s, per_call = time_transformers_batch(model, prompts, out_len, args.device,
                                                       args.transformers_batch)
         results |= {"transformers_batch": per_call, "transformers_chunked": per_call < n,
@@ -229,9 +247,12 @@ def print_table(r: dict, args) -> None:
         where = f"{r['device_name']}{', eager' if r['enforce_eager'] else ''}"
     else:
         where = f"{r['threads']} threads"
-    print(f"{r['device']} {r['dtype']}{' q4' if r['quantization'] else ''}, {where}, "
-          f"{r['num_prompts']} prompts x {r['input_len']} tokens -> {r['output_len']} tokens")
-    print(f"{'':14}{'batch tok/s':>14}{'single tok/s':>14}")
+    print(f"{r['model']} ({r['load_format']}) on {r['device']} {r['dtype']}"
+          f"{' q4' if r['quantization'] else ''}, {where}, max_num_seqs {r['max_num_seqs']}, "
+          f"max_num_batched_tokens {r['max_num_batched_tokens']}")
+    print(f"batch: {r['num_prompts']} prompts x {r['input_len']} prompt tokens -> "
+          f"{r['output_len']} output tokens each (EOS ignored); single: one such prompt alone")
+    print(f"{'output tok/s':14}{'batch':>14}{'single':>14}")
     print(f"{'tessera':14}{r['tessera_batch_tok_s']:14.1f}{r['tessera_single_tok_s']:14.1f}")
     if "transformers_batch_tok_s" in r:
         chunked = (f"  (generate on {r['transformers_batch']} prompts at a time)"

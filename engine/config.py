@@ -1,8 +1,22 @@
 """The single source of truth for how an engine is built: one dataclass tree, defaults in code.
 
-YAML presets and CLI flags only override these fields (see `server/config.py`).
+YAML presets and CLI flags only override these fields (see `server/config.py`). Each section
+checks its own ranges; an error message starts with the field's name, which the server turns
+into the flag's (`max_num_seqs` -> `--max-num-seqs`).
 """
+import re
 from dataclasses import asdict, dataclass, field
+
+
+def _check(obj: object, rules: list[tuple[str, bool, str]]) -> None:
+    for name, ok, why in rules:
+        if not ok:
+            raise ValueError(f"{name} {why}, got {getattr(obj, name)!r}")
+
+
+def _positive(obj: object, *names: str) -> list[tuple[str, bool, str]]:
+    """Rules: each named field is None (unset) or > 0."""
+    return [(n, getattr(obj, n) is None or getattr(obj, n) > 0, "must be > 0") for n in names]
 
 
 @dataclass
@@ -11,10 +25,22 @@ class ModelConfig:
     load_format: str = "auto"  # "auto" | "gguf" | "hf" | "dummy"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     max_model_len: int | None = None  # None = the model's own context length
-    seed: int = 0  # seed of dummy weights
+    # vLLM's --seed: each sampled request without its own seed draws one from a generator
+    # seeded with this, so the k-th such request samples alike on every start
+    seed: int = 0
+    dummy_weights_seed: int = 0
     # "q4": keep a GGUF's Q4_0/Q4_1 layer linears packed 4-bit for few-token steps (CPU, bf16)
     quantization: str | None = None
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of as CUDA graphs
+    tokenizer: str | None = None  # HF tokenizer directory or GGUF file; None = the model's
+
+    def __post_init__(self) -> None:
+        _check(self, _positive(self, "max_model_len"))
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """Where the tokenizer comes from (None = the bundled model)."""
+        return self.tokenizer or self.model
 
 
 @dataclass
@@ -28,16 +54,19 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"  # "auto" = the model dtype
     enable_prefix_caching: bool = True
 
-    def __post_init__(self):
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
-                             f"{self.gpu_memory_utilization}")
+    def __post_init__(self) -> None:
+        _check(self, _positive(self, "page_size", "num_kv_pages", "kv_cache_memory") + [
+            ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1,
+             "must be in (0, 1]")])
 
 
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self, _positive(self, "max_num_seqs", "max_num_batched_tokens"))
 
 
 @dataclass
@@ -46,6 +75,10 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check(self, [("device", re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+                       "must be cpu, cuda or cuda:N")])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,15 +3,23 @@
 `EngineCore` is used in-process by the offline `LLM`; `run_engine_core` runs it in its own
 process behind two ZeroMQ sockets (see `engine/messages.py`) for the API server.
 """
+import dataclasses
 import logging
 import pickle
+import random
+import signal
+import sys
+import time
+
+import torch
 
 from engine.config import EngineConfig
-from engine.messages import (AbortRequests, AddRequest, EngineReady, EngineStep,
+from engine.logs import configure_logging, one_line
+from engine.messages import (AbortRequests, AddRequest, EngineFailed, EngineReady, EngineStep,
                              RequestOutput, StepStats, TokenLogprobs)
 from engine.model_runner import ModelRunner
 from engine.structured_output import StructuredOutputManager
-from engine.tokenizer import load_tokenizer
+from engine.tokenizer import load_tokenizer, model_format, resolve_model_path
 from scheduler.block_manager import BlockManager
 from scheduler.request import Request
 from scheduler.scheduler import Scheduler, SchedulerOutput
@@ -21,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig):
+        start = time.monotonic()
         self.config = config
         self.runner = ModelRunner(config)
         self.max_model_len = self.runner.max_model_len
@@ -28,11 +37,38 @@ class EngineCore:
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.structured: StructuredOutputManager | None = None  # built on first use
+        # Seeds of sampled requests that bring none (vLLM's --seed): drawn in arrival order.
+        self.seeds = random.Random(config.model.seed)
+        logger.info("%s", self.startup_summary(time.monotonic() - start))
+
+    def startup_summary(self, started_s: float) -> str:
+        """One readable block: what was loaded, in which dtype and why, and the KV pool."""
+        r, c, arch = self.runner, self.config, self.runner.arch
+        path = resolve_model_path(c.model.model)
+        params = sum(p.numel() for p in r.model.parameters())
+        device = (f"{c.device}, {torch.get_num_threads()} threads" if r.device.type == "cpu"
+                  else f"{c.device} ({torch.cuda.get_device_name(r.device)})")
+        pages, page_size = r.kv_cache.num_pages, r.kv_spec.page_size
+        return "\n".join([
+            f"engine started in {started_s:.1f} s (weights loaded in {r.load_s:.1f} s)",
+            f"  model     {path}",
+            f"  weights   {model_format(path, c.model.load_format)}"
+            f"{', q4 packed' if c.model.quantization else ''}: {params:,} parameters, "
+            f"{arch.num_layers} layers, vocab {arch.vocab_size}",
+            f"  dtype     {str(r.dtype).removeprefix('torch.')} ({r.dtype_reason})",
+            f"  device    {device}",
+            f"  KV cache  {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
+            f"{_size(pages * r.kv_spec.page_bytes)} "
+            f"({str(r.kv_spec.dtype).removeprefix('torch.')}), prefix caching "
+            f"{'on' if c.cache.enable_prefix_caching else 'off'}",
+            f"  limits    max_model_len {self.max_model_len}, max_num_seqs "
+            f"{c.scheduler.max_num_seqs}, max_num_batched_tokens "
+            f"{c.scheduler.max_num_batched_tokens}"])
 
     def _structured(self) -> StructuredOutputManager:
         if self.structured is None:
-            self.structured = StructuredOutputManager(load_tokenizer(self.config.model.model),
-                                                      self.runner.arch.vocab_size)
+            self.structured = StructuredOutputManager(
+                load_tokenizer(self.config.model.tokenizer_path), self.runner.arch.vocab_size)
         return self.structured
 
     def add_request(self, req: AddRequest) -> None:
@@ -54,6 +90,8 @@ class EngineCore:
             raise ValueError(f"duplicate request id {req.request_id}")
         if params.structured_output is not None:
             self._structured().add(req.request_id, params.structured_output)
+        if params.seed is None and not params.greedy:
+            params = dataclasses.replace(params, seed=self.seeds.getrandbits(63))
         self.scheduler.add_request(Request(
             req.request_id, list(req.prompt_token_ids), params, req.arrival_time,
             eos_token_ids=tuple(self.runner.arch.eos_token_ids),
@@ -121,23 +159,38 @@ class EngineCore:
         return EngineStep([], self._stats(SchedulerOutput(), 0, 0))
 
 
+def _size(num_bytes: int) -> str:
+    return (f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30
+            else f"{num_bytes / 2**20:.1f} MiB")
+
+
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
-                    model_name: str = "") -> None:
+                    model_name: str = "", log_level: str = "info") -> None:
     """Process entry point: serve requests from `input_addr`, stream steps to `output_addr`.
 
-    Blocks on the input socket only while idle; while busy it drains pending messages between
-    steps without waiting, so HTTP traffic never stalls the loop.
+    An engine that cannot start sends `EngineFailed` with the cause in one line (the traceback
+    only at debug level) and exits 1. Blocks on the input socket only while idle; while busy
+    it drains pending messages between steps without waiting, so HTTP traffic never stalls
+    the loop.
     """
     import zmq
 
+    # Ctrl-C reaches the whole process group; the API process shuts this one down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(log_level)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(input_addr)
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(output_addr)
-    engine = EngineCore(config)
+    try:
+        engine = EngineCore(config)
+    except Exception as exc:
+        logger.debug("engine start-up failed", exc_info=True)
+        outbox.send(pickle.dumps(EngineFailed(one_line(exc))))
+        ctx.destroy(linger=5000)  # deliver it before exiting
+        sys.exit(1)
     outbox.send(pickle.dumps(engine.ready_message(model_name)))
-    logger.info("engine core ready")
     while True:
         if not engine.has_unfinished():
             outbox.send(pickle.dumps(engine.idle_stats()))

@@ -1,6 +1,7 @@
 """The offline API, as vLLM users know it: `LLM(...).generate(prompts, params)`."""
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -49,17 +50,21 @@ class LLM:
                  kv_cache_memory: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0,
                  quantization: str | None = None, enforce_eager: bool = False,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, tokenizer: str | None = None,
+                 dummy_weights_seed: int = 0):
         self.config = EngineConfig(
-            ModelConfig(model, load_format, dtype, max_model_len, seed, quantization,
-                        enforce_eager),
+            ModelConfig(model=model, load_format=load_format, dtype=dtype,
+                        max_model_len=max_model_len, seed=seed,
+                        dummy_weights_seed=dummy_weights_seed, quantization=quantization,
+                        enforce_eager=enforce_eager, tokenizer=tokenizer),
             CacheConfig(page_size=page_size, num_kv_pages=num_kv_pages,
                         kv_cache_memory=kv_cache_memory,
                         gpu_memory_utilization=gpu_memory_utilization,
                         enable_prefix_caching=enable_prefix_caching),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens), device)
         self.engine = EngineCore(self.config)
-        self.tokenizer = None if load_format == "dummy" else load_tokenizer(model)
+        self.tokenizer = (None if load_format == "dummy" and tokenizer is None
+                          else load_tokenizer(self.config.model.tokenizer_path))
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -68,9 +73,10 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion; outputs in input order."""
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs in input order.
+        `progress` is called after each step with the number of requests finished so far."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -93,6 +99,8 @@ class LLM:
                 self._absorb(pending[out.request_id], out)
                 if pending[out.request_id].finish_reason and not out.finish_reason:
                     self.engine.abort([out.request_id])  # a stop string matched
+            if progress is not None:
+                progress(sum(p.finish_reason is not None for p in pending.values()))
         return [RequestOutput(rid, p.prompt_ids, [CompletionOutput(
             0, p.text, p.token_ids, p.finish_reason, p.logprobs or None)], p.num_cached_tokens)
             for rid, p in pending.items()]

@@ -6,6 +6,7 @@ Llama names and layout, so the model has one `load_weights` whatever the source.
 scales) instead of dense tensors.
 """
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,14 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.tokenizer import resolve_model_path
+from engine.logs import Progress
+from engine.tokenizer import model_format, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+# A progress line at most this often while weights load: the bundled 135M GGUF (15 s to
+# dequantize on a busy 2-core VM) shows about seven, a quick load none.
+_PROGRESS_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -82,37 +90,51 @@ QUANTIZATIONS = (None, "q4")
 
 
 def load(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[ModelArch, Weights]:
-    """The architecture and a stream of HF-named weights (dummy ones are drawn on `device`)."""
+    """The architecture and a stream of HF-named weights (dummy ones are drawn on `device`);
+    the stream logs its progress."""
     path = resolve_model_path(cfg.model)
-    fmt = cfg.load_format
-    if fmt == "auto":
-        fmt = "gguf" if path.suffix == ".gguf" else "hf"
+    fmt = model_format(path, cfg.load_format)
     if cfg.quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be None or 'q4', got {cfg.quantization!r}")
     if fmt == "gguf":
-        return _load_gguf(path, cfg.quantization)
+        arch, weights, total = _load_gguf(path, cfg.quantization)
+        return arch, _with_progress(weights, total)
     if cfg.quantization is not None:
         raise ValueError(f"quantization={cfg.quantization!r} needs a GGUF model with Q4_0/Q4_1 "
                          f"linear weights; {path} is loaded as {fmt!r}")
     config_path = path / "config.json" if path.is_dir() else path
     arch = ModelArch.from_hf_config(json.loads(config_path.read_text()))
     if fmt == "dummy":
-        return arch, _dummy_weights(arch, cfg.seed, device)
-    if fmt == "hf":
-        return arch, _safetensors_weights(path)
-    raise ValueError(f"load_format must be auto, gguf, hf or dummy, got {fmt!r}")
+        return arch, _with_progress(_dummy_weights(arch, cfg.dummy_weights_seed, device),
+                                    len(hf_weight_shapes(arch)))
+    return arch, _with_progress(*_safetensors_weights(path))
 
 
-def _safetensors_weights(path: Path) -> Weights:
+def _with_progress(weights: Weights, total: int) -> Weights:
+    progress = Progress(total, "tensors", lambda line: logger.info("loading weights: %s", line),
+                        _PROGRESS_INTERVAL_S)
+    for done, item in enumerate(weights, 1):
+        yield item
+        progress.update(done)
+
+
+def _safetensors_weights(path: Path) -> tuple[Weights, int]:
+    """The tensors of every *.safetensors file, and how many (read from the headers)."""
     from safetensors.torch import safe_open
 
     files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path}")
+
+    def weights() -> Weights:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+
+    total = 0
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                yield name, st.get_tensor(name)
+            total += len(st.keys())
+    return weights(), total
 
 
 def hf_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
@@ -167,7 +189,8 @@ def _gguf_field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def _load_gguf(path: Path, quantization: str | None = None) -> tuple[ModelArch, Weights]:
+def _load_gguf(path: Path, quantization: str | None = None,
+               ) -> tuple[ModelArch, Weights, int]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -219,7 +242,7 @@ def _load_gguf(path: Path, quantization: str | None = None) -> tuple[ModelArch, 
                 w = _unpermute_rope(w, n)
             yield _hf_name(t.name), w
 
-    return arch, weights()
+    return arch, weights(), len(reader.tensors)
 
 
 def unpack_q4(blocks: np.ndarray, has_min: bool) -> QuantizedWeight:

@@ -1,8 +1,9 @@
 """What crosses the wire between the API process and the engine-core process (pickled).
 
 API -> engine (one PUSH socket): `AddRequest` or `AbortRequests`.
-Engine -> API (one PUSH socket): `EngineReady` once the weights are loaded, then an
-`EngineStep` for every step that produced output and one more whenever the engine goes idle.
+Engine -> API (one PUSH socket): `EngineReady` once the weights are loaded (or `EngineFailed`
+if they cannot be), then an `EngineStep` for every step that produced output and one more
+whenever the engine goes idle.
 """
 from dataclasses import dataclass, field
 
@@ -73,3 +74,9 @@ class EngineReady:
     kv_cache_dtype: str
     num_kv_pages: int
     vocab_size: int
+
+
+@dataclass
+class EngineFailed:
+    """Sent instead of `EngineReady` by an engine that cannot start; then it exits."""
+    reason: str  # one line: `Type: message`

@@ -23,20 +23,27 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX make bf16 matmuls fast; without them bf16 is several times slower."""
+def cpu_bf16_feature() -> str | None:
+    """The CPU feature that makes bf16 matmuls fast (AVX-512 BF16 or AMX), if any; without one
+    bf16 is several times slower than fp32."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    for flag, name in ((" avx512_bf16", "AVX-512 BF16"), (" amx_bf16", "AMX")):
+        if flag in flags:
+            return name
+    return None
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
+    """The serving dtype, and why: "auto" picks bf16 on CUDA and on CPUs that run it fast."""
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
-        return _DTYPES[dtype]
+        return _DTYPES[dtype], "as requested"
     if device.startswith("cuda"):
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16, "auto: CUDA"
+    if feature := cpu_bf16_feature():
+        return torch.bfloat16, f"auto: CPU has {feature}"
+    return torch.float32, "auto: CPU has neither AVX-512 BF16 nor AMX, bf16 would be slow"
 
 
 @contextmanager
@@ -58,12 +65,12 @@ class ModelRunner:
             torch.set_num_threads(len(os.sched_getaffinity(0)))
         elif self.device.index is not None:  # Triton and graph capture use the current device
             torch.cuda.set_device(self.device)
-        self.dtype = resolve_dtype(config.model.dtype, config.device)
+        self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device)
         if config.model.quantization is not None and (
                 self.device.type != "cpu" or self.dtype != torch.bfloat16):
             raise ValueError(f"quantization={config.model.quantization!r} runs on CPU in "
                              f"bfloat16 only; got device {config.device!r}, dtype {self.dtype}")
-        start = time.time()
+        start = time.monotonic()
         arch, weights = loader.load(config.model, self.device)
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
@@ -71,8 +78,7 @@ class ModelRunner:
             model = LlamaForCausalLM(arch, max(self.max_model_len, 1))
         model.load_weights(weights)
         self.model = model.eval()
-        logger.info("loaded %s weights (%s) in %.1f s", config.model.load_format, self.dtype,
-                    time.time() - start)
+        self.load_s = time.monotonic() - start
         kv_dtype = self.dtype if config.cache.kv_cache_dtype == "auto" else _DTYPES[
             config.cache.kv_cache_dtype]
         self.kv_spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim,
@@ -80,8 +86,6 @@ class ModelRunner:
         num_pages = self._num_kv_pages()
         check_fits(num_pages, config.cache.page_size, self.max_model_len)
         self.kv_cache = KVCache(self.kv_spec, num_pages, self.device)
-        logger.info("KV cache: %d pages of %d tokens (%.2f GiB)", num_pages,
-                    config.cache.page_size, num_pages * self.kv_spec.page_bytes / 2**30)
         self.graphs = None
         if self.device.type == "cuda" and not config.model.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers,

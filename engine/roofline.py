@@ -142,7 +142,7 @@ def device_ceilings(dtype: torch.dtype, device: str = "cuda", copy_bytes: int = 
 def measure(model: str | None = None, dtype: str = "auto", repeats: int = 5) -> dict:
     """CPU matvec time per token over the model's decode matrices, and its GB/s."""
     arch, _ = load(ModelConfig(model=model))
-    torch_dtype = resolve_dtype(dtype, "cpu")
+    torch_dtype, _ = resolve_dtype(dtype, "cpu")
     shapes = decode_linear_shapes(arch)
     weights = [torch.randn(s, dtype=torch_dtype) for s in shapes]
     inputs = [torch.randn(1, s[1], dtype=torch_dtype) for s in shapes]

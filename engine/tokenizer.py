@@ -4,6 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_MAGIC = b"GGUF"
 
 
 def default_model_path() -> Path:
@@ -20,6 +21,34 @@ def resolve_model_path(model: str | None) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
     return path
+
+
+def model_format(path: Path, load_format: str = "auto") -> str:
+    """The weight format of an existing model path: "gguf", "hf" or "dummy"; a `ValueError`
+    saying why the path cannot hold it. Cheap (names and 4 bytes), so the server checks before
+    it binds its port, and the loader decides with the same rule."""
+    if load_format == "auto":
+        load_format = "gguf" if path.is_file() and path.suffix == ".gguf" else "hf"
+        if path.is_file() and load_format == "hf":
+            raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model "
+                             f"directory (with config.json)")
+    if load_format == "gguf":
+        if not path.is_file():
+            raise ValueError(f"{path} is not a GGUF file")
+        with open(path, "rb") as f:
+            if f.read(4) != _GGUF_MAGIC:
+                raise ValueError(f"{path} is not a GGUF file (it does not start with "
+                                 f"the bytes {_GGUF_MAGIC.decode()})")
+    elif load_format in ("hf", "dummy"):
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json, so it is not a Hugging Face model "
+                             f"directory")
+        if load_format == "hf" and not (path.is_dir() and any(path.glob("*.safetensors"))):
+            raise ValueError(f"{path} holds no *.safetensors weights (--load-format dummy "
+                             f"gives random ones from its config.json)")
+    else:
+        raise ValueError(f"load_format must be auto, gguf, hf or dummy, got {load_format!r}")
+    return load_format
 
 
 @lru_cache(maxsize=4)

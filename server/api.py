@@ -2,9 +2,9 @@
 
 Every handler raises on a user's mistake and `errors` answers; no handler formats an error.
 The engine core runs in a child process started by the app's lifespan, so `/health` answers
-503 while the weights load and after the engine died.
+503 while the weights load and after the engine died. A start that fails (the engine or the
+tokenizer) stops the server, which then exits 1 with the cause in one line.
 """
-import argparse
 import asyncio
 import json
 import logging
@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from engine.config import EngineConfig
-from engine.tokenizer import load_tokenizer
-from server import config as server_config
-from server import errors
-from server.config import ServerConfig
+from engine.logs import configure_logging, one_line
+from engine.messages import EngineReady
+from engine.tokenizer import load_tokenizer, resolve_model_path
+from server import __version__, errors
+from server.config import ServerConfig, log_effective
 from server.engine_client import EngineClient, EngineDead
 from server.errors import APIError, EngineUnavailable
 from server.metrics import Metrics
@@ -43,24 +44,44 @@ _ENGINE_LOG_INTERVAL_S = 10.0
 class AppState:
     """What the handlers share; `serving` is set once the engine and tokenizer are ready."""
 
-    def __init__(self, engine_config: EngineConfig, settings: ServerConfig) -> None:
+    def __init__(self, engine_config: EngineConfig, settings: ServerConfig,
+                 stop_server: Callable[[], None]) -> None:
         self.settings = settings
         self.metrics = Metrics(settings.served_model_name)
-        self.client = EngineClient(engine_config, on_step=self.metrics.on_step)
-        self.model = engine_config.model.model
+        self.client = EngineClient(engine_config, on_step=self.metrics.on_step,
+                                   log_level=settings.log_level)
+        self.tokenizer_path = engine_config.model.tokenizer_path
         self.serving: ServingContext | None = None
+        self.stop_server = stop_server
+        self.start_failure: str | None = None
 
     async def start(self) -> None:
+        """The engine loads the weights while this process loads the tokenizer; the first
+        failure of either is the cause."""
+        started = time.monotonic()
         await self.client.start()
-        tokenizer = await asyncio.to_thread(load_tokenizer, self.model)
-        ready = await self.client.wait_ready()
+        tokenizer, ready = await asyncio.gather(self._load_tokenizer(), self._wait_engine())
         self.metrics.on_ready(ready)
         self.serving = ServingContext(self.client, tokenizer, self.metrics,
                                       self.settings.served_model_name, ready.max_model_len,
-                                      ready.vocab_size, self.settings.log_prompts)
-        logger.info("ready: serving %s (max_model_len %d) on http://%s:%d",
-                    self.settings.served_model_name, ready.max_model_len, self.settings.host,
-                    self.settings.port)
+                                      ready.vocab_size, self.settings.log_prompts,
+                                      self.settings.chat_template or tokenizer.chat_template)
+        logger.info("ready in %.1f s: serving %s (max_model_len %d) on http://%s:%d",
+                    time.monotonic() - started, self.settings.served_model_name,
+                    ready.max_model_len, self.settings.host, self.settings.port)
+
+    async def _load_tokenizer(self):
+        try:
+            return await asyncio.to_thread(load_tokenizer, self.tokenizer_path)
+        except Exception as exc:
+            logger.debug("loading the tokenizer failed", exc_info=True)
+            raise StartFailed(f"tokenizer: {one_line(exc)}") from exc
+
+    async def _wait_engine(self) -> EngineReady:
+        try:
+            return await self.client.wait_ready()
+        except EngineDead as exc:
+            raise StartFailed(f"engine core: {exc}") from exc
 
     def ready_context(self) -> ServingContext:
         try:
@@ -72,6 +93,10 @@ class AppState:
         return self.serving
 
 
+class StartFailed(Exception):
+    """The server cannot become ready; the message is the cause in one line."""
+
+
 async def _log_engine_periodically(metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(_ENGINE_LOG_INTERVAL_S)
@@ -81,15 +106,25 @@ async def _log_engine_periodically(metrics: Metrics) -> None:
 async def _start_in_background(state: AppState) -> None:
     try:
         await state.start()
-    except Exception:
-        logger.exception("engine start failed")
+        return
+    except StartFailed as exc:
+        state.start_failure = str(exc)
+    except Exception as exc:  # a fault of ours: its traceback helps
+        logger.exception("start-up failed")
+        state.start_failure = one_line(exc)
+    logger.error("start-up failed, stopping: %s", state.start_failure)
+    state.stop_server()
 
 
-def build_app(engine_config: EngineConfig, settings: ServerConfig) -> FastAPI:
-    state = AppState(engine_config, settings)
+def build_app(engine_config: EngineConfig, settings: ServerConfig,
+              stop_server: Callable[[], None]) -> FastAPI:
+    """The app; `stop_server` is called when the start fails (it makes uvicorn exit)."""
+    state = AppState(engine_config, settings, stop_server)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        logger.info("loading model %s in the engine core; /health answers 503 until ready",
+                    resolve_model_path(engine_config.model.model))
         tasks = [asyncio.create_task(_start_in_background(state)),
                  asyncio.create_task(_log_engine_periodically(state.metrics))]
         yield
@@ -238,8 +273,13 @@ async def models(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
+    """Also vLLM's `/ping` (SageMaker's health check)."""
     _state(request).ready_context()
     return JSONResponse({"status": "ok"})
+
+
+async def version(request: Request) -> JSONResponse:
+    return JSONResponse({"version": __version__})
 
 
 async def metrics(request: Request) -> Response:
@@ -255,17 +295,26 @@ ROUTES = [
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),
     ("GET", "/health", health),
+    ("GET", "/ping", health),
+    ("POST", "/ping", health),
+    ("GET", "/version", version),
     ("GET", "/metrics", metrics),
 ]
 
 
-def serve(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="tessera serve",
-                                     description="Start the OpenAI-compatible server.")
-    server_config.add_serve_flags(parser)
-    engine_config, settings = server_config.resolve(parser.parse_args(argv), parser)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server_config.log_effective(engine_config, settings)
-    uvicorn.run(build_app(engine_config, settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=5)
+def serve(engine_config: EngineConfig, settings: ServerConfig) -> None:
+    """Serve until stopped; exit 1 if the start failed."""
+    configure_logging(settings.log_level)
+    log_effective(engine_config, settings)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app = build_app(engine_config, settings, stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if app.state.tessera.start_failure is not None:
+        raise SystemExit(1)

@@ -1,32 +1,44 @@
 """`tessera serve` and `tessera bench serve|throughput|kernels`.
 
-Benchmarks are imported only when asked for, so `serve` never pays for their imports.
+`serve` checks its flags and the model path before it imports the HTTP stack, so a usage
+error comes at once; benchmarks are imported only when asked for.
 """
 import argparse
 import importlib
 import sys
+
+from server import __version__
 
 _BENCHES = {
     "serve": "server.bench_serve",
     "throughput": "engine.bench_throughput",
     "kernels": "engine.bench_kernels",
 }
+_BENCH_HELP = """benchmarks (each has its own --help):
+  serve       load a running OpenAI-compatible server: TTFT, TPOT, ITL, E2E, output tok/s
+  throughput  offline engine beside transformers `generate` on the same weights and prompts
+  kernels     the Triton kernels against the GPU's copy bandwidth, matmul peak and torch"""
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tessera {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="start the OpenAI-compatible server", add_help=False)
-    bench = commands.add_parser("bench", help="run a benchmark", add_help=False)
+    bench = commands.add_parser("bench", help="run a benchmark", epilog=_BENCH_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("which", choices=sorted(_BENCHES))
     if argv[:1] == ["serve"]:
+        from server.config import parse_serve_args
+
+        engine_config, settings = parse_serve_args(argv[1:])
         from server.api import serve
-        serve(argv[1:])
+        serve(engine_config, settings)
     elif argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in _BENCHES:
         importlib.import_module(_BENCHES[argv[1]]).main(argv[2:])
     else:
-        parser.parse_args(argv)  # prints usage or the error and exits
+        parser.parse_args(argv)  # prints help, the version, usage or the error, and exits
 
 
 if __name__ == "__main__":

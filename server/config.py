@@ -1,20 +1,25 @@
 """Effective configuration: code defaults < YAML preset (`--config`) < command-line flags.
 
 A preset is a flat YAML mapping whose keys are the `tessera serve` flag names (dashes or
-underscores), so every flag can live in a file and the README's flag table documents both.
+underscores, aliases too), so every flag can live in a file and the README's flag table
+documents both. Everything that can be checked without loading the model is checked here,
+before the server binds its port: a bad value is argparse's usage error naming the flag.
 """
 import argparse
 import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import yaml
 
 from engine.config import EngineConfig
-from engine.tokenizer import DEFAULT_MODEL_NAME
+from engine.tokenizer import DEFAULT_MODEL_NAME, model_format, resolve_model_path
 
 logger = logging.getLogger("tessera.server")
+
+_DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -26,106 +31,190 @@ class ServerConfig:
     log_prompts: bool = False
     api_key: str | None = None  # also TESSERA_API_KEY; guards every /v1 route
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
+    chat_template: str | None = None  # Jinja text from --chat-template; None = the tokenizer's
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}")
 
 
-def _byte_size(text: str) -> int:
+def byte_size(text: str) -> int:
     """'8GiB', '512MB', '1e9' or a plain count of bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
     low = str(text).strip().lower()
-    for suffix, scale in units.items():
-        if low.endswith(suffix):
-            return int(float(low[: -len(suffix)]) * scale)
-    return int(float(low))
+    suffix = next((s for s in units if low.endswith(s)), "")
+    try:
+        return int(float(low[:len(low) - len(suffix)]) * units.get(suffix, 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 2GiB, 512MB or 1e9 (bytes), got {text!r}") from None
+
+
+def origins(text: str) -> list[str]:
+    return [o.strip() for o in str(text).split(",") if o.strip()]
+
+
+def chat_template_file(path: str) -> str:
+    """The Jinja text of a template file, parsed once so that a syntax error stops the start."""
+    import jinja2
+
+    try:
+        text = Path(path).read_text()
+        jinja2.Environment().parse(text)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{path} line {exc.lineno}: not a Jinja template: {exc.message}") from None
+    return text
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     """Every flag defaults to None so that only flags given on the command line override."""
     add = parser.add_argument
+    add("model_tag", nargs="?", metavar="MODEL",
+        help="GGUF file or HF directory, as --model (default: bundled SmolLM2-135M-Instruct)")
     add("--config", help="YAML preset whose keys are these flag names")
     add("--model", help="GGUF file or HF directory (default: bundled SmolLM2-135M-Instruct)")
     add("--load-format", choices=["auto", "gguf", "hf", "dummy"],
         help="weight format; dummy = random weights from an HF config directory")
+    add("--tokenizer", help="HF tokenizer directory or GGUF file to use instead of the model's")
+    add("--chat-template", type=chat_template_file, metavar="FILE",
+        help="Jinja chat template file overriding the tokenizer's (chat and /tokenize)")
     add("--served-model-name", help=f"model name clients send (default {DEFAULT_MODEL_NAME})")
     add("--host", help="bind address (default 127.0.0.1)")
     add("--port", type=int, help="HTTP port (default 8000)")
-    add("--device", help="cpu or cuda[:N] (default cpu)")
-    add("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight and activation dtype (default auto)")
+    add("--device", help="cpu, cuda or cuda:N (default cpu)")
+    add("--dtype", choices=_DTYPES, help="weight and activation dtype (default auto)")
     add("--quantization", choices=["q4"],
         help="q4: run a GGUF's Q4_0/Q4_1 layer weights packed 4-bit for small steps "
              "(CPU, bfloat16; default: dequantize at load)")
+    add("--seed", type=int,
+        help="seed of sampled requests that bring none of their own (default 0)")
+    add("--dummy-weights-seed", type=int, help="seed of --load-format dummy weights (default 0)")
+    add("--trust-remote-code", action="store_const", const=True,
+        help="accepted for vLLM compatibility; no effect (no model code is ever run)")
     add("--max-model-len", type=int, help="prompt + output token limit (default: the model's)")
     add("--max-num-seqs", type=int, help="most requests in one step (default 64)")
     add("--max-num-batched-tokens", type=int, help="token budget of one step (default 512)")
-    add("--page-size", type=int, help="tokens per KV page (default 16)")
+    add("--page-size", "--block-size", type=int, help="tokens per KV page (default 16)")
     kv = parser.add_mutually_exclusive_group()
     kv.add_argument("--num-kv-pages", type=int, help="KV pages to allocate (wins over memory)")
-    kv.add_argument("--kv-cache-memory", type=_byte_size,
+    kv.add_argument("--kv-cache-memory", type=byte_size,
                     help="KV cache budget in bytes, e.g. 2GiB (default: per-device budget)")
     add("--gpu-memory-utilization", type=float,
         help="CUDA: share of GPU memory for weights, activations and KV pages (default 0.9)")
     add("--enforce-eager", action="store_const", const=True,
         help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
-    add("--kv-cache-dtype", help="KV page storage dtype (default auto = model dtype)")
+    add("--kv-cache-dtype", choices=_DTYPES,
+        help="KV page storage dtype (default auto = model dtype)")
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+        help="share pages of identical prompt prefixes (default on)")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,
-        help="disable sharing of identical prompt-prefix pages")
+        help="same as --no-enable-prefix-caching")
     add("--log-level", choices=["debug", "info", "warning", "error"],
         help="logging level (default info)")
     add("--log-prompts", action="store_const", const=True,
         help="include prompt text in per-request log lines")
     add("--api-key", help="require `Authorization: Bearer <key>` on /v1 routes "
         "(default: $TESSERA_API_KEY, else open)")
-    add("--allowed-origins", type=_origins,
+    add("--allowed-origins", type=origins,
         help="comma-separated CORS origins, or * for any (default: no CORS)")
 
 
-def _origins(text: str) -> list[str]:
-    return [o.strip() for o in str(text).split(",") if o.strip()]
+def _yaml_value(action: argparse.Action, name: str, value, where: str,
+                parser: argparse.ArgumentParser):
+    """A preset's value as the flag would give it: switches take true/false, strings go
+    through the flag's type, choices are checked."""
+    if action.nargs == 0:  # a switch: `no-prefix-caching: true`, `enable-prefix-caching: false`
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return bool(value) != name.startswith("no_")
+        return action.const if value else not action.const
+    if action.type is not None and isinstance(value, str):
+        try:
+            value = action.type(value)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error(f"{where}: {exc}")
+    if action.choices is not None and value not in action.choices:
+        parser.error(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"argument --config: cannot read {path}: {exc}")
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
-    known = {a.dest for a in parser._actions} - {"config", "help"}
+    flags = {option.lstrip("-").replace("-", "_"): action for action in parser._actions
+             for option in action.option_strings if action.dest not in ("config", "help")}
     out = {}
     for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest == "no_prefix_caching":
-            dest, value = "enable_prefix_caching", not value
-        if dest not in known:
+        name = str(key).replace("-", "_")
+        if name not in flags:
             parser.error(f"--config {path}: unknown key {key!r}")
-        if dest == "kv_cache_memory" and value is not None:
-            value = _byte_size(value)
-        if dest == "allowed_origins" and isinstance(value, str):
-            value = _origins(value)
-        out[dest] = value
+        out[flags[name].dest] = _yaml_value(flags[name], name, value, f"--config {path}: {key}",
+                                            parser)
     return out
+
+
+def _flag_error(parser: argparse.ArgumentParser, exc: ValueError) -> None:
+    """A config section's `field why` as argparse's `argument --field: why`."""
+    name, _, why = str(exc).partition(" ")
+    parser.error(f"argument --{name.replace('_', '-')}: {why}")
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
             ) -> tuple[EngineConfig, ServerConfig]:
-    """Merge defaults, the preset and the flags into the two config objects."""
+    """Merge defaults, the preset and the flags into the two config objects, checking ranges."""
+    if args.model_tag is not None and args.model not in (None, args.model_tag):
+        parser.error(f"the model is given twice: MODEL {args.model_tag} and --model "
+                     f"{args.model}")
     values = _load_yaml(args.config, parser) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    values.update({k: v for k, v in vars(args).items()
+                   if v is not None and k not in ("config", "model_tag")})
+    if args.model_tag is not None:
+        values["model"] = args.model_tag
     engine = EngineConfig()
-    for attr in ("model", "cache", "scheduler"):
-        section = getattr(engine, attr)
-        try:
+    try:
+        for attr in ("model", "cache", "scheduler"):
+            section = getattr(engine, attr)
             setattr(engine, attr, replace(section, **{
                 name: values[name] for name in asdict(section) if name in values}))
-        except ValueError as e:
-            parser.error(str(e))
-    if "device" in values:
-        engine.device = values["device"]
-    values.setdefault("api_key", os.environ.get("TESSERA_API_KEY") or None)
-    server = ServerConfig(**{k: values[k] for k in asdict(ServerConfig()) if k in values})
+        engine = replace(engine, device=values.get("device", engine.device))
+        values.setdefault("api_key", os.environ.get("TESSERA_API_KEY") or None)
+        server = ServerConfig(**{k: values[k] for k in asdict(ServerConfig()) if k in values})
+    except ValueError as exc:
+        _flag_error(parser, exc)
+    return engine, server
+
+
+def check_paths(engine: EngineConfig, parser: argparse.ArgumentParser) -> None:
+    """The model (and tokenizer) named exist on this machine in a format we load."""
+    model = engine.model
+    try:
+        model_format(resolve_model_path(model.model), model.load_format)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(f"argument MODEL/--model: {exc}")
+    if model.tokenizer is not None and not Path(model.tokenizer).exists():
+        parser.error(f"argument --tokenizer: no such file or directory: {model.tokenizer}")
+
+
+def parse_serve_args(argv: list[str]) -> tuple[EngineConfig, ServerConfig]:
+    """`tessera serve`'s flags as checked configs; a usage error exits 2 naming the flag."""
+    parser = argparse.ArgumentParser(prog="tessera serve",
+                                     description="Start the OpenAI-compatible server.")
+    add_serve_flags(parser)
+    engine, server = resolve(parser.parse_args(argv), parser)
+    check_paths(engine, parser)
     return engine, server
 
 
 def log_effective(engine: EngineConfig, server: ServerConfig) -> None:
-    logger.info("effective config: %s", json.dumps(
+    """The whole effective configuration, for a debug log (the start-up block says the rest)."""
+    logger.debug("effective config: %s", json.dumps(
         {"engine": engine.to_dict(),
          "server": {**asdict(server), "api_key": server.api_key and "<set>"}},
         sort_keys=True))

@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from engine.config import EngineConfig
-from engine.messages import (AbortRequests, AddRequest, EngineReady, EngineStep,
+from engine.messages import (AbortRequests, AddRequest, EngineFailed, EngineReady, EngineStep,
                              RequestOutput, StepStats)
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import DEFAULT_MODEL_NAME
@@ -34,9 +34,11 @@ class EngineDead(Exception):
 
 class EngineClient:
     def __init__(self, config: EngineConfig,
-                 on_step: Callable[[EngineStep], None] | None = None) -> None:
+                 on_step: Callable[[EngineStep], None] | None = None,
+                 log_level: str = "info") -> None:
         self.config = config
         self.on_step = on_step
+        self.log_level = log_level
         self.ready: EngineReady | None = None
         self.dead_reason: str | None = None
         self.last_stats: StepStats | None = None
@@ -68,10 +70,11 @@ class EngineClient:
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(target=run_engine_core, name="tessera-engine-core",
                                       args=(self.config, input_addr, output_addr,
-                                            self.config.model.model or DEFAULT_MODEL_NAME),
+                                            self.config.model.model or DEFAULT_MODEL_NAME,
+                                            self.log_level),
                                       daemon=True)
         self._process.start()
-        logger.info("engine core started (pid %d); loading the model", self._process.pid)
+        logger.info("engine core process started (pid %d)", self._process.pid)
         self._tasks = [asyncio.create_task(self._route_outputs()),
                        asyncio.create_task(self._watch_process())]
 
@@ -87,7 +90,10 @@ class EngineClient:
             if isinstance(message, EngineReady):
                 self.ready = message
                 self._ready_event.set()
-                logger.info("engine ready: %s", message)
+                logger.debug("engine ready: %s", message)
+                continue
+            if isinstance(message, EngineFailed):
+                self._fail(message.reason)
                 continue
             assert isinstance(message, EngineStep)
             self.last_stats = message.stats
@@ -101,12 +107,15 @@ class EngineClient:
     async def _watch_process(self) -> None:
         while self._process.is_alive():
             await asyncio.sleep(_WATCH_INTERVAL_S)
+        await asyncio.sleep(_WATCH_INTERVAL_S)  # route an `EngineFailed` sent just before exit
         self._fail(f"engine core process exited with code {self._process.exitcode}")
 
     def _fail(self, reason: str) -> None:
+        """Before ready, `wait_ready` raises the reason (the caller reports it)."""
         if self.dead_reason is None:
             self.dead_reason = reason
-            logger.error("%s; failing %d requests in flight", reason, len(self._queues))
+            if self.ready is not None:
+                logger.error("%s; failing %d requests in flight", reason, len(self._queues))
         for queue in self._queues.values():
             queue.put_nowait(EngineDead(reason))
         self._ready_event.set()

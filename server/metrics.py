@@ -9,11 +9,16 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
-                               ProcessCollector, generate_latest)
+                               ProcessCollector, disable_created_metrics, generate_latest)
 
 from engine.messages import EngineReady, EngineStep, RequestOutput
 
 logger = logging.getLogger("tessera.server")
+
+# No `<name>_created` sample beside every counter and histogram (as vLLM): they double the
+# exposition and dashboards never read them. Global in prometheus-client, so it is set here,
+# before any metric exists.
+disable_created_metrics()
 
 # Buckets wide enough for a 135M model on a laptop CPU and an 8B model on a GPU.
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,

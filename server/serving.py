@@ -38,6 +38,7 @@ class ServingContext:
     max_model_len: int
     vocab_size: int
     log_prompts: bool = False
+    chat_template: str | None = None  # --chat-template, else the tokenizer's
 
     def __post_init__(self) -> None:
         self.token_texts = TokenTexts(self.tokenizer)
@@ -108,11 +109,12 @@ async def chat_prompt_ids(ctx: ServingContext, request: ChatCompletionRequest | 
     if not request.messages:
         raise APIError("messages must not be empty", param="messages")
     plan = plan or ToolPlan("none", [])
-    messages, extra = template_inputs(request, plan, ctx.tokenizer.chat_template or "")
+    messages, extra = template_inputs(request, plan, ctx.chat_template or "")
     size = sum(len(str(m["content"])) for m in messages)
     try:
         return await _run_tokenizer(lambda: list(ctx.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=request.add_generation_prompt, tokenize=True,
+            messages, chat_template=ctx.chat_template,
+            add_generation_prompt=request.add_generation_prompt, tokenize=True,
             return_dict=False, **extra)), size)
     except Exception as exc:  # a template may reject e.g. the order of roles
         raise APIError(f"chat template failed: {exc}", param="messages") from exc

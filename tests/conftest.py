@@ -1,7 +1,10 @@
 """A real `tessera serve` process on a free port, started once per test module.
 
 A module sets `SERVER_ARGS` (extra flags) to shape its server; tests talk to it over HTTP only.
+`tiny_model_args` serves `configs/tiny-llama` with dummy weights and a word-level tokenizer:
+it starts in seconds, for tests of the server's plumbing rather than of the model.
 """
+import json
 import signal
 import socket
 import subprocess
@@ -18,6 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--num-kv-pages", "256",
              "--log-level", "warning"]
 STARTUP_TIMEOUT_S = 180
+TINY_MODEL = ROOT / "configs" / "tiny-llama"
+# ChatML with words for markers; whitespace separates every token, so counts are exact.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m.role }} {{ m.content }} "
+                      "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> "
+                      "assistant {% endif %}")
 
 
 @dataclass
@@ -79,6 +87,30 @@ def server(request, tmp_path_factory) -> Server:
     srv = start_server(args, log)
     yield srv
     stop_server(srv)
+
+
+def write_tiny_tokenizer(path: Path, chat_template: str = TINY_CHAT_TEMPLATE) -> Path:
+    """An HF tokenizer directory of 307 whole-word tokens (`w0` ... `w299`, roles, ChatML
+    markers) for `configs/tiny-llama` (vocabulary 512); built with `tokenizers` alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    special = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = special + ["user", "assistant", "system"] + [f"w{i}" for i in range(300)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    tok.add_special_tokens(special)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
+        "eos_token": "<|endoftext|>", "additional_special_tokens": special[2:],
+        "chat_template": chat_template}))
+    return path
+
+
+def tiny_model_args(tokenizer: Path) -> list[str]:
+    return [str(TINY_MODEL), "--load-format", "dummy", "--tokenizer", str(tokenizer)]
 
 
 def metric_value(text: str, name: str) -> float:

@@ -4,6 +4,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from tests import oracle
+from tests.conftest import TINY_MODEL
 
 PROMPTS = [
     "The capital of France is",
@@ -95,6 +96,20 @@ def test_seeded_sampling_is_reproducible_alone_and_batched(llm):
     assert batch[0].outputs[0].token_ids == alone[0]
     assert batch[2].outputs[0].token_ids == alone[1]
     assert alone[0] != alone[1]
+
+
+def test_the_engine_seed_makes_unseeded_sampling_reproducible_across_starts():
+    """vLLM's --seed: the k-th sampled request without a seed samples alike on every engine
+    started with the same seed (tiny dummy model: a start costs a fraction of a second)."""
+    def run(seed: int) -> list[list[int]]:
+        engine = LLM(model=str(TINY_MODEL), load_format="dummy", dtype="float32",
+                     num_kv_pages=16, seed=seed)
+        params = SamplingParams(temperature=1.0, max_tokens=8)
+        return [engine.generate([[5, 6, 7]], params)[0].outputs[0].token_ids for _ in range(2)]
+
+    first, again = run(7), run(7)
+    assert first == again and first[0] != first[1]
+    assert run(8) != first
 
 
 def test_stop_string_trims_text_and_ends_request(llm):

@@ -87,6 +87,10 @@ def test_engine_info_describes_the_engine(scrape):
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["page_size"] == "16"
 
 
+def test_no_created_series(scrape):
+    assert [line for line in scrape.splitlines() if "_created" in line] == []
+
+
 def test_prefix_cache_hits_never_exceed_queries(scrape):
     assert 0 <= metric_value(scrape, "tessera:prefix_cache_hits_total") <= metric_value(
         scrape, "tessera:prefix_cache_queries_total")

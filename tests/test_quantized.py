@@ -1,4 +1,6 @@
 """`quantization="q4"`: GGUF 4-bit linears kept packed and run by the int4 CPU kernel."""
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from engine.loader import QuantizedWeight, load, unpack_q4
 from engine.tokenizer import resolve_model_path
 
 GGUF_PATH = resolve_model_path(None)  # the bundled SmolLM2-135M-Instruct, Q4_1 linears
+TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-llama"
 PROMPTS = ["The capital of France is", "Write a haiku about the sea."]
 
 
@@ -76,7 +79,7 @@ def test_q4_rejects_fp32_and_non_gguf_models():
     with pytest.raises(ValueError, match="bfloat16"):
         LLM(dtype="float32", quantization="q4", num_kv_pages=8)
     with pytest.raises(ValueError, match="GGUF"):
-        load(ModelConfig(model=str(GGUF_PATH.parent), load_format="dummy", quantization="q4"))
+        load(ModelConfig(model=str(TINY_CONFIG), load_format="dummy", quantization="q4"))
     with pytest.raises(ValueError, match="quantization must be"):
         load(ModelConfig(quantization="q8"))
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import add_serve_flags, resolve
+from server.config import add_serve_flags, parse_serve_args, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,4 +57,93 @@ def test_gpu_flags_reach_the_engine_config(tmp_path):
 def test_gpu_memory_utilization_outside_0_1_is_a_usage_error(value, capsys):
     with pytest.raises(SystemExit):
         configs(["--gpu-memory-utilization", value])
-    assert "gpu_memory_utilization must be in (0, 1]" in capsys.readouterr().err
+    assert "argument --gpu-memory-utilization: must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--port", "0"), ("--port", "70000"), ("--max-num-seqs", "0"),
+    ("--max-num-batched-tokens", "-1"), ("--page-size", "0"), ("--block-size", "0"),
+    ("--num-kv-pages", "0"), ("--kv-cache-memory", "0"), ("--max-model-len", "0"),
+    ("--device", "tpu")])
+def test_a_value_out_of_range_is_a_usage_error_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        configs([flag, value])
+    canonical = "--page-size" if flag == "--block-size" else flag
+    assert exit_.value.code == 2
+    assert f"error: argument {canonical}: must be" in capsys.readouterr().err
+
+
+def test_a_preset_value_is_checked_like_the_flag(tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("kv-cache-memory: lots\n")
+    with pytest.raises(SystemExit):
+        configs(["--config", str(preset)])
+    assert "kv-cache-memory: expected a size such as 2GiB" in capsys.readouterr().err
+
+
+def test_the_model_is_positional_as_in_vllm():
+    assert configs(["m.gguf"]) == configs(["--model", "m.gguf"])
+    assert configs(["m.gguf", "--model", "m.gguf"])[0].model.model == "m.gguf"
+
+
+def test_two_different_models_are_an_error(capsys):
+    with pytest.raises(SystemExit):
+        configs(["a.gguf", "--model", "b.gguf"])
+    assert "the model is given twice" in capsys.readouterr().err
+
+
+def test_block_size_is_page_size(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("block-size: 32\n")
+    assert (configs(["--block-size", "32"]) == configs(["--page-size", "32"])
+            == configs(["--config", str(preset)]))
+    assert configs(["--block-size", "32"])[0].cache.page_size == 32
+
+
+@pytest.mark.parametrize("argv, yaml_text", [
+    (["--no-enable-prefix-caching"], "enable-prefix-caching: false"),
+    (["--no-prefix-caching"], "no-prefix-caching: true"),
+    (["--enable-prefix-caching", "--no-prefix-caching"], "no-enable-prefix-caching: true")])
+def test_prefix_caching_switches_of_vllm_and_ours_agree(argv, yaml_text, tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml_text + "\n")
+    for engine, _ in (configs(argv), configs(["--config", str(preset)])):
+        assert engine.cache.enable_prefix_caching is False
+    assert configs(["--enable-prefix-caching"])[0].cache.enable_prefix_caching is True
+
+
+def test_seed_seeds_sampling_and_dummy_weights_have_their_own():
+    engine, _ = configs(["--seed", "7", "--dummy-weights-seed", "3"])
+    assert (engine.model.seed, engine.model.dummy_weights_seed) == (7, 3)
+    assert configs([])[0].model.seed == 0
+
+
+def test_trust_remote_code_is_accepted_and_changes_nothing():
+    assert configs(["--trust-remote-code"]) == configs([])
+
+
+def test_tokenizer_and_chat_template_reach_the_configs(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    engine, server = configs(["--tokenizer", "tok-dir", "--chat-template", str(template)])
+    assert engine.model.tokenizer_path == "tok-dir" and server.chat_template == template.read_text()
+    assert configs(["m.gguf"])[0].model.tokenizer_path == "m.gguf"
+
+
+def test_a_chat_template_that_is_not_jinja_is_a_usage_error(tmp_path, capsys):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}")
+    with pytest.raises(SystemExit):
+        configs(["--chat-template", str(template)])
+    assert "argument --chat-template:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/no/such.gguf"], "argument MODEL/--model: model not found"),
+    (["--model", str(ROOT / "configs" / "tiny-llama")], "holds no *.safetensors"),
+    ([str(ROOT / "README.md")], "neither a .gguf file nor"),
+    (["--tokenizer", "/no/such/dir"], "argument --tokenizer: no such file")])
+def test_paths_are_checked_before_the_server_starts(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_serve_args(argv)
+    assert message in capsys.readouterr().err

@@ -235,7 +235,7 @@ def _cpu_llm(model: str) -> LLM:
     return sharpen_attention(LLM(
         model=model, load_format="dummy", device="cpu", dtype="float32", page_size=CPU_PAGE,
         max_num_seqs=8, max_num_batched_tokens=24, num_kv_pages=48, max_model_len=128,
-        enable_prefix_caching=True, seed=0))
+        enable_prefix_caching=True, dummy_weights_seed=0))
 
 
 # The engine's attention tiles (64 keys; one 512-key decode partition) leave these short
@@ -353,8 +353,8 @@ def _gpu_llm(model: str, dtype: str, enforce_eager: bool, **kw) -> LLM:
     # take most of the GPU and depend on what earlier tests left allocated.
     args = dict(model=model, load_format="dummy", device="cuda", dtype=dtype,
                 page_size=GPU_PAGE, max_num_seqs=32, max_num_batched_tokens=256,
-                num_kv_pages=512, max_model_len=2048, enable_prefix_caching=True, seed=0,
-                enforce_eager=enforce_eager)
+                num_kv_pages=512, max_model_len=2048, enable_prefix_caching=True,
+                dummy_weights_seed=0, enforce_eager=enforce_eager)
     return sharpen_attention(LLM(**(args | kw)))
 
 
