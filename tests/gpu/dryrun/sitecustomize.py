@@ -1,9 +1,10 @@
 """Dry run of tests/gpu/check.sh: make this machine's Python look like the GPU image's.
 
-A top-level package whose distribution the GPU image lacks (`../image-packages.txt`, plus what
-the image's own packages require) is imported only from the wheel target directory
-`$TESSERA_WHEEL_SITE`, as it is there; found nowhere else, it is a ModuleNotFoundError. So the
-dry run fails where the real run would for a wheel missing from `fetch-wheels.sh`.
+A top-level package of a distribution the project requires (its install requirements, followed
+through) that the GPU image lacks (`../image-packages.txt`, plus what the image's own packages
+require) is imported only from the wheel target directory `$TESSERA_WHEEL_SITE`, as it is
+there; found nowhere else, it is a ModuleNotFoundError. So the dry run fails where the real run
+would for a wheel missing from `fetch-wheels.sh`.
 Python imports this module at start-up because check.sh puts this folder on PYTHONPATH.
 """
 import importlib.machinery
@@ -20,10 +21,10 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _provided(image: set[str]) -> set[str]:
-    """The image's distributions and everything they require, as installed here."""
+def _closure(roots: set[str]) -> set[str]:
+    """`roots` and everything they require (extras left out), as installed here."""
     installed = {_norm(d.metadata["Name"]): d for d in metadata.distributions()}
-    todo, seen = [n for n in image if n in installed], set(image)
+    todo, seen = [n for n in roots if n in installed], set(roots)
     while todo:
         for line in installed[todo.pop()].requires or []:
             req = Requirement(line)
@@ -38,9 +39,11 @@ def _provided(image: set[str]) -> set[str]:
 
 
 def _hidden_modules(image: set[str]) -> set[str]:
-    provided = _provided(image) | {"tessera"}
+    """Top-level modules of what the project requires and the image does not provide. Optional
+    packages stay visible: code probes for them with `find_spec` and does without."""
+    missing = _closure({"tessera"}) - _closure(image) - {"tessera"}
     return {module for module, dists in metadata.packages_distributions().items()
-            if not any(_norm(d) in provided for d in dists)}
+            if any(_norm(d) in missing for d in dists)}
 
 
 class _WheelSiteOnly:
