@@ -5,6 +5,16 @@ YAML presets and CLI flags only override these fields (see `server/config.py`).
 from dataclasses import asdict, dataclass, field
 
 
+def byte_size(text: str) -> int:
+    """'8GiB', '512MB', '1e9' or a plain count of bytes (flags and presets)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    low = str(text).strip().lower()
+    for suffix, scale in units.items():
+        if low.endswith(suffix):
+            return int(float(low[: -len(suffix)]) * scale)
+    return int(float(low))
+
+
 @dataclass
 class ModelConfig:
     model: str | None = None  # GGUF file or HF directory; None = SmolLM2-135M-Instruct

@@ -1,4 +1,4 @@
-"""`tessera serve` and `tessera bench serve|throughput|kernels`.
+"""`tessera serve` and `tessera bench serve|throughput|kernels|perplexity`.
 
 Benchmarks are imported only when asked for, so `serve` never pays for their imports.
 """
@@ -10,6 +10,7 @@ _BENCHES = {
     "serve": "server.bench_serve",
     "throughput": "engine.bench_throughput",
     "kernels": "engine.bench_kernels",
+    "perplexity": "engine.bench_perplexity",
 }
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import yaml
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, byte_size
 from engine.tokenizer import DEFAULT_MODEL_NAME
 
 logger = logging.getLogger("tessera.server")
@@ -26,16 +26,6 @@ class ServerConfig:
     log_prompts: bool = False
     api_key: str | None = None  # also TESSERA_API_KEY; guards every /v1 route
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
-
-
-def _byte_size(text: str) -> int:
-    """'8GiB', '512MB', '1e9' or a plain count of bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    low = str(text).strip().lower()
-    for suffix, scale in units.items():
-        if low.endswith(suffix):
-            return int(float(low[: -len(suffix)]) * scale)
-    return int(float(low))
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +50,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--page-size", type=int, help="tokens per KV page (default 16)")
     kv = parser.add_mutually_exclusive_group()
     kv.add_argument("--num-kv-pages", type=int, help="KV pages to allocate (wins over memory)")
-    kv.add_argument("--kv-cache-memory", type=_byte_size,
+    kv.add_argument("--kv-cache-memory", type=byte_size,
                     help="KV cache budget in bytes, e.g. 2GiB (default: per-device budget)")
     add("--gpu-memory-utilization", type=float,
         help="CUDA: share of GPU memory for weights, activations and KV pages (default 0.9)")
@@ -97,7 +87,7 @@ def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
         if dest not in known:
             parser.error(f"--config {path}: unknown key {key!r}")
         if dest == "kv_cache_memory" and value is not None:
-            value = _byte_size(value)
+            value = byte_size(value)
         if dest == "allowed_origins" and isinstance(value, str):
             value = _origins(value)
         out[dest] = value
