@@ -8,6 +8,9 @@ KV-cache format or the weight quantization costs shows up in the figure. Every t
 once, by the first window that holds it past the window's first position; with overlapping
 windows (stride < window) a window scores only the tokens beyond the previous one, the overlap
 serving as context. Perplexity = exp(mean negative log-likelihood, in nats per scored token).
+
+`--transformers` scores the same windows with transformers on the same weights, in the same
+dtype (unpaged, one forward per window), and prints its perplexity beside ours and the ratio.
 """
 import argparse
 import json
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
+from engine.bench_throughput import load_transformers
 from engine.config import byte_size
 from engine.tokenizer import DEFAULT_MODEL_NAME
 
@@ -45,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--file", default=DEFAULT_FILE, help="text to score (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="use the text's first N + 1 tokens only (at most N scored)")
+    p.add_argument("--transformers", action="store_true",
+                   help="also score the windows with transformers (the reference)")
     p.add_argument("--json", action="store_true", help="print one JSON line of results")
     args = p.parse_args(argv)
     window = args.max_model_len - 1
@@ -69,6 +75,26 @@ def windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, i
     return out
 
 
+def tessera_nll(llm: LLM, ids: list[int], plan: list[tuple[int, int, int]]) -> list[float]:
+    """Negative log-likelihood of each scored token: every window one request, all at once."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    outs = llm.generate([ids[begin:end] for begin, end, _ in plan], params)
+    return [-lp.logprob for (begin, _, first), out in zip(plan, outs)
+            for lp in out.prompt_logprobs[first - begin:]]
+
+
+@torch.inference_mode()
+def transformers_nll(model, ids: list[int], plan: list[tuple[int, int, int]], device: str
+                     ) -> list[float]:
+    """Negative log-likelihood of each scored token, one unpaged forward per window."""
+    nll = []
+    for begin, end, first in plan:
+        window = torch.tensor([ids[begin:end]], device=device)
+        logprobs = model(window).logits[0, first - begin - 1:-1].float().log_softmax(-1)
+        nll += (-logprobs.gather(1, window[0, first - begin:, None])).squeeze(1).tolist()
+    return nll
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     llm = LLM(model=args.model, load_format=args.load_format, device=args.device,
@@ -82,12 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = windows(len(ids), window, args.stride)
     if not plan:
         raise SystemExit(f"{args.file}: {len(ids)} tokens, nothing to score")
-    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     start = time.perf_counter()
-    outs = llm.generate([ids[b:e] for b, e, _ in plan], params)
+    nll = tessera_nll(llm, ids, plan)
     seconds = time.perf_counter() - start
-    nll = [-lp.logprob for (b, e, first), out in zip(plan, outs)
-           for lp in out.prompt_logprobs[first - b:]]
     runner = llm.engine.runner
     mean = math.fsum(nll) / len(nll)
     results = {
@@ -102,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "page_size": runner.kv_spec.page_size, "num_kv_pages": runner.kv_cache.num_pages,
         "file": args.file, "text_tokens": len(text_ids), "threads": torch.get_num_threads()}
+    if args.transformers:
+        dtype = runner.dtype
+        del llm, runner  # the engine's weights and KV cache go before the reference loads
+        reference = transformers_nll(load_transformers(args, dtype), ids, plan, args.device)
+        ref_mean = math.fsum(reference) / len(reference)
+        results |= {"transformers_ppl": math.exp(ref_mean), "transformers_nll_mean": ref_mean,
+                    "ppl_ratio": math.exp(mean - ref_mean)}
     if args.json:
         print(json.dumps(results))
     else:
@@ -118,6 +148,10 @@ def print_report(r: dict) -> None:
           f"{r['max_num_batched_tokens']} tokens")
     print(f"perplexity {r['ppl']:.4f}  (mean NLL {r['nll_mean']:.4f} nats/token over "
           f"{r['tokens_evaluated']} scored tokens)")
+    if "transformers_ppl" in r:
+        print(f"transformers on the same windows: perplexity {r['transformers_ppl']:.4f} "
+              f"(mean NLL {r['transformers_nll_mean']:.4f}); tessera / transformers "
+              f"{r['ppl_ratio']:.5f}x")
     print(f"{r['seconds']:.1f} s, {r['prompt_tokens_per_s']:.0f} prompt tokens/s")
 
 

@@ -210,8 +210,9 @@ class ModelRunner:
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor
                          ) -> dict[str, list[TokenLogprobs]]:
         """Logprobs of the prompt tokens that this step's chunks predict, for the requests that
-        asked. The rows go through the LM head `max_num_seqs` at a time: the fp32 logits then
-        never exceed a full decode step's, which the KV cache sizing already leaves room for."""
+        asked. The rows go through the LM head `max_num_seqs` at a time, as many as a decode
+        step's fp32 logits (which the CUDA KV sizing profiles): a long chunk's `[tokens, vocab]`
+        logits never exist at once."""
         rows, targets, num_top, asking = [], [], [], []
         offset = 0  # the request's first row in the flat batch
         for s in out.scheduled:
