@@ -19,6 +19,14 @@ def _positive(obj: object, *names: str) -> list[tuple[str, bool, str]]:
     return [(n, getattr(obj, n) is None or getattr(obj, n) > 0, "must be > 0") for n in names]
 
 
+def byte_size(text: str) -> int:
+    """'8GiB', '512MB', '1e9' or a plain count of bytes (flags and presets)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    low = str(text).strip().lower()
+    suffix = next((s for s in units if low.endswith(s)), "")
+    return int(float(low[:len(low) - len(suffix)]) * units.get(suffix, 1))
+
+
 @dataclass
 class ModelConfig:
     model: str | None = None  # GGUF file or HF directory; None = SmolLM2-135M-Instruct

@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.logs import configure_logging, one_line
 from engine.messages import (AbortRequests, AddRequest, EngineFailed, EngineReady, EngineStep,
                              RequestOutput, StepStats, TokenLogprobs)
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, RunnerOutput
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import load_tokenizer, model_format, resolve_model_path
 from scheduler.block_manager import BlockManager
@@ -64,6 +64,8 @@ class EngineCore:
             f"  limits    max_model_len {self.max_model_len}, max_num_seqs "
             f"{c.scheduler.max_num_seqs}, max_num_batched_tokens "
             f"{c.scheduler.max_num_batched_tokens}"])
+        # Prompt logprobs gathered chunk by chunk, sent whole with the request's first token.
+        self.prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
 
     def _structured(self) -> StructuredOutputManager:
         if self.structured is None:
@@ -92,6 +94,8 @@ class EngineCore:
             self._structured().add(req.request_id, params.structured_output)
         if params.seed is None and not params.greedy:
             params = dataclasses.replace(params, seed=self.seeds.getrandbits(63))
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs[req.request_id] = []
         self.scheduler.add_request(Request(
             req.request_id, list(req.prompt_token_ids), params, req.arrival_time,
             eos_token_ids=tuple(self.runner.arch.eos_token_ids),
@@ -101,6 +105,7 @@ class EngineCore:
         outputs = []
         for rid in request_ids:
             request = self.scheduler.abort(rid)
+            self.prompt_logprobs.pop(rid, None)
             if self.structured is not None:
                 self.structured.remove(rid)
             if request is not None:
@@ -113,7 +118,10 @@ class EngineCore:
 
     def step(self) -> EngineStep:
         sched = self.scheduler.schedule()
-        sampled = self.runner.execute(sched, self.structured) if sched.scheduled else {}
+        result = self.runner.execute(sched, self.structured) if sched.scheduled else RunnerOutput()
+        for rid, logprobs in result.prompt_logprobs.items():
+            self.prompt_logprobs[rid] += logprobs
+        sampled = result.sampled
         tokens = {rid: t for rid, (t, _) in sampled.items()}
         finished = self.scheduler.update(sched, tokens)
         if self.structured is not None:
@@ -127,12 +135,11 @@ class EngineCore:
             if r.request_id not in sampled:
                 continue
             lp = sampled[r.request_id][1]
-            want = r.sampling_params.logprobs
             outputs.append(RequestOutput(
                 r.request_id, [r.output_token_ids[-1]], r.finish_reason,
-                None if want is None else [TokenLogprobs(lp.logprob, lp.top[:want])],
+                None if r.sampling_params.logprobs is None else [lp],
                 r.num_prompt_tokens, r.num_cached_tokens, r.scheduled_time,
-                r.first_token_time))
+                r.first_token_time, self.prompt_logprobs.pop(r.request_id, None)))
         num_prompt = sum(max(0, min(s.request.num_computed_tokens, s.request.num_prompt_tokens)
                              - (s.request.num_computed_tokens - s.num_new_tokens))
                          for s in sched.scheduled)

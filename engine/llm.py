@@ -28,6 +28,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     finished: bool = True
+    # With `SamplingParams(prompt_logprobs=N)`: one entry per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -39,6 +41,7 @@ class _Pending:
     text: str = ""
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStringChecker | None = None
 
@@ -51,7 +54,7 @@ class LLM:
                  enable_prefix_caching: bool = True, seed: int = 0,
                  quantization: str | None = None, enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, tokenizer: str | None = None,
-                 dummy_weights_seed: int = 0):
+                 dummy_weights_seed: int = 0, kv_cache_dtype: str = "auto"):
         self.config = EngineConfig(
             ModelConfig(model=model, load_format=load_format, dtype=dtype,
                         max_model_len=max_model_len, seed=seed,
@@ -60,6 +63,7 @@ class LLM:
             CacheConfig(page_size=page_size, num_kv_pages=num_kv_pages,
                         kv_cache_memory=kv_cache_memory,
                         gpu_memory_utilization=gpu_memory_utilization,
+                        kv_cache_dtype=kv_cache_dtype,
                         enable_prefix_caching=enable_prefix_caching),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens), device)
         self.engine = EngineCore(self.config)
@@ -102,11 +106,13 @@ class LLM:
             if progress is not None:
                 progress(sum(p.finish_reason is not None for p in pending.values()))
         return [RequestOutput(rid, p.prompt_ids, [CompletionOutput(
-            0, p.text, p.token_ids, p.finish_reason, p.logprobs or None)], p.num_cached_tokens)
-            for rid, p in pending.items()]
+            0, p.text, p.token_ids, p.finish_reason, p.logprobs or None)], p.num_cached_tokens,
+            prompt_logprobs=p.prompt_logprobs) for rid, p in pending.items()]
 
     def _absorb(self, p: _Pending, out) -> None:
         p.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            p.prompt_logprobs = [None, *out.prompt_logprobs]
         if p.finish_reason:
             return
         p.token_ids.extend(out.new_token_ids)

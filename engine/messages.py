@@ -25,8 +25,11 @@ class AbortRequests:
 
 @dataclass
 class TokenLogprobs:
-    """Log-probability of the sampled token and the top alternatives (token id, logprob)."""
+    """Log-probability of one token (sampled, or a prompt token given the tokens before it),
+    its rank in the distribution (1 = most likely) and the top alternatives (token id, logprob),
+    most likely first."""
     logprob: float
+    rank: int
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -42,6 +45,9 @@ class RequestOutput:
     # Timestamps (time.time()) the engine saw, for the API process's latency metrics.
     scheduled_time: float | None = None  # first scheduled (end of queueing)
     first_token_time: float | None = None
+    # On the first output of a request that asked for prompt logprobs: those of prompt tokens
+    # 1, 2, ... (token 0 has no context, so none).
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass

@@ -3,6 +3,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_f
 from engine.layers.attention import AttentionMetadata
 from engine.messages import TokenLogprobs
 from engine.models.llama import LlamaForCausalLM
-from engine.sampler import SamplingBatch, sample
+from engine.sampler import SamplingBatch, gather_logprobs, sample
 from engine.structured_output import StructuredOutputManager
 from scheduler.scheduler import SchedulerOutput
 
@@ -44,6 +45,14 @@ def resolve_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
     if feature := cpu_bf16_feature():
         return torch.bfloat16, f"auto: CPU has {feature}"
     return torch.float32, "auto: CPU has neither AVX-512 BF16 nor AMX, bf16 would be slow"
+
+
+@dataclass
+class RunnerOutput:
+    """One step's results: the sampled token (and its logprobs) of each request that samples,
+    and the prompt logprobs this step's chunks gave, per request that asked for them."""
+    sampled: dict[str, tuple[int, TokenLogprobs | None]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 @contextmanager
@@ -176,14 +185,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, structured: StructuredOutputManager | None = None
-                ) -> dict[str, tuple[int, TokenLogprobs | None]]:
-        """Run one step; return the sampled token (and logprobs) of each request that samples."""
+                ) -> RunnerOutput:
+        """Run one step: forward the flat batch, sample, and gather the prompt logprobs."""
         input_ids, positions, meta, last_rows = self._prepare(out)
         if (self.graphs is not None and meta.max_query_len == 1
                 and len(out.scheduled) <= self.graphs.max_batch):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        return RunnerOutput(self._sample(out, hidden, last_rows, structured),
+                            self._prompt_logprobs(out, hidden))
+
+    def _sample(self, out: SchedulerOutput, hidden: torch.Tensor, last_rows: torch.Tensor,
+                structured: StructuredOutputManager | None
+                ) -> dict[str, tuple[int, TokenLogprobs | None]]:
         sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
         if not sampling:
             return {}
@@ -195,3 +210,37 @@ class ModelRunner:
         tokens, logprobs = sample(logits if batch.plain_greedy else logits.cpu(), batch)
         return {r.request_id: (t, logprobs[i] if logprobs else None)
                 for i, (r, t) in enumerate(zip(requests, tokens))}
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor
+                         ) -> dict[str, list[TokenLogprobs]]:
+        """Logprobs of the prompt tokens that this step's chunks predict, for the requests that
+        asked. The rows go through the LM head `max_num_seqs` at a time, as many as a decode
+        step's fp32 logits (which the CUDA KV sizing profiles): a long chunk's `[tokens, vocab]`
+        logits never exist at once."""
+        rows, targets, num_top, asking = [], [], [], []
+        offset = 0  # the request's first row in the flat batch
+        for s in out.scheduled:
+            positions, r = s.prompt_logprob_positions, s.request
+            if positions:
+                base = offset - r.num_computed_tokens
+                rows.extend(range(base + positions.start, base + positions.stop))
+                targets.extend(r.prompt_token_ids[positions.start + 1:positions.stop + 1])
+                num_top.extend([r.sampling_params.prompt_logprobs] * len(positions))
+                asking.append(s)
+            offset += s.num_new_tokens
+        if not asking:
+            return {}
+        rows_t = torch.tensor(rows, device=self.device)
+        targets_t = torch.tensor(targets, device=self.device)
+        block = self.config.scheduler.max_num_seqs
+        logprobs = []
+        for b in range(0, len(rows), block):
+            logits = self.model.compute_logits(hidden[rows_t[b:b + block]]).float()
+            logprobs += gather_logprobs(logits.log_softmax(-1), targets_t[b:b + block],
+                                        num_top[b:b + block])
+        result, start = {}, 0
+        for s in asking:
+            n = len(s.prompt_logprob_positions)
+            result[s.request.request_id] = logprobs[start:start + n]
+            start += n
+        return result

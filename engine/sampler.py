@@ -29,14 +29,14 @@ class SamplingBatch:
     penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # presence, freq, rep
     output_ids: list[list[int]]
     prompt_ids: list[list[int]]
-    max_logprobs: int | None
+    num_logprobs: list[int] | None  # top alternatives per row, 0 if not asked; None: none asks
     bitmask: torch.Tensor | None = None  # structured output: allowed tokens per row
 
     @property
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits: no processor, no draw, no logprobs (any device works)."""
         return (self.all_greedy and self.bitmask is None and self.penalties is None
-                and self.max_logprobs is None and not any(self.logit_bias)
+                and self.num_logprobs is None and not any(self.logit_bias)
                 and not any(self.banned))
 
     @classmethod
@@ -49,7 +49,6 @@ class SamplingBatch:
         need_min_p = any(p.min_p > 0 for p in ps)
         need_pen = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
                        for p in ps)
-        logprobs = [p.logprobs for p in ps if p.logprobs is not None]
         return cls(
             temperature=torch.where(temps == 0, 1.0, temps),
             greedy_rows=temps == 0,
@@ -68,7 +67,8 @@ class SamplingBatch:
                        torch.tensor([p.repetition_penalty for p in ps])) if need_pen else None,
             output_ids=[r.output_token_ids for r in requests],
             prompt_ids=[r.prompt_token_ids for r in requests],
-            max_logprobs=max(logprobs) if logprobs else None,
+            num_logprobs=([p.logprobs or 0 for p in ps]
+                          if any(p.logprobs is not None for p in ps) else None),
             bitmask=bitmask,
         )
 
@@ -132,7 +132,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch
            ) -> tuple[list[int], list[TokenLogprobs] | None]:
     """Sampled token per row, and logprobs of the model's raw distribution when asked."""
     logits = logits.float()
-    logprobs = logits.log_softmax(-1) if batch.max_logprobs is not None else None
+    logprobs = logits.log_softmax(-1) if batch.num_logprobs is not None else None
     logits = apply_processors(logits, batch)
     greedy = logits.argmax(-1)
     if batch.all_greedy:
@@ -144,7 +144,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch
     token_list = tokens.tolist()
     if logprobs is None:
         return token_list, None
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    top_vals, top_ids = logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
-    return token_list, [TokenLogprobs(c, list(zip(i, v))) for c, i, v in
-                        zip(chosen, top_ids.tolist(), top_vals.tolist())]
+    return token_list, gather_logprobs(logprobs, tokens, batch.num_logprobs)
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]
+                    ) -> list[TokenLogprobs]:
+    """Row i's logprob of `token_ids[i]`, that token's rank (1 + the tokens strictly more
+    likely) and row i's `num_top[i]` most likely tokens, from log-softmaxed rows `[N, vocab]`."""
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(-1) + 1
+    top_vals, top_ids = logprobs.topk(max(num_top), dim=-1)
+    return [TokenLogprobs(c, r, list(zip(i[:k], v[:k]))) for c, r, i, v, k in zip(
+        chosen.squeeze(1).tolist(), ranks.tolist(), top_ids.tolist(), top_vals.tolist(), num_top)]

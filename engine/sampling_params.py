@@ -31,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
     structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
@@ -51,6 +52,8 @@ class SamplingParams:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "must be in [0, 20]"),
             ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "must fit in int64"),
         ]
         for name, ok, why in checks:

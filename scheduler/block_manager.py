@@ -51,9 +51,10 @@ class BlockManager:
         """Cached pages holding the longest prefix of the request's tokens.
 
         At most `num_tokens - 1` tokens are matched: the last one is always recomputed so the
-        step has a position to sample from.
+        step has a position to sample from. A request that skips reading the cache (it needs
+        every prompt position's logits) matches nothing, but its pages are still cached.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.skip_reading_prefix_cache:
             return []
         hits = []
         max_pages = (request.num_tokens - 1) // self.page_size

@@ -25,6 +25,9 @@ class Request:
     num_computed_tokens: int = 0
     page_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prompt tokens hit in the prefix cache; -1 until first admitted
+    # Prompt positions < this have had their next token's logprob computed (prompt_logprobs);
+    # kept across preemption, so a recomputed chunk does not produce them twice.
+    num_prompt_logprobs: int = 0
     finish_reason: str | None = None
     scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -38,6 +41,20 @@ class Request:
         p = len(self.prompt_token_ids)
         return (self.prompt_token_ids[start:min(end, p)]
                 + self.output_token_ids[max(start - p, 0):max(end - p, 0)])
+
+    @property
+    def skip_reading_prefix_cache(self) -> bool:
+        """Prompt logprobs need the logits of every prompt position; a cache hit has none."""
+        return self.sampling_params.prompt_logprobs is not None
+
+    def prompt_logprob_positions(self, num_new_tokens: int) -> range:
+        """Positions among the next `num_new_tokens` to compute whose logits give a prompt
+        token's logprob (position p predicts token p + 1), not given before; empty unless
+        prompt logprobs were asked for."""
+        if self.sampling_params.prompt_logprobs is None:
+            return range(0)
+        return range(max(self.num_computed_tokens, self.num_prompt_logprobs),
+                     min(self.num_computed_tokens + num_new_tokens, self.num_prompt_tokens - 1))
 
     @property
     def num_tokens(self) -> int:

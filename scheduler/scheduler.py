@@ -5,7 +5,9 @@ catch up with `num_tokens` (prompt plus output so far), under `max_num_batched_t
 `max_num_seqs`. Running requests go first, in admission order, so every one of them advances
 (a decode token each, or the next prompt chunk); waiting requests are then admitted first come,
 first served with what budget is left. Prefill, chunked prefill, decode, prefix-cache hits and
-recomputation after preemption are all this one rule.
+recomputation after preemption are all this one rule. A request that asks for prompt logprobs
+takes no prefix-cache hit (cached tokens have no logits) and each of its chunks names the prompt
+positions whose logits the runner turns into logprobs.
 
 When pages run out, the most recently admitted running request is preempted: its pages are
 freed and it goes back to the front of the queue to recompute its tokens later.
@@ -27,11 +29,13 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     samples: bool = False  # this step reaches the request's last known token, so it samples
+    prompt_logprob_positions: range = range(0)  # see `Request.prompt_logprob_positions`
 
     @classmethod
     def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
         done = request.num_computed_tokens + num_new_tokens == request.num_tokens
-        return cls(request, num_new_tokens, done)
+        return cls(request, num_new_tokens, done,
+                   request.prompt_logprob_positions(num_new_tokens))
 
 
 @dataclass
@@ -117,6 +121,8 @@ class Scheduler:
         for s in out.scheduled:
             request = s.request
             request.num_computed_tokens += s.num_new_tokens
+            if s.prompt_logprob_positions:
+                request.num_prompt_logprobs = s.prompt_logprob_positions.stop
             self.block_manager.cache_full_pages(request)
             token = sampled.get(request.request_id)
             if token is None:

@@ -210,7 +210,8 @@ async def chat_completions(request: Request) -> Response:
     request_id = random_id("chatcmpl")
     deltas = fan_out(ctx, request_id, [(prompt_ids, params)], body.n, arrival,
                      body.messages[-1].text())
-    responder = ChatResponder(ctx, request_id, body.n, plan, body.logprobs)
+    responder = ChatResponder(ctx, request_id, body.n, plan, body.logprobs, prompt_ids,
+                              body.prompt_logprobs)
     return await _respond(request, body, deltas, responder, body.n)
 
 
@@ -220,9 +221,9 @@ async def completions(request: Request) -> Response:
     ctx = _state(request).ready_context()
     prompts = await prepare_completion(ctx, body)
     request_id = random_id("cmpl")
-    echoes = [ctx.tokenizer.decode(ids) if body.echo else "" for ids, _ in prompts]
     deltas = fan_out(ctx, request_id, prompts, body.n, arrival, str(body.prompt))
-    responder = CompletionResponder(ctx, request_id, body.n, echoes, body.logprobs is not None)
+    responder = CompletionResponder(ctx, request_id, body.n, [ids for ids, _ in prompts],
+                                    body.echo, body.logprobs, body.prompt_logprobs)
     return await _respond(request, body, deltas, responder, len(prompts) * body.n)
 
 

@@ -1,4 +1,4 @@
-"""`tessera serve` and `tessera bench serve|throughput|kernels`.
+"""`tessera serve` and `tessera bench serve|throughput|kernels|perplexity`.
 
 `serve` checks its flags and the model path before it imports the HTTP stack, so a usage
 error comes at once; benchmarks are imported only when asked for.
@@ -13,6 +13,7 @@ _BENCHES = {
     "serve": "server.bench_serve",
     "throughput": "engine.bench_throughput",
     "kernels": "engine.bench_kernels",
+    "perplexity": "engine.bench_perplexity",
 }
 _BENCH_HELP = """benchmarks (each has its own --help):
   serve       load a running OpenAI-compatible server: TTFT, TPOT, ITL, E2E, output tok/s

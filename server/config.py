@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import EngineConfig
+from engine.config import byte_size as parse_byte_size
 from engine.tokenizer import DEFAULT_MODEL_NAME, model_format, resolve_model_path
 
 logger = logging.getLogger("tessera.server")
@@ -39,12 +40,9 @@ class ServerConfig:
 
 
 def byte_size(text: str) -> int:
-    """'8GiB', '512MB', '1e9' or a plain count of bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    low = str(text).strip().lower()
-    suffix = next((s for s in units if low.endswith(s)), "")
+    """A size flag: '8GiB', '512MB', '1e9' or a plain count of bytes."""
     try:
-        return int(float(low[:len(low) - len(suffix)]) * units.get(suffix, 1))
+        return parse_byte_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a size such as 2GiB, 512MB or 1e9 (bytes), got {text!r}") from None

@@ -1,7 +1,8 @@
-"""Engine `TokenLogprobs` in OpenAI's two response shapes.
+"""Engine `TokenLogprobs` in OpenAI's two response shapes, and vLLM's `prompt_logprobs`.
 
 Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`; completions:
-`{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`. A token's
+`{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`; vLLM's
+prompt logprobs: `[null, {token_id: {"logprob", "rank", "decoded_token"}}, ...]`. A token's
 text is its own bytes (byte-level BPE pieces mapped back), so a character split across tokens
 shows as U+FFFD in `token` while `bytes` stays exact.
 """
@@ -43,13 +44,35 @@ def chat_logprobs(texts: TokenTexts, token_ids: list[int], logprobs: list[TokenL
 
 
 def completion_logprobs(texts: TokenTexts, token_ids: list[int],
-                        logprobs: list[TokenLogprobs], text_offset: int) -> dict:
-    """`text_offset` is where the first token's text starts in the choice's whole text."""
+                        logprobs: list[TokenLogprobs | None], text_offset: int, num_top: int
+                        ) -> dict:
+    """`text_offset` is where the first token's text starts in the choice's whole text. Each
+    `top_logprobs` entry holds the token itself, then its `num_top` most likely alternatives
+    (vLLM's rule; with 0 just the token). An echoed prompt's first token has null logprobs."""
     tokens = [texts.text(t) for t in token_ids]
     offsets = []
     for token in tokens:
         offsets.append(text_offset)
         text_offset += len(token)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{texts.text(i): v for i, v in lp.top} for lp in logprobs],
+    return {"tokens": tokens,
+            "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+            "top_logprobs": [None if lp is None else
+                             {token: lp.logprob} | {texts.text(i): v for i, v in lp.top[:num_top]}
+                             for token, lp in zip(tokens, logprobs)],
             "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(texts: TokenTexts, prompt_ids: list[int],
+                         logprobs: list[TokenLogprobs], num_top: int) -> list[dict | None]:
+    """vLLM's shape: null for the first prompt token, then per token its own entry and those of
+    its `num_top` most likely alternatives, keyed by token id."""
+    def entry(token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": texts.text(token_id)}
+
+    out: list[dict | None] = [None]
+    for token_id, lp in zip(prompt_ids[1:], logprobs):
+        ranked = {token_id: entry(token_id, lp.logprob, lp.rank)}
+        for rank, (i, v) in enumerate(lp.top[:num_top], 1):
+            ranked.setdefault(i, entry(i, v, rank))
+        out.append(ranked)
+    return out

@@ -41,8 +41,8 @@ class SamplingRequest(BaseModel):
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "audio": None, "modalities": ["text"], "prediction": None, "web_search_options": None,
         "functions": None, "function_call": None, "reasoning_effort": None, "suffix": None,
-        "best_of": 1, "prompt_logprobs": None, "guided_json": None, "guided_regex": None,
-        "guided_grammar": None, "guided_choice": None}
+        "best_of": 1, "guided_json": None, "guided_regex": None, "guided_grammar": None,
+        "guided_choice": None}
 
     model: str
     max_tokens: int | None = None
@@ -66,8 +66,9 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None,
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                         structured: StructuredOutput | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
@@ -77,7 +78,7 @@ class SamplingRequest(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias or {}),
-            logprobs=logprobs, structured_output=structured,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured_output=structured,
         )
 
 
@@ -186,6 +187,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict | None] | None = None  # vLLM's, shared by the choices
 
 
 class OmitNone(BaseModel):
@@ -238,6 +240,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict | None] | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):

@@ -6,7 +6,7 @@ One responder per endpoint turns each choice's `Delta`s into chunks (streamed) o
 from collections.abc import AsyncIterator
 
 from server.errors import sse_error
-from server.logprobs import chat_logprobs, completion_logprobs
+from server.logprobs import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                              ChatCompletionChunk, ChatCompletionResponse, CompletionChoice,
                              CompletionResponse, DeltaMessage, FunctionDelta, ToolCall,
@@ -32,11 +32,19 @@ class ChatChoiceState:
         return content, calls, finish
 
 
+def _prompt_logprobs(ctx: ServingContext, prompt_ids: list[int], delta: Delta,
+                     num_top: int | None) -> list[dict | None] | None:
+    if num_top is None or delta.prompt_logprobs is None:
+        return None
+    return vllm_prompt_logprobs(ctx.token_texts, prompt_ids, delta.prompt_logprobs, num_top)
+
+
 class ChatResponder:
     def __init__(self, ctx: ServingContext, request_id: str, n: int, plan: ToolPlan,
-                 logprobs: bool) -> None:
+                 logprobs: bool, prompt_ids: list[int], prompt_logprobs: int | None) -> None:
         self.ctx, self.request_id, self.n, self.plan = ctx, request_id, n, plan
         self.logprobs = logprobs
+        self.prompt_ids, self.prompt_logprobs = prompt_ids, prompt_logprobs
         self.states: dict[int, ChatChoiceState] = {}
 
     def _logprobs(self, delta: Delta) -> dict | None:
@@ -54,7 +62,9 @@ class ChatResponder:
                                       logprobs=self._logprobs(delta)))
         return ChatCompletionResponse(
             id=self.request_id, model=self.ctx.served_model_name, choices=choices,
-            usage=total_usage([d.usage for d in deltas], self.n)).model_dump()
+            usage=total_usage([d.usage for d in deltas], self.n),
+            prompt_logprobs=_prompt_logprobs(self.ctx, self.prompt_ids, deltas[0],
+                                             self.prompt_logprobs)).model_dump()
 
     def _chunk(self, choices: list, usage: UsageInfo | None = None) -> str:
         return ChatCompletionChunk(id=self.request_id, model=self.ctx.served_model_name,
@@ -93,26 +103,38 @@ class ChatResponder:
 
 
 class CompletionResponder:
-    def __init__(self, ctx: ServingContext, request_id: str, n: int, echoes: list[str],
-                 logprobs: bool) -> None:
-        """`echoes[p]`: prompt p's text when `echo`, else ""."""
-        self.ctx, self.request_id, self.n, self.echoes = ctx, request_id, n, echoes
-        self.logprobs = logprobs
+    def __init__(self, ctx: ServingContext, request_id: str, n: int, prompts: list[list[int]],
+                 echo: bool, logprobs: int | None, prompt_logprobs: int | None) -> None:
+        self.ctx, self.request_id, self.n, self.prompts = ctx, request_id, n, prompts
+        self.echoes = [ctx.tokenizer.decode(ids) if echo else "" for ids in prompts]
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
+        # Echo with logprobs: the prompt's tokens need its logprobs, which come with the first
+        # delta, so a streamed echo waits for it instead of leading the stream.
+        self.echo_logprobs = echo and logprobs is not None
         self.offsets: dict[int, int] = {}  # text length streamed so far, per choice
 
     def _echo(self, index: int) -> str:
         return self.echoes[index // self.n]
 
-    def _logprobs(self, delta: Delta, offset: int) -> dict | None:
-        if not self.logprobs:
+    def _logprobs(self, index: int, delta: Delta, offset: int) -> dict | None:
+        """The delta's tokens from `offset` on; echoed, the prompt's tokens come first."""
+        if self.logprobs is None:
             return None
-        return completion_logprobs(self.ctx.token_texts, delta.token_ids, delta.logprobs,
-                                   offset)
+        texts = self.ctx.token_texts
+        out = completion_logprobs(texts, delta.token_ids, delta.logprobs, offset, self.logprobs)
+        if not self.echo_logprobs or delta.prompt_logprobs is None:
+            return out
+        prompt = completion_logprobs(texts, self.prompts[index // self.n],
+                                     [None, *delta.prompt_logprobs], 0, self.logprobs)
+        return {key: prompt[key] + out[key] for key in out}
 
     def whole(self, deltas: list[Delta]) -> dict:
         choices = [CompletionChoice(
             index=i, text=self._echo(i) + d.text, finish_reason=d.finish_reason,
-            logprobs=self._logprobs(d, len(self._echo(i)))) for i, d in enumerate(deltas)]
+            logprobs=self._logprobs(i, d, len(self._echo(i))),
+            prompt_logprobs=_prompt_logprobs(self.ctx, self.prompts[i // self.n], d,
+                                             self.prompt_logprobs))
+            for i, d in enumerate(deltas)]
         return CompletionResponse(
             id=self.request_id, model=self.ctx.served_model_name, choices=choices,
             usage=total_usage([d.usage for d in deltas], self.n)).model_dump()
@@ -123,15 +145,16 @@ class CompletionResponder:
 
     def first(self, count: int) -> list[str]:
         return [self._chunk([CompletionChoice(index=i, text=self._echo(i))])
-                for i in range(count) if self._echo(i)]
+                for i in range(count) if self._echo(i) and not self.echo_logprobs]
 
     def chunks(self, index: int, delta: Delta) -> list[str]:
+        echo = self._echo(index) if self.echo_logprobs and index not in self.offsets else ""
         offset = self.offsets.get(index, len(self._echo(index)))
         self.offsets[index] = offset + sum(len(self.ctx.token_texts.text(t))
                                            for t in delta.token_ids)
-        return [self._chunk([CompletionChoice(index=index, text=delta.text,
+        return [self._chunk([CompletionChoice(index=index, text=echo + delta.text,
                                               finish_reason=delta.finish_reason,
-                                              logprobs=self._logprobs(delta, offset))])]
+                                              logprobs=self._logprobs(index, delta, offset))])]
 
     def usage(self, usage: UsageInfo) -> str:
         return self._chunk([], usage)

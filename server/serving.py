@@ -52,6 +52,8 @@ class Delta:
     usage: UsageInfo
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Prompt tokens 1.. (see `RequestOutput.prompt_logprobs`), on a choice's first delta.
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 def _check_common(ctx: ServingContext, request: SamplingRequest) -> StructuredOutput | None:
@@ -63,6 +65,9 @@ def _check_common(ctx: ServingContext, request: SamplingRequest) -> StructuredOu
     if request.stream_options is not None and not request.stream:
         raise APIError("stream_options is only allowed with stream: true",
                        param="stream_options")
+    if request.prompt_logprobs is not None and request.stream:  # as vLLM
+        raise APIError("prompt_logprobs is not available with stream: true",
+                       param="prompt_logprobs")
     bias = request.logit_bias or {}
     outside = [str(t) for t in bias if not 0 <= t < ctx.vocab_size]
     if outside:
@@ -80,7 +85,8 @@ def _check_common(ctx: ServingContext, request: SamplingRequest) -> StructuredOu
 
 def _sampling_params(ctx: ServingContext, request: SamplingRequest, prompt_len: int,
                      max_tokens: int | None, prompt_param: str, logprobs: int | None,
-                     structured: StructuredOutput | None) -> SamplingParams:
+                     prompt_logprobs: int | None, structured: StructuredOutput | None
+                     ) -> SamplingParams:
     room = ctx.max_model_len - prompt_len
     if room < 1:
         raise APIError(f"the prompt has {prompt_len} tokens; this model's maximum context "
@@ -89,7 +95,7 @@ def _sampling_params(ctx: ServingContext, request: SamplingRequest, prompt_len: 
         raise APIError(f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceed "
                        f"the maximum context length {ctx.max_model_len}", param="max_tokens")
     return _checked(lambda: request.sampling_params(
-        room if max_tokens is None else max_tokens, logprobs, structured))
+        room if max_tokens is None else max_tokens, logprobs, prompt_logprobs, structured))
 
 
 def _checked(make: Callable[[], SamplingParams]) -> SamplingParams:
@@ -139,7 +145,7 @@ async def prepare_chat(ctx: ServingContext, request: ChatCompletionRequest,
     max_tokens = request.max_completion_tokens or request.max_tokens
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     return ids, _sampling_params(ctx, request, len(ids), max_tokens, "messages", logprobs,
-                                 structured), plan
+                                 request.prompt_logprobs, structured), plan
 
 
 def _completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
@@ -155,9 +161,9 @@ async def prepare_completion(ctx: ServingContext, request: CompletionRequest,
                              ) -> list[tuple[list[int], SamplingParams]]:
     """Prompt ids and params of each prompt, in order."""
     structured = _check_common(ctx, request)
-    if request.echo and request.logprobs is not None:
-        raise APIError("echo with logprobs is not supported (no prompt logprobs)",
-                       param="echo")
+    prompt_logprobs = request.prompt_logprobs
+    if request.echo and request.logprobs is not None:  # the echoed prompt shows its logprobs
+        prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
     prepared = []
     vocab = len(ctx.tokenizer)
     for prompt in _completion_prompts(request):
@@ -170,7 +176,8 @@ async def prepare_completion(ctx: ServingContext, request: CompletionRequest,
         if not ids:
             raise APIError("prompt must not be empty", param="prompt")
         prepared.append((ids, _sampling_params(ctx, request, len(ids), request.max_tokens,
-                                               "prompt", request.logprobs, structured)))
+                                               "prompt", request.logprobs, prompt_logprobs,
+                                               structured)))
     return prepared
 
 
@@ -235,6 +242,7 @@ async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
     finish_reason = "abort"  # until the engine or a stop string says otherwise
     token_ids: list[int] = []  # since the last delta: text held back keeps them here
     logprobs: list[TokenLogprobs] = []
+    prompt_logprobs: list[TokenLogprobs] | None = None
     try:
         async with aclosing(ctx.client.generate(request_id, prompt_ids, params,
                                                 arrival)) as outputs:
@@ -242,6 +250,8 @@ async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
                 tracker.on_output(output)
                 token_ids += output.new_token_ids
                 logprobs += output.new_logprobs or []
+                if output.prompt_logprobs is not None:
+                    prompt_logprobs = output.prompt_logprobs
                 usage.completion_tokens += len(output.new_token_ids)
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 if output.num_prompt_tokens:
@@ -250,11 +260,12 @@ async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
                 match = stops.add(detok.add(output.new_token_ids, finished), finished)
                 if match.stopped or finished:
                     finish_reason = "stop" if match.stopped else output.finish_reason
-                    yield Delta(match.text, finish_reason, usage, token_ids, logprobs)
+                    yield Delta(match.text, finish_reason, usage, token_ids, logprobs,
+                                prompt_logprobs)
                     return
                 if match.text:
-                    yield Delta(match.text, None, usage, token_ids, logprobs)
-                    token_ids, logprobs = [], []
+                    yield Delta(match.text, None, usage, token_ids, logprobs, prompt_logprobs)
+                    token_ids, logprobs, prompt_logprobs = [], [], None
     finally:
         tracker.finish(finish_reason, usage.completion_tokens)
 
@@ -269,6 +280,8 @@ async def collect(deltas: AsyncIterator[tuple[int, Delta]], count: int) -> list[
             acc.token_ids += delta.token_ids
             acc.logprobs += delta.logprobs
             acc.finish_reason, acc.usage = delta.finish_reason, delta.usage
+            if delta.prompt_logprobs is not None:
+                acc.prompt_logprobs = delta.prompt_logprobs
     return whole
 
 

@@ -230,6 +230,55 @@ def test_completion_logprobs_equal_the_oracle_log_softmax(client):
                               atol=1e-3)
 
 
+def test_completion_logprobs_0_gives_each_token_with_itself_as_top(client):
+    lp = complete(client, max_tokens=4, logprobs=0).logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
+
+
+def test_completion_echo_with_logprobs_gives_prompt_then_output_tokens(client):
+    prompt = [504, 3458, 314, 4649, 314]
+    kw = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": True,
+          "logprobs": 2}
+    choice = client.completions.create(**kw).choices[0]
+    lp = choice.logprobs
+    ids = prompt + oracle.greedy_tokens(prompt, 3)
+    assert lp.tokens == [load_tokenizer(None).decode([i]) for i in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(ids))]
+    assert choice.text == "".join(lp.tokens)
+    reference = oracle.logits(ids).log_softmax(-1)
+    for k in range(1, len(ids)):
+        assert abs(lp.token_logprobs[k] - reference[k - 1, ids[k]].item()) < 1e-3
+        assert lp.top_logprobs[k][lp.tokens[k]] == lp.token_logprobs[k]
+        assert 2 <= len(lp.top_logprobs[k]) <= 3  # the token itself and the two most likely
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [v for c in chunks for v in c.choices[0].logprobs.token_logprobs] == \
+        pytest.approx(lp.token_logprobs)
+
+
+def test_chat_prompt_logprobs_via_extra_body_in_vllm_shape(server, client):
+    out = ask(client, "Name a fruit.", max_tokens=2, extra_body={"prompt_logprobs": 1})
+    ids = post(server, "/tokenize", {"messages": [{"role": "user",
+                                                   "content": "Name a fruit."}]}).json()["tokens"]
+    entries = out.prompt_logprobs
+    assert len(entries) == len(ids) == out.usage.prompt_tokens and entries[0] is None
+    reference = oracle.logits(ids).log_softmax(-1)
+    for k in range(1, len(ids)):
+        entry = entries[k]
+        own = entry[str(ids[k])]
+        assert abs(own["logprob"] - reference[k - 1, ids[k]].item()) < 1e-3
+        assert own["decoded_token"] == load_tokenizer(None).decode([ids[k]])
+        best = reference[k - 1].argmax().item()
+        assert entry[str(best)]["rank"] == 1 and len(entry) <= 2
+    streamed = post(server, "/v1/chat/completions", {"model": MODEL, "messages": HI,
+                                                     "stream": True, "prompt_logprobs": 1})
+    assert streamed.status_code == 400
+    assert streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
 def test_chat_top_logprobs_lists_5_sorted_alternatives_with_bytes(client):
     out = ask(client, "Name a fruit.", max_tokens=4, logprobs=True, top_logprobs=5)
     entries = out.choices[0].logprobs.content
@@ -341,6 +390,7 @@ BAD = {
     "seed": {"seed": 2**63},
     "logit_bias": {"logit_bias": {"999999": 1}},
     "top_logprobs": {"logprobs": True, "top_logprobs": 21},
+    "prompt_logprobs": {"prompt_logprobs": 21},
     "stream_options": {"stream_options": {"include_usage": True}},
     "audio": {"audio": {"voice": "alloy"}},
     "modalities": {"modalities": ["text", "audio"]},

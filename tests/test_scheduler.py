@@ -106,6 +106,38 @@ def test_prefix_hit_skips_cached_pages_and_keeps_last_token():
     assert plan(out) == [("c", 4)]
 
 
+def test_prompt_logprob_requests_skip_prefix_hits_and_others_still_hit():
+    sched, _ = make(num_pages=16, page_size=4, budget=64)
+    sched.add_request(request("a", 10, max_tokens=1, first_token=0))
+    fake_step(sched)
+    wants = request("b", 12, max_tokens=1, first_token=0)
+    wants.sampling_params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+    sched.add_request(wants)
+    out, _ = fake_step(sched)
+    assert plan(out) == [("b", 12)] and out.prefix_cache_hits == 0
+    assert out.scheduled[0].prompt_logprob_positions == range(0, 11)
+    sched.add_request(request("c", 12, max_tokens=1, first_token=0))
+    assert plan(fake_step(sched)[0]) == [("c", 4)]  # b's pages were cached for it
+
+
+def test_prompt_logprob_positions_cover_the_prompt_once_across_preemption():
+    """Position p gives token p + 1's logprob: 0 .. P-2 once each, chunk by chunk, even when a
+    preempted request recomputes its chunks."""
+    sched, _ = make(num_pages=6, page_size=4, budget=8, prefix=False)
+    wants = request("a", 20, max_tokens=2)
+    wants.sampling_params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True,
+                                           prompt_logprobs=0)
+    sched.add_request(request("b", 4, max_tokens=8))  # admitted first: a is the victim
+    sched.add_request(wants)
+    given, preemptions = [], 0
+    while sched.has_unfinished():
+        out, _ = fake_step(sched)
+        preemptions += out.num_preemptions
+        given += [p for s in out.scheduled for p in s.prompt_logprob_positions]
+    assert preemptions >= 1
+    assert given == list(range(19))
+
+
 def test_abort_frees_pages_at_once():
     sched, bm = make()
     sched.add_request(request("a", 30))
