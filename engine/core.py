@@ -39,6 +39,8 @@ class EngineCore:
         self.structured: StructuredOutputManager | None = None  # built on first use
         # Seeds of sampled requests that bring none (vLLM's --seed): drawn in arrival order.
         self.seeds = random.Random(config.model.seed)
+        # Prompt logprobs gathered chunk by chunk, sent whole with the request's first token.
+        self.prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
         logger.info("%s", self.startup_summary(time.monotonic() - start))
 
     def startup_summary(self, started_s: float) -> str:
@@ -64,8 +66,6 @@ class EngineCore:
             f"  limits    max_model_len {self.max_model_len}, max_num_seqs "
             f"{c.scheduler.max_num_seqs}, max_num_batched_tokens "
             f"{c.scheduler.max_num_batched_tokens}"])
-        # Prompt logprobs gathered chunk by chunk, sent whole with the request's first token.
-        self.prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
 
     def _structured(self) -> StructuredOutputManager:
         if self.structured is None:
