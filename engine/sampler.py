@@ -120,7 +120,15 @@ def _truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def _exponential_noise(batch: SamplingBatch, shape: torch.Size) -> torch.Tensor:
-    noise = torch.empty(shape).exponential_()
+    """Each seeded row from its own generator, the other rows in one draw. A row is filled
+    once: a full-vocabulary draw costs about 1 ms per row on CPU, and with `--seed` every
+    sampled row is seeded."""
+    noise = torch.empty(shape)
+    unseeded = [i for i, seed in enumerate(batch.seeds) if seed is None]
+    if len(unseeded) == len(batch.seeds):
+        return noise.exponential_()
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), shape[1]).exponential_()
     for i, seed in enumerate(batch.seeds):
         if seed is not None:
             gen = torch.Generator().manual_seed((seed * 1_000_003 + batch.positions[i]) % 2**63)
