@@ -1,11 +1,52 @@
 """The single source of truth for how an engine is built: one dataclass tree, defaults in code.
 
 YAML presets and CLI flags only override these fields (see `server/config.py`). Each section
-checks its own ranges; an error message starts with the field's name, which the server turns
-into the flag's (`max_num_seqs` -> `--max-num-seqs`).
+checks its own types (from its field annotations, `check_types`) and then its ranges; an error
+message starts with the field's name, which the server turns into the flag's
+(`max_num_seqs` -> `--max-num-seqs`).
 """
 import re
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               type(None): "null"}
+
+
+def _is_instance(value: object, hint: object) -> bool:
+    """`isinstance` for the annotations configs use: int, float, str, bool, `X | None`,
+    `list[X]`. bool is not an int here (`max_num_seqs: true` is a mistake); an int is a
+    float (`gpu_memory_utilization: 1`)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_instance(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint: object) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).removeprefix('a ')}s"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(obj: object) -> None:
+    """Each field of the dataclass `obj` holds a value of its annotated type (nested sections
+    check themselves); a YAML preset can hold anything, and `"lots" > 0` or a float count would
+    otherwise pass or fail far from the key that caused it."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        hint, value = hints[f.name], getattr(obj, f.name)
+        if not is_dataclass(hint) and not _is_instance(value, hint):
+            raise ValueError(f"{f.name} must be {_type_name(hint)}, got {value!r}")
 
 
 def _check(obj: object, rules: list[tuple[str, bool, str]]) -> None:
@@ -43,6 +84,7 @@ class ModelConfig:
     tokenizer: str | None = None  # HF tokenizer directory or GGUF file; None = the model's
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self, _positive(self, "max_model_len"))
 
     @property
@@ -63,6 +105,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self, _positive(self, "page_size", "num_kv_pages", "kv_cache_memory") + [
             ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1,
              "must be in (0, 1]")])
@@ -74,6 +117,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self, _positive(self, "max_num_seqs", "max_num_batched_tokens"))
 
 
@@ -85,6 +129,7 @@ class EngineConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check(self, [("device", re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                        "must be cpu, cuda or cuda:N")])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, check_types
 from engine.config import byte_size as parse_byte_size
 from engine.tokenizer import DEFAULT_MODEL_NAME, model_format, resolve_model_path
 
@@ -35,6 +35,7 @@ class ServerConfig:
     chat_template: str | None = None  # Jinja text from --chat-template; None = the tokenizer's
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
 
@@ -125,6 +126,8 @@ def _yaml_value(action: argparse.Action, name: str, value, where: str,
     """A preset's value as the flag would give it: switches take true/false, strings go
     through the flag's type, choices are checked."""
     if action.nargs == 0:  # a switch: `no-prefix-caching: true`, `enable-prefix-caching: false`
+        if not isinstance(value, bool):  # `"false"` would be truthy
+            parser.error(f"{where}: must be true or false, got {value!r}")
         if isinstance(action, argparse.BooleanOptionalAction):
             return bool(value) != name.startswith("no_")
         return action.const if value else not action.const
@@ -158,10 +161,13 @@ def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
     return out
 
 
-def _flag_error(parser: argparse.ArgumentParser, exc: ValueError) -> None:
-    """A config section's `field why` as argparse's `argument --field: why`."""
+def _flag_error(parser: argparse.ArgumentParser, exc: ValueError, preset: str | None,
+                preset_keys: set[str]) -> None:
+    """A config section's `field why` as argparse's `argument --field: why`, saying so when
+    the value came from the preset."""
     name, _, why = str(exc).partition(" ")
-    parser.error(f"argument --{name.replace('_', '-')}: {why}")
+    where = f" (from --config {preset})" if name in preset_keys else ""
+    parser.error(f"argument --{name.replace('_', '-')}{where}: {why}")
 
 
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
@@ -171,8 +177,10 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
         parser.error(f"the model is given twice: MODEL {args.model_tag} and --model "
                      f"{args.model}")
     values = _load_yaml(args.config, parser) if args.config else {}
-    values.update({k: v for k, v in vars(args).items()
-                   if v is not None and k not in ("config", "model_tag")})
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("config", "model_tag")}
+    preset_keys = set(values) - set(flags)
+    values.update(flags)
     if args.model_tag is not None:
         values["model"] = args.model_tag
     engine = EngineConfig()
@@ -185,7 +193,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
         values.setdefault("api_key", os.environ.get("TESSERA_API_KEY") or None)
         server = ServerConfig(**{k: values[k] for k in asdict(ServerConfig()) if k in values})
     except ValueError as exc:
-        _flag_error(parser, exc)
+        _flag_error(parser, exc, args.config, preset_keys)
     return engine, server
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import SchedulerConfig
 from server.config import add_serve_flags, parse_serve_args, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +80,56 @@ def test_a_preset_value_is_checked_like_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         configs(["--config", str(preset)])
     assert "kv-cache-memory: expected a size such as 2GiB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, flag", [
+    ('max-num-seqs: "lots"', "--max-num-seqs"),
+    ("max-num-seqs: 3.5", "--max-num-seqs"),
+    ("max-num-seqs: true", "--max-num-seqs"),  # bool is an int to Python, not to us
+    ("max_model_len: [1]", "--max-model-len"),
+    ("max-num-batched-tokens: {a: 1}", "--max-num-batched-tokens"),
+    ("num-kv-pages: 1.0", "--num-kv-pages"),
+    ("page-size: null", "--page-size"),
+    ("seed: 0.5", "--seed"),
+    ("gpu-memory-utilization: [0.5]", "--gpu-memory-utilization"),
+    ("gpu-memory-utilization: false", "--gpu-memory-utilization"),
+    ("device: 0", "--device"),
+    ("model: [a.gguf]", "--model"),
+    ("host: 127", "--host"),
+    ("port: 80.5", "--port"),
+    ("served-model-name: 7", "--served-model-name"),
+    ("api-key: 12345", "--api-key"),
+    ("allowed-origins: [1, 2]", "--allowed-origins"),
+    ('enable-prefix-caching: "false"', "enable-prefix-caching"),  # would be truthy
+    ("log-prompts: 1", "log-prompts"),
+    ("dtype: 16", "dtype"),
+])
+def test_a_preset_value_of_the_wrong_type_is_a_usage_error_naming_the_key(line, flag, tmp_path,
+                                                                          capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        parse_serve_args(["--config", str(preset)])
+    assert exit_.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, field, value", [
+    ("gpu-memory-utilization: 1", "gpu_memory_utilization", 1),  # an int is a number
+    ("max-model-len: null", "max_model_len", None),
+    ("max-num-seqs: '8'", "max_num_seqs", 8),  # a string goes through the flag's type
+    ("allowed-origins: [a, b]", "allowed_origins", ["a", "b"])])
+def test_a_preset_value_of_a_compatible_type_is_accepted(line, field, value, tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(line + "\n")
+    engine, server = configs(["--config", str(preset)])
+    sections = (engine.model, engine.cache, engine.scheduler, server)
+    assert [getattr(s, field) for s in sections if hasattr(s, field)] == [value]
+
+
+def test_the_engine_config_checks_types_for_the_offline_api_too():
+    with pytest.raises(ValueError, match="max_num_seqs must be an integer, got 'lots'"):
+        SchedulerConfig(max_num_seqs="lots")
 
 
 def test_the_model_is_positional_as_in_vllm():
