@@ -22,17 +22,19 @@ from engine.config import EngineConfig
 from engine.logs import configure_logging, one_line
 from engine.messages import EngineReady
 from engine.tokenizer import load_tokenizer, resolve_model_path
-from server import __version__, errors
+from server import __version__, errors, openapi
 from server.config import ServerConfig, log_effective
 from server.engine_client import EngineClient, EngineDead
 from server.errors import APIError, EngineUnavailable
 from server.metrics import Metrics
 from server.middleware import RequestIdAndAuth
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                             ModelCard, ModelList, SamplingRequest, TokenizeRequest, random_id)
+from server.openapi import Route
+from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                             CompletionResponse, DetokenizeRequest, ModelCard, ModelList,
+                             SamplingRequest, TokenizeRequest, random_id)
 from server.responses import ChatResponder, CompletionResponder, sse_stream
-from server.responses_api import (ResponseBuilder, ResponsesRequest, prepare_response,
-                                  response_events, to_chat_request)
+from server.responses_api import (ResponseBuilder, ResponseObject, ResponsesRequest,
+                                  prepare_response, response_events, to_chat_request)
 from server.serving import (Delta, ServingContext, chat_prompt_ids, collect, fan_out,
                             prepare_chat, prepare_completion)
 
@@ -140,9 +142,23 @@ def build_app(engine_config: EngineConfig, settings: ServerConfig,
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
                            allow_methods=["*"], allow_headers=["*"],
                            expose_headers=["x-request-id"])
-    for method, path, handler in ROUTES:
-        app.add_api_route(path, handler, methods=[method])
+    operations, components = openapi.describe(ROUTES)
+    for route, operation in zip(ROUTES, operations):
+        app.add_api_route(route.path, _endpoint(route), methods=[route.method],
+                          name=route.handler.__name__, description=route.handler.__doc__,
+                          openapi_extra=operation)
+    openapi.install(app, components)
     return app
+
+
+def _endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
+    """The handler, given its parsed body when the route has a body model."""
+    if route.body is None:
+        return route.handler
+
+    async def endpoint(request: Request) -> Response:
+        return await route.handler(request, await _parse(request, route.body))
+    return endpoint
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -202,9 +218,8 @@ async def _whole(request: Request, deltas: AsyncIterator[tuple[int, Delta]], cou
     return JSONResponse(body(whole))
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     arrival = time.time()
-    body = await _parse(request, ChatCompletionRequest)
     ctx = _state(request).ready_context()
     prompt_ids, params, plan = await prepare_chat(ctx, body)
     request_id = random_id("chatcmpl")
@@ -215,9 +230,8 @@ async def chat_completions(request: Request) -> Response:
     return await _respond(request, body, deltas, responder, body.n)
 
 
-async def completions(request: Request) -> Response:
+async def completions(request: Request, body: CompletionRequest) -> Response:
     arrival = time.time()
-    body = await _parse(request, CompletionRequest)
     ctx = _state(request).ready_context()
     prompts = await prepare_completion(ctx, body)
     request_id = random_id("cmpl")
@@ -227,10 +241,9 @@ async def completions(request: Request) -> Response:
     return await _respond(request, body, deltas, responder, len(prompts) * body.n)
 
 
-async def responses(request: Request) -> Response:
+async def responses(request: Request, body: ResponsesRequest) -> Response:
     """OpenAI's Responses API over the chat path (see `server/responses_api.py`)."""
     arrival = time.time()
-    body = await _parse(request, ResponsesRequest)
     ctx = _state(request).ready_context()
     chat = to_chat_request(body)
     prompt_ids, params, plan = await prepare_response(ctx, chat)
@@ -243,9 +256,8 @@ async def responses(request: Request) -> Response:
     return await _whole(request, deltas, 1, builder.whole)
 
 
-async def tokenize(request: Request) -> JSONResponse:
+async def tokenize(request: Request, body: TokenizeRequest) -> JSONResponse:
     """vLLM's shape: `{"count", "max_model_len", "tokens"[, "token_strs"]}`."""
-    body = await _parse(request, TokenizeRequest)
     ctx = _state(request).ready_context()
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give exactly one of prompt and messages", param="prompt")
@@ -259,8 +271,7 @@ async def tokenize(request: Request) -> JSONResponse:
     return JSONResponse(out)
 
 
-async def detokenize(request: Request) -> JSONResponse:
-    body = await _parse(request, DetokenizeRequest)
+async def detokenize(request: Request, body: DetokenizeRequest) -> JSONResponse:
     ctx = _state(request).ready_context()
     if any(not 0 <= t < len(ctx.tokenizer) for t in body.tokens):
         raise APIError(f"tokens must be in [0, {len(ctx.tokenizer)})", param="tokens")
@@ -288,18 +299,19 @@ async def metrics(request: Request) -> Response:
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-ROUTES = [
-    ("POST", "/v1/chat/completions", chat_completions),
-    ("POST", "/v1/completions", completions),
-    ("POST", "/v1/responses", responses),
-    ("GET", "/v1/models", models),
-    ("POST", "/tokenize", tokenize),
-    ("POST", "/detokenize", detokenize),
-    ("GET", "/health", health),
-    ("GET", "/ping", health),
-    ("POST", "/ping", health),
-    ("GET", "/version", version),
-    ("GET", "/metrics", metrics),
+ROUTES = [  # method, path, handler, request body model, 200's JSON model
+    Route("POST", "/v1/chat/completions", chat_completions, ChatCompletionRequest,
+          ChatCompletionResponse),
+    Route("POST", "/v1/completions", completions, CompletionRequest, CompletionResponse),
+    Route("POST", "/v1/responses", responses, ResponsesRequest, ResponseObject),
+    Route("GET", "/v1/models", models, answer=ModelList),
+    Route("POST", "/tokenize", tokenize, TokenizeRequest),
+    Route("POST", "/detokenize", detokenize, DetokenizeRequest),
+    Route("GET", "/health", health),
+    Route("GET", "/ping", health),
+    Route("POST", "/ping", health),
+    Route("GET", "/version", version),
+    Route("GET", "/metrics", metrics),
 ]
 
 

@@ -38,7 +38,8 @@ def _as_parts(content: Any) -> Any:
 
 
 # A string or a list of text parts, held as the list (no str|list union in error locations).
-Text = Annotated[list[TextPart], BeforeValidator(_as_parts)]
+Text = Annotated[list[TextPart], BeforeValidator(_as_parts,
+                                                 json_schema_input_type=str | list[TextPart])]
 
 
 def _joined(parts: list[TextPart]) -> str:
@@ -132,7 +133,8 @@ class ResponsesRequest(BaseModel):
         "reasoning": None, "prompt": None, "top_logprobs": 0}
 
     model: str
-    input: Annotated[list[InputItem], BeforeValidator(_as_items)]
+    input: Annotated[list[InputItem], BeforeValidator(
+        _as_items, json_schema_input_type=str | list[InputItem])]
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float = 1.0
