@@ -8,6 +8,7 @@ tokenizer) stops the server, which then exits 1 with the cause in one line.
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -164,16 +165,33 @@ def _endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
 async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
     """The body as `model`: malformed JSON, a non-object, a wrong type or a field we do not
     support is a 400 naming it."""
+    raw = await request.body()
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise APIError("request body must be a JSON object")
+    _reject_lone_surrogates(raw, body)
     for name, unused in getattr(model, "UNSUPPORTED", {}).items():
         if body.get(name, unused) not in (None, unused):
             raise APIError(f"{name} is not supported by this server", param=name)
     return model.model_validate(body)
+
+
+# A `\uD800`-`\uDFFF` escape: the only way JSON text can hold a UTF-16 surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _reject_lone_surrogates(raw: bytes, body: dict) -> None:
+    """A surrogate escape without its pair decodes to a str that is not text: the tokenizer
+    and every UTF-8 encoder (our JSON answers included) raise on it, so it is a 400 here."""
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise APIError(f"request body holds an unpaired UTF-16 surrogate "
+                           f"({exc.object[exc.start:exc.end]!a})") from None
 
 
 async def _until_disconnected(request: Request) -> None:
