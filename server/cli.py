@@ -14,11 +14,13 @@ _BENCHES = {
     "throughput": "engine.bench_throughput",
     "kernels": "engine.bench_kernels",
     "perplexity": "engine.bench_perplexity",
+    "fuzz": "server.bench_fuzz",
 }
 _BENCH_HELP = """benchmarks (each has its own --help):
   serve       load a running OpenAI-compatible server: TTFT, TPOT, ITL, E2E, output tok/s
   throughput  offline engine beside transformers `generate` on the same weights and prompts
-  kernels     the Triton kernels against the GPU's copy bandwidth, matmul peak and torch"""
+  kernels     the Triton kernels against the GPU's copy bandwidth, matmul peak and torch
+  fuzz        schemathesis over the server's /openapi.json: no 5xx, only OpenAI error objects"""
 
 
 def main(argv: list[str] | None = None) -> None:
