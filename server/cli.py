@@ -15,12 +15,14 @@ _BENCHES = {
     "kernels": "engine.bench_kernels",
     "perplexity": "engine.bench_perplexity",
     "fuzz": "server.bench_fuzz",
+    "soak": "server.bench_soak",
 }
 _BENCH_HELP = """benchmarks (each has its own --help):
   serve       load a running OpenAI-compatible server: TTFT, TPOT, ITL, E2E, output tok/s
   throughput  offline engine beside transformers `generate` on the same weights and prompts
   kernels     the Triton kernels against the GPU's copy bandwidth, matmul peak and torch
-  fuzz        schemathesis over the server's /openapi.json: no 5xx, only OpenAI error objects"""
+  fuzz        schemathesis over the server's /openapi.json: no 5xx, only OpenAI error objects
+  soak        thousands of streams dropped after their first chunks: pages freed, RSS per 1,000"""
 
 
 def main(argv: list[str] | None = None) -> None:

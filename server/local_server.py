@@ -31,10 +31,10 @@ class ServerFailed(Exception):
 def engine_pid(api_pid: int) -> int:
     """The engine-core child of the API process `api_pid` (not multiprocessing's resource
     tracker)."""
-    children = Path(f"/proc/{api_pid}/task/{api_pid}/children")
-    for pid in children.read_text().split():
-        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return int(pid)
+    for children in Path(f"/proc/{api_pid}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
     raise LookupError(f"no engine core process under pid {api_pid}")
 
 
@@ -44,6 +44,14 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise LookupError(f"no VmRSS for pid {pid}")
+
+
+def metric_value(text: str, name: str) -> float:
+    """One sample's value from a Prometheus exposition (first line whose name matches)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
 
 
 @dataclass

@@ -13,7 +13,8 @@ import pytest
 from server import local_server
 # Re-exported: test modules import these from here.
 from server.local_server import (TINY_CHAT_TEMPLATE, TINY_MODEL, Server, ServerFailed,
-                                 stop_server, tiny_model_args, write_tiny_tokenizer)
+                                 metric_value, stop_server, tiny_model_args,
+                                 write_tiny_tokenizer)
 from server.local_server import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,11 +24,21 @@ BASE_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--num-kv-pages", 
 STARTUP_TIMEOUT_S = 180
 
 
-def start_server(args: list[str], log: Path) -> Server:
+def _or_fail(start, *args) -> Server:
     try:
-        return local_server.start_server([*BASE_ARGS, *args], log, STARTUP_TIMEOUT_S)
+        return start(*args)
     except ServerFailed as exc:
         pytest.fail(str(exc))
+
+
+def start_server(args: list[str], log: Path) -> Server:
+    return _or_fail(local_server.start_server, [*BASE_ARGS, *args], log, STARTUP_TIMEOUT_S)
+
+
+def start_tiny_server(workdir: Path, args: list[str]) -> Server:
+    """The tiny model, its tokenizer and log under `workdir`; `BASE_ARGS`, then `args`."""
+    return _or_fail(local_server.start_tiny_server, workdir, [*BASE_ARGS, *args],
+                    STARTUP_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +48,6 @@ def server(request, tmp_path_factory) -> Server:
     srv = start_server(args, log)
     yield srv
     stop_server(srv)
-
-
-def metric_value(text: str, name: str) -> float:
-    """One sample's value from a Prometheus exposition (first line whose name matches)."""
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.2) -> bool:

@@ -9,7 +9,7 @@ from engine.config import EngineConfig
 from server.api import ROUTES, build_app
 from server.bench_fuzz import run_fuzz
 from server.config import ServerConfig
-from tests.conftest import start_server, stop_server, tiny_model_args, write_tiny_tokenizer
+from tests.conftest import start_tiny_server, stop_server
 
 FUZZ_CASES = 500
 FUZZ_SEED = 0
@@ -22,9 +22,7 @@ def document() -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    server = start_server([*tiny_model_args(write_tiny_tokenizer(tmp / "tokenizer")),
-                           "--max-model-len", "64"], tmp / "server.log")
+    server = start_tiny_server(tmp_path_factory.mktemp("fuzz"), ["--max-model-len", "64"])
     yield server
     stop_server(server)
 
