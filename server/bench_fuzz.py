@@ -54,6 +54,9 @@ HOSTILE = [
                         '"top_p": 5e-324, "repetition_penalty": 1e-300, "max_tokens": 2}'),
     ("/v1/completions", '{"model": "{model}", "prompt": "hi", "stop": [""], "max_tokens": 2, '
                         '"stream": true}'),
+    # Routes and methods the document does not have: 404 and 405, as error objects too.
+    ("/v1/no-such-route", "{}"),
+    ("/v1/models", "{}"),
     # Grammars xgrammar cannot build: a dangling $ref, a type that is not a string.
     ("/v1/chat/completions", '{"model": "{model}", "messages": [{"role": "user", '
                              '"content": "hi"}], "response_format": {"type": "json_schema", '
