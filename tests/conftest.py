@@ -5,6 +5,7 @@ A module sets `SERVER_ARGS` (extra flags) to shape its server; tests talk to it 
 it starts in seconds, for tests of the server's plumbing rather than of the model.
 """
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -50,11 +51,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path) -> Server:
+def start_server(args: list[str], log: Path, env: dict[str, str] | None = None) -> Server:
+    """`env` adds to this process's environment."""
     port = _free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *BASE_ARGS, *args]
     with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
     server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
