@@ -5,6 +5,7 @@ process behind two ZeroMQ sockets (see `engine/messages.py`) for the API server.
 """
 import dataclasses
 import logging
+import os
 import pickle
 import random
 import signal
@@ -171,6 +172,9 @@ def _size(num_bytes: int) -> str:
             else f"{num_bytes / 2**20:.1f} MiB")
 
 
+_PARENT_CHECK_MS = 1000  # how often an idle engine checks that the API process lives
+
+
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
                     model_name: str = "", log_level: str = "info") -> None:
     """Process entry point: serve requests from `input_addr`, stream steps to `output_addr`.
@@ -179,11 +183,16 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     only at debug level) and exits 1. Blocks on the input socket only while idle; while busy
     it drains pending messages between steps without waiting, so HTTP traffic never stalls
     the loop.
+
+    SIGINT and SIGTERM are ignored: Ctrl-C and a service manager's SIGTERM reach the whole
+    process group, and the API process drains its requests before it kills this one. If the
+    API process dies without doing so, this process notices within a second and exits.
     """
     import zmq
 
-    # Ctrl-C reaches the whole process group; the API process shuts this one down itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
     configure_logging(log_level)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
@@ -198,10 +207,11 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
         ctx.destroy(linger=5000)  # deliver it before exiting
         sys.exit(1)
     outbox.send(pickle.dumps(engine.ready_message(model_name)))
-    while True:
+    while os.getppid() == parent:
         if not engine.has_unfinished():
             outbox.send(pickle.dumps(engine.idle_stats()))
-            inbox.poll()  # sleep until a message arrives
+            while not inbox.poll(_PARENT_CHECK_MS) and os.getppid() == parent:
+                pass  # sleep until a message arrives
         early: list[RequestOutput] = []
         while inbox.poll(0):
             msg = pickle.loads(inbox.recv())
@@ -217,3 +227,5 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
         step.outputs = early + step.outputs
         if step.outputs or step.stats.num_scheduled_tokens:
             outbox.send(pickle.dumps(step))
+    logger.warning("the API process is gone; the engine core exits")
+    ctx.destroy(linger=0)

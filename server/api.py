@@ -1,9 +1,14 @@
 """The HTTP API: a flat route table over `serving`, and `tessera serve`.
 
 Every handler raises on a user's mistake and `errors` answers; no handler formats an error.
-The engine core runs in a child process started by the app's lifespan, so `/health` answers
-503 while the weights load and after the engine died. A start that fails (the engine or the
-tokenizer) stops the server, which then exits 1 with the cause in one line.
+The engine core runs in a child process started by the app's lifespan and kept up by its
+supervisor, so `/health` answers 503 while the weights load, while a crashed engine restarts
+and while the server drains. A start that fails (the engine or the tokenizer), or an engine
+that keeps crashing, stops the server, which then exits 1 with the cause in one line.
+
+SIGTERM or SIGINT drains: new calls get 503, calls in flight may finish for up to
+`--shutdown-timeout` seconds, the rest end with a 503 (an `error` event when streamed), and
+the server exits 0. A second signal stops at once.
 """
 import asyncio
 import json
@@ -24,8 +29,9 @@ from engine.logs import configure_logging, one_line
 from engine.messages import EngineReady
 from engine.tokenizer import load_tokenizer, resolve_model_path
 from server import __version__, errors, openapi
+from server.admission import Admission, AdmissionLimits
 from server.config import ServerConfig, log_effective
-from server.engine_client import EngineClient, EngineDead
+from server.engine_client import EngineDead
 from server.errors import APIError, EngineUnavailable
 from server.metrics import Metrics
 from server.middleware import RequestIdAndAuth
@@ -38,6 +44,7 @@ from server.responses_api import (ResponseBuilder, ResponseObject, ResponsesRequ
                                   prepare_response, response_events, to_chat_request)
 from server.serving import (Delta, ServingContext, chat_prompt_ids, collect, fan_out,
                             prepare_chat, prepare_completion)
+from server.supervisor import EngineGaveUp, EngineSupervisor
 
 logger = logging.getLogger("tessera.server")
 
@@ -51,21 +58,25 @@ class AppState:
                  stop_server: Callable[[], None]) -> None:
         self.settings = settings
         self.metrics = Metrics(settings.served_model_name)
-        self.client = EngineClient(engine_config, on_step=self.metrics.on_step,
-                                   log_level=settings.log_level)
+        self.engine = EngineSupervisor(engine_config, settings.max_engine_restarts,
+                                       on_step=self.metrics.on_step,
+                                       on_ready=self.metrics.on_ready,
+                                       on_restart=self.metrics.engine_restarts.inc,
+                                       log_level=settings.log_level)
+        self.admission = Admission(engine_config.scheduler.max_num_seqs, AdmissionLimits(
+            settings.max_waiting_requests, settings.max_queued_prompt_tokens,
+            settings.max_choices_per_request), self.metrics.on_reject)
         self.tokenizer_path = engine_config.model.tokenizer_path
         self.serving: ServingContext | None = None
         self.stop_server = stop_server
-        self.start_failure: str | None = None
+        self.failure: str | None = None
 
     async def start(self) -> None:
         """The engine loads the weights while this process loads the tokenizer; the first
         failure of either is the cause."""
         started = time.monotonic()
-        await self.client.start()
-        tokenizer, ready = await asyncio.gather(self._load_tokenizer(), self._wait_engine())
-        self.metrics.on_ready(ready)
-        self.serving = ServingContext(self.client, tokenizer, self.metrics,
+        tokenizer, ready = await asyncio.gather(self._load_tokenizer(), self._start_engine())
+        self.serving = ServingContext(self.engine, self.admission, tokenizer, self.metrics,
                                       self.settings.served_model_name, ready.max_model_len,
                                       ready.vocab_size, self.settings.log_prompts,
                                       self.settings.chat_template or tokenizer.chat_template)
@@ -80,20 +91,46 @@ class AppState:
             logger.debug("loading the tokenizer failed", exc_info=True)
             raise StartFailed(f"tokenizer: {one_line(exc)}") from exc
 
-    async def _wait_engine(self) -> EngineReady:
+    async def _start_engine(self) -> EngineReady:
         try:
-            return await self.client.wait_ready()
+            return await self.engine.start()
         except EngineDead as exc:
             raise StartFailed(f"engine core: {exc}") from exc
 
     def ready_context(self) -> ServingContext:
+        if self.admission.draining:
+            raise EngineUnavailable("the server is shutting down")
         try:
-            self.client.check_alive()
+            self.engine.check_alive()
         except EngineDead as exc:
             raise EngineUnavailable(str(exc)) from exc
         if self.serving is None:
             raise EngineUnavailable("the server is still loading the tokenizer")
         return self.serving
+
+    async def drain(self) -> None:
+        """Admit nothing more; give the calls in flight `--shutdown-timeout` seconds, then
+        end the rest with a 503."""
+        timeout = self.settings.shutdown_timeout
+        self.admission.draining = True
+        logger.info("draining: %d requests in flight, waiting up to %.0f s for them "
+                    "(--shutdown-timeout); new requests get 503", self.admission.in_flight,
+                    timeout)
+        if not await _wait_until(lambda: self.admission.in_flight == 0, timeout):
+            logger.warning("shutdown timeout passed: ending %d requests with an error",
+                           self.admission.in_flight)
+            self.engine.fail_requests("the server is shutting down")
+            await _wait_until(lambda: self.admission.in_flight == 0, _FAILED_FLUSH_S)
+
+
+_FAILED_FLUSH_S = 2.0  # for failed calls to send their error before the server stops
+
+
+async def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return done()
 
 
 class StartFailed(Exception):
@@ -106,16 +143,19 @@ async def _log_engine_periodically(metrics: Metrics) -> None:
         metrics.window.log_and_reset()
 
 
-async def _start_in_background(state: AppState) -> None:
+async def _run_engine(state: AppState) -> None:
+    """Start, then supervise; a failure of either stops the server with the cause."""
     try:
         await state.start()
+        await state.engine.supervise()
         return
-    except StartFailed as exc:
-        state.start_failure = str(exc)
+    except (StartFailed, EngineGaveUp) as exc:
+        state.failure = str(exc)
     except Exception as exc:  # a fault of ours: its traceback helps
         logger.exception("start-up failed")
-        state.start_failure = one_line(exc)
-    logger.error("start-up failed, stopping: %s", state.start_failure)
+        state.failure = one_line(exc)
+    logger.error("%s, stopping: %s", "start-up failed" if state.serving is None
+                 else "the engine cannot be kept up", state.failure)
     state.stop_server()
 
 
@@ -128,12 +168,12 @@ def build_app(engine_config: EngineConfig, settings: ServerConfig,
     async def lifespan(app: FastAPI):
         logger.info("loading model %s in the engine core; /health answers 503 until ready",
                     resolve_model_path(engine_config.model.model))
-        tasks = [asyncio.create_task(_start_in_background(state)),
+        tasks = [asyncio.create_task(_run_engine(state)),
                  asyncio.create_task(_log_engine_periodically(state.metrics))]
         yield
         for task in tasks:
             task.cancel()
-        await state.client.shutdown()
+        await state.engine.stop()
 
     app = FastAPI(title="Tessera", lifespan=lifespan)
     app.state.tessera = state
@@ -333,8 +373,35 @@ ROUTES = [  # method, path, handler, request body model, 200's JSON model
 ]
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM or SIGINT drains (`AppState.drain`) before the
+    usual shutdown, and the signal is not raised again afterwards, so a drained server exits
+    0. A second signal shuts down at once; a third skips even the lifespan's cleanup."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.drain_requested = False
+        self.drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.drain_requested:
+            self.drain_requested = True
+        elif not self.should_exit:
+            self.should_exit = True
+        else:
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_requested and self.drain_task is None:
+            self.drain_task = asyncio.create_task(self.drain())
+        if self.drain_task is not None and self.drain_task.done():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
 def serve(engine_config: EngineConfig, settings: ServerConfig) -> None:
-    """Serve until stopped; exit 1 if the start failed."""
+    """Serve until stopped; exit 1 if the start failed or the engine kept crashing."""
     configure_logging(settings.log_level)
     log_effective(engine_config, settings)
     server: uvicorn.Server | None = None
@@ -343,9 +410,10 @@ def serve(engine_config: EngineConfig, settings: ServerConfig) -> None:
         server.should_exit = True
 
     app = build_app(engine_config, settings, stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level,
-                                           timeout_graceful_shutdown=5))
+    server = _DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                            log_level=settings.log_level,
+                                            timeout_graceful_shutdown=5),
+                             app.state.tessera.drain)
     server.run()
-    if app.state.tessera.start_failure is not None:
+    if app.state.tessera.failure is not None:
         raise SystemExit(1)

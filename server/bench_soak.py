@@ -100,9 +100,9 @@ async def soak(base_url: str, streams: int, concurrency: int = 32, sample_every:
                on_sample: Callable[[Sample], None] | None = None) -> SoakReport:
     """Drop `streams` streams at `base_url`; RSS samples need the API process's pid."""
     report, started = SoakReport(), time.monotonic()
-    engine = engine_pid(api_pid) if api_pid is not None else None
 
     def sample(done: int) -> None:
+        engine = engine_pid(api_pid) if api_pid is not None else None  # a restart moves it
         report.samples.append(Sample(done, engine and rss_bytes(engine),
                                      api_pid and rss_bytes(api_pid)))
         if on_sample is not None:

@@ -33,11 +33,26 @@ class ServerConfig:
     api_key: str | None = None  # also TESSERA_API_KEY; guards every /v1 route
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
     chat_template: str | None = None  # Jinja text from --chat-template; None = the tokenizer's
+    # Admission (server/admission.py): beyond max_num_seqs running, this many engine requests
+    # may wait, holding at most this many prompt tokens not yet prefilled; more is a 429.
+    # Sized so that a full queue drains in about 30 s with the default model on a 2-core CPU
+    # (see the README's "Overload and faults").
+    max_waiting_requests: int = 128
+    max_queued_prompt_tokens: int = 65536
+    max_choices_per_request: int = 128  # prompts x n of one call
+    max_engine_restarts: int = 5  # within 10 minutes; one more crash exits 1
+    shutdown_timeout: float = 30.0  # seconds a drain waits for calls in flight
 
     def __post_init__(self) -> None:
         check_types(self)
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        for name in ("max_waiting_requests", "max_engine_restarts", "shutdown_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_queued_prompt_tokens", "max_choices_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def byte_size(text: str) -> int:
@@ -119,6 +134,20 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "(default: $TESSERA_API_KEY, else open)")
     add("--allowed-origins", type=origins,
         help="comma-separated CORS origins, or * for any (default: no CORS)")
+    add("--max-waiting-requests", type=int,
+        help="engine requests that may wait beyond --max-num-seqs running; more is a 429 "
+             "(default 128)")
+    add("--max-queued-prompt-tokens", type=int,
+        help="prompt tokens of admitted requests not yet prefilled; more is a 429 "
+             "(default 65536)")
+    add("--max-choices-per-request", type=int,
+        help="most engine requests (prompts x n) one call may start; more is a 400 "
+             "(default 128)")
+    add("--max-engine-restarts", type=int,
+        help="engine-core crashes restarted within 10 minutes before the server exits 1 "
+             "(default 5)")
+    add("--shutdown-timeout", type=float,
+        help="seconds SIGTERM/SIGINT lets requests in flight finish (default 30)")
 
 
 def _yaml_value(action: argparse.Action, name: str, value, where: str,

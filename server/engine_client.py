@@ -2,8 +2,10 @@
 
 Spawns the engine, binds the two ZeroMQ sockets (PUSH requests, PULL outputs), and runs two
 tasks on the event loop: one routes each `RequestOutput` to its request's queue, one watches
-the child process. When the engine dies every waiting request receives `EngineDead` and new
-requests are refused, so nothing hangs on a process that is gone.
+the child process. When the engine dies, or the routing task fails (the engine is then
+killed, since its outputs can no longer reach anyone), every waiting request receives
+`EngineDead` and new requests are refused, so nothing hangs on a process that is gone. A
+client serves one engine process; `server/supervisor.py` replaces a dead one.
 """
 import asyncio
 import logging
@@ -22,20 +24,21 @@ from engine.messages import (AbortRequests, AddRequest, EngineFailed, EngineRead
                              RequestOutput, StepStats)
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import DEFAULT_MODEL_NAME
+from server.errors import EngineUnavailable
 
 logger = logging.getLogger("tessera.server")
 
 _WATCH_INTERVAL_S = 0.2
 
 
-class EngineDead(Exception):
-    pass
+class EngineDead(EngineUnavailable):
+    """The engine is gone (or not ready): the request gets a 503, or an `error` event."""
 
 
 class EngineClient:
     def __init__(self, config: EngineConfig,
                  on_step: Callable[[EngineStep], None] | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", fault_after_steps: int | None = None) -> None:
         self.config = config
         self.on_step = on_step
         self.log_level = log_level
@@ -48,6 +51,9 @@ class EngineClient:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
         self._ready_event = asyncio.Event()
+        self.died = asyncio.Event()
+        # A test hook (see `server/supervisor.py`): the routing task raises on this step.
+        self._fault_after_steps = fault_after_steps
 
     @property
     def healthy(self) -> bool:
@@ -85,24 +91,39 @@ class EngineClient:
         return self.ready
 
     async def _route_outputs(self) -> None:
-        while True:
-            message = pickle.loads(await self._output.recv())
-            if isinstance(message, EngineReady):
-                self.ready = message
-                self._ready_event.set()
-                logger.debug("engine ready: %s", message)
-                continue
-            if isinstance(message, EngineFailed):
-                self._fail(message.reason)
-                continue
-            assert isinstance(message, EngineStep)
-            self.last_stats = message.stats
-            if self.on_step is not None:
-                self.on_step(message)
-            for output in message.outputs:
-                queue = self._queues.get(output.request_id)
-                if queue is not None:
-                    queue.put_nowait(output)
+        """Routes until the engine dies; if routing itself fails, the engine is killed."""
+        try:
+            steps = 0
+            while True:
+                message = pickle.loads(await self._output.recv())
+                if isinstance(message, EngineReady):
+                    self.ready = message
+                    self._ready_event.set()
+                    logger.debug("engine ready: %s", message)
+                    continue
+                if isinstance(message, EngineFailed):
+                    self._fail(message.reason)
+                    continue
+                steps += 1
+                if steps == self._fault_after_steps:
+                    raise RuntimeError(f"injected routing fault at step {steps}")
+                self._route_step(message)
+        except Exception as exc:
+            logger.exception("routing engine outputs failed; killing the engine core")
+            self._fail(f"routing engine outputs failed: {type(exc).__name__}: {exc}")
+            self._process.kill()
+
+    def _route_step(self, step: EngineStep) -> None:
+        self.last_stats = step.stats
+        if self.on_step is not None:
+            try:
+                self.on_step(step)
+            except Exception:  # metrics are not worth a request: log and route on
+                logger.exception("the step callback failed")
+        for output in step.outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
 
     async def _watch_process(self) -> None:
         while self._process.is_alive():
@@ -116,9 +137,14 @@ class EngineClient:
             self.dead_reason = reason
             if self.ready is not None:
                 logger.error("%s; failing %d requests in flight", reason, len(self._queues))
+        self.fail_requests(reason)
+        self._ready_event.set()
+        self.died.set()
+
+    def fail_requests(self, reason: str) -> None:
+        """End every request in flight with `EngineDead(reason)` (also used by the drain)."""
         for queue in self._queues.values():
             queue.put_nowait(EngineDead(reason))
-        self._ready_event.set()
 
     def check_alive(self) -> None:
         if self.dead_reason is not None:
@@ -153,12 +179,11 @@ class EngineClient:
                 await self._input.send(pickle.dumps(AbortRequests([request_id])))
 
     async def shutdown(self) -> None:
+        """Kill the engine: it ignores SIGTERM (see `run_engine_core`) and holds no state."""
         for task in self._tasks:
             task.cancel()
         if self._process is not None and self._process.is_alive():
-            self._process.terminate()
-            self._process.join(timeout=5)
-            if self._process.is_alive():
-                self._process.kill()
+            self._process.kill()
+            await asyncio.to_thread(self._process.join, 5)
         self._ctx.destroy(linger=0)
         self._ipc_dir.cleanup()

@@ -28,7 +28,7 @@ class EngineUnavailable(APIError):
 
 
 _TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-          500: "server_error", 503: "service_unavailable_error"}
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
 
 
 def error_body(exc: APIError) -> dict:
@@ -58,7 +58,8 @@ def to_api_error(exc: Exception) -> APIError:
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
     error = to_api_error(exc)
-    return JSONResponse(error_body(error), status_code=error.status)
+    return JSONResponse(error_body(error), status_code=error.status,
+                        headers=getattr(error, "headers", None))
 
 
 def install(app: FastAPI) -> None:

@@ -6,6 +6,7 @@ server: start it, wait for `/health`, find its engine-core child, stop it with C
 than the model.
 """
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -70,12 +71,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path, timeout_s: float = 180) -> Server:
-    """`tessera serve ARGS` on a free port, once `/health` answers 200; raises `ServerFailed`."""
+def start_server(args: list[str], log: Path, timeout_s: float = 180,
+                 env: dict[str, str] | None = None) -> Server:
+    """`tessera serve ARGS` on a free port (`env` added to this process's environment), once
+    `/health` answers 200; raises `ServerFailed`."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args]
     with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
     server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -93,6 +93,12 @@ class Metrics:
                                       "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("tessera:prefix_cache_hits_total",
                                    "Prompt tokens found in the prefix cache.")
+        self.rejected = Counter("tessera:requests_rejected_total",
+                                "Calls refused before reaching the engine, by reason "
+                                "(waiting_requests, queued_prompt_tokens, too_many_choices, "
+                                "draining).", ["model_name", "reason"], registry=reg)
+        self.engine_restarts = counter("tessera:engine_restarts_total",
+                                       "Engine-core processes started to replace one that died.")
         self.info = Info("tessera:engine", "Engine build.", labels, registry=reg)
         self.model_name = model_name
         self.window = StepWindow()
@@ -102,6 +108,9 @@ class Metrics:
             "model": ready.model_name, "dtype": ready.dtype, "device": ready.device,
             "page_size": str(ready.page_size), "kv_cache_dtype": ready.kv_cache_dtype})
         self.kv_pages_total.set(ready.num_kv_pages)
+
+    def on_reject(self, reason: str) -> None:
+        self.rejected.labels(self.model_name, reason).inc()
 
     def on_step(self, step: EngineStep) -> None:
         stats = step.stats

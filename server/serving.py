@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 
 from engine.messages import TokenLogprobs
 from engine.sampling_params import SamplingParams, StructuredOutput
+from server.admission import Admission, Slot
 from server.detokenizer import IncrementalDetokenizer, StopStringChecker
-from server.engine_client import EngineClient
 from server.errors import APIError
 from server.logprobs import TokenTexts
 from server.metrics import Metrics, RequestTracker
 from server.protocol import (ChatCompletionRequest, CompletionRequest, SamplingRequest,
                              TokenizeRequest, UsageInfo)
 from server.structured import response_format_output
+from server.supervisor import EngineSupervisor
 from server.tools import ToolPlan, template_inputs
 
 # Prompts longer than this many characters are tokenized in a worker thread.
@@ -31,7 +32,8 @@ MAX_LOGIT_BIAS = 100
 
 @dataclass
 class ServingContext:
-    client: EngineClient
+    engine: EngineSupervisor
+    admission: Admission
     tokenizer: object
     metrics: Metrics
     served_model_name: str
@@ -192,8 +194,12 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 def fan_out(ctx: ServingContext, request_id: str,
             prompts: list[tuple[list[int], SamplingParams]], n: int, arrival: float,
             prompt_text: str | None = None) -> AsyncIterator[tuple[int, Delta]]:
-    """All choices' deltas as they come; choice `p * n + i` is prompt p's i-th sample."""
-    streams = [generate(ctx, f"{request_id}-{p * n + i}", ids, child, arrival, prompt_text)
+    """All choices' deltas as they come; choice `p * n + i` is prompt p's i-th sample.
+
+    Admission happens here, before anything reaches the engine: it raises 429 or 503."""
+    slots = iter(ctx.admission.admit([len(ids) for ids, _ in prompts for _ in range(n)]))
+    streams = [generate(ctx, f"{request_id}-{p * n + i}", ids, child, arrival, next(slots),
+                        prompt_text)
                for p, (ids, params) in enumerate(prompts)
                for i, child in enumerate(choice_params(params, n))]
     return _interleave(streams)
@@ -231,8 +237,8 @@ async def _interleave(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tupl
 
 
 async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
-                   params: SamplingParams, arrival: float, prompt_text: str | None = None,
-                   ) -> AsyncIterator[Delta]:
+                   params: SamplingParams, arrival: float, slot: Slot,
+                   prompt_text: str | None = None) -> AsyncIterator[Delta]:
     """Text deltas of one request; a stop string ends it here and aborts it in the engine."""
     detok = IncrementalDetokenizer(ctx.tokenizer, prompt_ids)
     stops = StopStringChecker(params.stop, params.include_stop_str_in_output)
@@ -244,9 +250,10 @@ async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
     logprobs: list[TokenLogprobs] = []
     prompt_logprobs: list[TokenLogprobs] | None = None
     try:
-        async with aclosing(ctx.client.generate(request_id, prompt_ids, params,
+        async with aclosing(ctx.engine.generate(request_id, prompt_ids, params,
                                                 arrival)) as outputs:
             async for output in outputs:
+                slot.started()
                 tracker.on_output(output)
                 token_ids += output.new_token_ids
                 logprobs += output.new_logprobs or []
@@ -267,6 +274,7 @@ async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
                     yield Delta(match.text, None, usage, token_ids, logprobs, prompt_logprobs)
                     token_ids, logprobs, prompt_logprobs = [], [], None
     finally:
+        slot.release()
         tracker.finish(finish_reason, usage.completion_tokens)
 
 

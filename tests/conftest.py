@@ -31,8 +31,10 @@ def _or_fail(start, *args) -> Server:
         pytest.fail(str(exc))
 
 
-def start_server(args: list[str], log: Path) -> Server:
-    return _or_fail(local_server.start_server, [*BASE_ARGS, *args], log, STARTUP_TIMEOUT_S)
+def start_server(args: list[str], log: Path, env: dict[str, str] | None = None) -> Server:
+    """`env` adds to this process's environment."""
+    return _or_fail(local_server.start_server, [*BASE_ARGS, *args], log, STARTUP_TIMEOUT_S,
+                    env)
 
 
 def start_tiny_server(workdir: Path, args: list[str]) -> Server:

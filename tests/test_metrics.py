@@ -83,7 +83,7 @@ def test_every_tessera_metric_carries_the_model_name(scrape):
 
 def test_engine_info_describes_the_engine(scrape):
     info = next(f for f in text_string_to_metric_families(scrape)
-                if f.name.startswith("tessera:engine")).samples[0].labels
+                if f.name == "tessera:engine_info").samples[0].labels
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["page_size"] == "16"
 
 
