@@ -47,6 +47,9 @@ HOSTILE = [
     ("/v1/chat/completions", '{"model": "{model}", "messages": [{"role": "user", '
                              '"content": "hi"}], "seed": 9223372036854775807, "n": 2, '
                              '"max_tokens": 2}'),
+    # A top_k past int64 crashed the engine core building its tensor (found by the fuzz).
+    ("/v1/completions", '{"model": "{model}", "prompt": "hi", "top_k": 9223372036854775808, '
+                        '"max_tokens": 2}'),
     # Infinite and subnormal sampling numbers, an empty stop string.
     ("/v1/chat/completions", '{"model": "{model}", "messages": [{"role": "user", '
                              '"content": "hi"}], "temperature": 1e400, "max_tokens": 2}'),
@@ -70,6 +73,7 @@ _PROGRESS_INTERVAL_S = 5.0
 _MAX_ROUNDS = 8  # draws with the next seed while an operation's schema yields fewer cases
 _RANDOM_MODEL_EVERY = 10  # one body in ten keeps the drawn `model` (the 404 path)
 _SHOWN_CHARS = 400
+_LOG_TAIL_LINES = 80
 
 
 @dataclass
@@ -325,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             if server is not None:
                 stop_server(server)
+                if report.failures:  # the server's side of them, before the log is gone
+                    print(f"--- the server's log, last {_LOG_TAIL_LINES} lines:\n" + "\n".join(
+                        server.log.read_text().splitlines()[-_LOG_TAIL_LINES:]),
+                          file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
