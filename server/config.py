@@ -33,17 +33,23 @@ class ServerConfig:
     api_key: str | None = None  # also TESSERA_API_KEY; guards every /v1 route
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
     chat_template: str | None = None  # Jinja text from --chat-template; None = the tokenizer's
+    # A 5 MB prompt (about a million tokens, past any model length) still gets its 400 naming
+    # the prompt; a body several times that is refused (413) before anyone parses it.
+    max_request_body_size: int = 8 * 2**20
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        if self.max_request_body_size < 1:
+            raise ValueError(f"max_request_body_size must be at least 1 byte, got "
+                             f"{self.max_request_body_size}")
 
 
 def byte_size(text: str) -> int:
     """A size flag: '8GiB', '512MB', '1e9' or a plain count of bytes."""
     try:
         return parse_byte_size(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf"
         raise argparse.ArgumentTypeError(
             f"expected a size such as 2GiB, 512MB or 1e9 (bytes), got {text!r}") from None
 
@@ -118,6 +124,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "(default: $TESSERA_API_KEY, else open)")
     add("--allowed-origins", type=origins,
         help="comma-separated CORS origins, or * for any (default: no CORS)")
+    add("--max-request-body-size", type=byte_size, metavar="SIZE",
+        help="larger request bodies are refused with 413, e.g. 16MiB (default 8MiB)")
 
 
 def _yaml_value(action: argparse.Action, name: str, value, where: str,
