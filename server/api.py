@@ -153,6 +153,7 @@ _INLINE_PARSE_BYTES = 2**20
 # `$defs`), well inside Python's recursion limit that the schema walks (ours, `json`, xgrammar's
 # converter) share, and before a nested schema's grammar grows with the square of its depth.
 MAX_JSON_DEPTH = 100
+_CONTAINERS = {dict, list}  # what json.loads makes of arrays and objects
 _TOO_DEEP = f"request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
 
 
@@ -171,14 +172,18 @@ def _reject_constant(name: str):
 
 def _nesting_within(value: dict, limit: int) -> bool:
     """Whether no array or object lies more than `limit` levels deep (level by level, so no
-    recursion whatever the depth)."""
+    recursion whatever the depth; a list of scalars, such as 4M token ids, is passed over at C
+    speed by `isdisjoint`)."""
     level = [value]
     for _ in range(limit):
-        level = [child for node in level
-                 for child in (node.values() if isinstance(node, dict) else node)
-                 if isinstance(child, (dict, list))]
-        if not level:
+        deeper = []
+        for node in level:
+            children = node.values() if isinstance(node, dict) else node
+            if not _CONTAINERS.isdisjoint(map(type, children)):
+                deeper += [child for child in children if type(child) in _CONTAINERS]
+        if not deeper:
             return True
+        level = deeper
     return False
 
 
