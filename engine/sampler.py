@@ -52,7 +52,9 @@ class SamplingBatch:
         return cls(
             temperature=torch.where(temps == 0, 1.0, temps),
             greedy_rows=temps == 0,
-            top_k=torch.tensor([p.top_k or vocab_size for p in ps]) if need_k else None,
+            # Clamped: a top_k past int64 (a client's 1e30) would not even fit the tensor.
+            top_k=torch.tensor([min(p.top_k, vocab_size) or vocab_size for p in ps])
+            if need_k else None,
             top_p=torch.tensor([p.top_p for p in ps]) if need_p else None,
             min_p=torch.tensor([p.min_p for p in ps]) if need_min_p else None,
             seeds=[p.seed if p.temperature > 0 else None for p in ps],
