@@ -44,7 +44,7 @@ class SamplingBatch:
                       bitmask: torch.Tensor | None = None) -> "SamplingBatch":
         ps = [r.sampling_params for r in requests]
         temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32)
-        need_k = any(0 < p.top_k < vocab_size for p in ps)  # a larger k keeps every token
+        need_k = any(p.top_k for p in ps)
         need_p = any(p.top_p < 1 for p in ps)
         need_min_p = any(p.min_p > 0 for p in ps)
         need_pen = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
@@ -52,8 +52,9 @@ class SamplingBatch:
         return cls(
             temperature=torch.where(temps == 0, 1.0, temps),
             greedy_rows=temps == 0,
-            top_k=torch.tensor([min(p.top_k or vocab_size, vocab_size) for p in ps])
-            if need_k else None,  # clamped: a k past int64 once crashed the engine core
+            # Clamped: a top_k past int64 (a client's 1e30) would not even fit the tensor.
+            top_k=torch.tensor([min(p.top_k, vocab_size) or vocab_size for p in ps])
+            if need_k else None,
             top_p=torch.tensor([p.top_p for p in ps]) if need_p else None,
             min_p=torch.tensor([p.min_p for p in ps]) if need_min_p else None,
             seeds=[p.seed if p.temperature > 0 else None for p in ps],

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import torch
 
+from engine.logs import native_message
 from engine.sampling_params import StructuredOutput
 
 
@@ -37,7 +38,7 @@ class StructuredOutputManager:
         try:
             grammar = self._compile(spec)
         except Exception as e:  # xgrammar raises RuntimeError/InvalidJSONError subclasses
-            raise ValueError(f"invalid {spec.kind}: {e}") from e
+            raise ValueError(f"invalid {spec.kind}: {native_message(e)}") from e
         self.matchers[request_id] = self._xgr.GrammarMatcher(grammar)
 
     def bitmask(self, request_ids: list[str]) -> torch.Tensor | None:

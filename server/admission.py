@@ -28,8 +28,8 @@ class AdmissionLimits:
 
 class Overloaded(APIError):
     def __init__(self, message: str) -> None:
-        super().__init__(message, status=429, code="server_overloaded")
-        self.headers = {"Retry-After": str(RETRY_AFTER_S)}
+        super().__init__(message, status=429, code="server_overloaded",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class Slot:

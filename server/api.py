@@ -34,7 +34,7 @@ from server.config import ServerConfig, log_effective
 from server.engine_client import EngineDead
 from server.errors import APIError, EngineUnavailable
 from server.metrics import Metrics
-from server.middleware import RequestIdAndAuth
+from server.middleware import BodySizeLimit, RequestIdAndAuth
 from server.openapi import Route
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, DetokenizeRequest, ModelCard, ModelList,
@@ -43,7 +43,7 @@ from server.responses import ChatResponder, CompletionResponder, sse_stream
 from server.responses_api import (ResponseBuilder, ResponseObject, ResponsesRequest,
                                   prepare_response, response_events, to_chat_request)
 from server.serving import (Delta, ServingContext, chat_prompt_ids, collect, fan_out,
-                            prepare_chat, prepare_completion)
+                            prepare_chat, prepare_completion, run_off_loop)
 from server.supervisor import EngineGaveUp, EngineSupervisor
 
 logger = logging.getLogger("tessera.server")
@@ -178,7 +178,8 @@ def build_app(engine_config: EngineConfig, settings: ServerConfig,
     app = FastAPI(title="Tessera", lifespan=lifespan)
     app.state.tessera = state
     errors.install(app)
-    app.add_middleware(RequestIdAndAuth, api_key=settings.api_key)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_body_size)
+    app.add_middleware(RequestIdAndAuth, api_key=settings.api_key)  # outside: ids on 413s
     if settings.allowed_origins:  # outermost, so preflights never meet the API key check
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
                            allow_methods=["*"], allow_headers=["*"],
@@ -202,16 +203,58 @@ def _endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The body as `model`: malformed JSON, a non-object, a wrong type or a field we do not
-    support is a 400 naming it."""
-    raw = await request.body()
+# Bodies larger than this are decoded and validated in a worker thread: 12 MB of token ids took
+# 1.1 s to json.loads on a busy 2-core CPU, a stall of every other request on the event loop.
+_INLINE_PARSE_BYTES = 2**20
+# Deeper bodies are a 400: far past any real request (pydantic models nest schemas through
+# `$defs`), well inside Python's recursion limit that the schema walks (ours, `json`, xgrammar's
+# converter) share, and before a nested schema's grammar grows with the square of its depth.
+MAX_JSON_DEPTH = 100
+_CONTAINERS = {dict, list}  # what json.loads makes of arrays and objects
+_TOO_DEEP = f"request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _check_json_content_type(request: Request) -> None:
+    """`text/plain` or a form type would let a page on another site post here without a CORS
+    preflight; `application/json` cannot be sent that way."""
+    given = request.headers.get("content-type", "")
+    if given.split(";")[0].strip().lower() != "application/json":
+        raise APIError(f"Content-Type must be application/json, got {given or 'none'}",
+                       status=415, code="unsupported_media_type")
+
+
+def _reject_constant(name: str):
+    raise APIError(f"request body is not valid JSON: {name} is not a JSON value")
+
+
+def _nesting_within(value: dict, limit: int) -> bool:
+    """Whether no array or object lies more than `limit` levels deep (level by level, so no
+    recursion whatever the depth; a list of scalars, such as 4M token ids, is passed over at C
+    speed by `isdisjoint`)."""
+    level = [value]
+    for _ in range(limit):
+        deeper = []
+        for node in level:
+            children = node.values() if isinstance(node, dict) else node
+            if not _CONTAINERS.isdisjoint(map(type, children)):
+                deeper += [child for child in children if type(child) in _CONTAINERS]
+        if not deeper:
+            return True
+        level = deeper
+    return False
+
+
+def _decode(raw: bytes, model: type[BaseModel]) -> BaseModel:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise APIError(_TOO_DEEP) from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # also an integer of over 4300 digits
         raise APIError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise APIError("request body must be a JSON object")
+    if not _nesting_within(body, MAX_JSON_DEPTH):
+        raise APIError(_TOO_DEEP)
     _reject_lone_surrogates(raw, body)
     for name, unused in getattr(model, "UNSUPPORTED", {}).items():
         if body.get(name, unused) not in (None, unused):
@@ -232,6 +275,16 @@ def _reject_lone_surrogates(raw: bytes, body: dict) -> None:
         except UnicodeEncodeError as exc:
             raise APIError(f"request body holds an unpaired UTF-16 surrogate "
                            f"({exc.object[exc.start:exc.end]!a})") from None
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The body as `model`: another content type is a 415; malformed JSON, `NaN`, a non-object,
+    too deep a nesting, a wrong type or a field we do not support is a 400 naming it."""
+    _check_json_content_type(request)
+    raw = await request.body()
+    if len(raw) > _INLINE_PARSE_BYTES:
+        return await asyncio.to_thread(_decode, raw, model)
+    return _decode(raw, model)
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -314,26 +367,34 @@ async def responses(request: Request, body: ResponsesRequest) -> Response:
     return await _whole(request, deltas, 1, builder.whole)
 
 
-async def tokenize(request: Request, body: TokenizeRequest) -> JSONResponse:
-    """vLLM's shape: `{"count", "max_model_len", "tokens"[, "token_strs"]}`."""
+async def tokenize(request: Request, body: TokenizeRequest) -> Response:
+    """vLLM's shape: `{"count", "max_model_len", "tokens"[, "token_strs"]}`. Big prompts are
+    tokenized, and their ids rendered, off the event loop."""
     ctx = _state(request).ready_context()
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
         ids = await chat_prompt_ids(ctx, body)
     else:
-        ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = await run_off_loop(lambda: ctx.tokenizer.encode(
+            body.prompt, add_special_tokens=body.add_special_tokens), len(body.prompt))
     out = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
     if body.return_token_strs:
-        out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(ids)
-    return JSONResponse(out)
+        out["token_strs"] = await run_off_loop(
+            lambda: ctx.tokenizer.convert_ids_to_tokens(ids), len(ids))
+    return await run_off_loop(lambda: JSONResponse(out), len(ids))
 
 
-async def detokenize(request: Request, body: DetokenizeRequest) -> JSONResponse:
+async def detokenize(request: Request, body: DetokenizeRequest) -> Response:
     ctx = _state(request).ready_context()
-    if any(not 0 <= t < len(ctx.tokenizer) for t in body.tokens):
-        raise APIError(f"tokens must be in [0, {len(ctx.tokenizer)})", param="tokens")
-    return JSONResponse({"prompt": ctx.tokenizer.decode(body.tokens)})
+    vocab = len(ctx.tokenizer)
+
+    def decode() -> str:
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(f"tokens must be in [0, {vocab})", param="tokens")
+        return ctx.tokenizer.decode(body.tokens)
+
+    return JSONResponse({"prompt": await run_off_loop(decode, len(body.tokens))})
 
 
 async def models(request: Request) -> JSONResponse:

@@ -42,6 +42,9 @@ class ServerConfig:
     max_choices_per_request: int = 128  # prompts x n of one call
     max_engine_restarts: int = 5  # within 10 minutes; one more crash exits 1
     shutdown_timeout: float = 30.0  # seconds a drain waits for calls in flight
+    # A 5 MB prompt (about a million tokens, past any model length) still gets its 400 naming
+    # the prompt; a body several times that is refused (413) before anyone parses it.
+    max_request_body_size: int = 8 * 2**20
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -53,13 +56,16 @@ class ServerConfig:
         for name in ("max_queued_prompt_tokens", "max_choices_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_request_body_size < 1:
+            raise ValueError(f"max_request_body_size must be at least 1 byte, got "
+                             f"{self.max_request_body_size}")
 
 
 def byte_size(text: str) -> int:
     """A size flag: '8GiB', '512MB', '1e9' or a plain count of bytes."""
     try:
         return parse_byte_size(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf"
         raise argparse.ArgumentTypeError(
             f"expected a size such as 2GiB, 512MB or 1e9 (bytes), got {text!r}") from None
 
@@ -148,6 +154,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
              "(default 5)")
     add("--shutdown-timeout", type=float,
         help="seconds SIGTERM/SIGINT lets requests in flight finish (default 30)")
+    add("--max-request-body-size", type=byte_size, metavar="SIZE",
+        help="larger request bodies are refused with 413, e.g. 16MiB (default 8MiB)")
 
 
 def _yaml_value(action: argparse.Action, name: str, value, where: str,

@@ -10,16 +10,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger("tessera.server")
 
 
 class APIError(Exception):
+    """`headers` go on the answer (a 405's `Allow`, a 401's `WWW-Authenticate`)."""
+
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type: str | None = None, code: str | None = None) -> None:
+                 type: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers
 
 
 class EngineUnavailable(APIError):
@@ -51,15 +56,26 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, ValidationError):
         return from_validation_error(exc)
     if isinstance(exc, HTTPException):
-        return APIError(str(exc.detail), status=exc.status_code)
+        return APIError(str(exc.detail), status=exc.status_code, headers=exc.headers)
     logger.exception("internal error", exc_info=exc)
     return APIError(f"internal error: {type(exc).__name__}", status=500)
 
 
+def method_not_allowed(request: Request) -> APIError:
+    """A 405 whose `Allow` lists the methods of every route on the path: starlette's names
+    only the first route's, and `/ping` is two routes (GET and POST)."""
+    allowed = sorted({method for route in request.app.router.routes
+                      if route.matches(request.scope)[0] != Match.NONE
+                      for method in getattr(route, "methods", None) or ()})
+    return APIError(f"{request.method} is not allowed on {request.url.path}; allowed: "
+                    f"{', '.join(allowed)}", status=405, headers={"Allow": ", ".join(allowed)})
+
+
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, HTTPException) and exc.status_code == 405:
+        exc = method_not_allowed(request)
     error = to_api_error(exc)
-    return JSONResponse(error_body(error), status_code=error.status,
-                        headers=getattr(error, "headers", None))
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
 
 
 def install(app: FastAPI) -> None:

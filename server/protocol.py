@@ -1,8 +1,9 @@
 """OpenAI request and response shapes (pydantic), plus the extras vLLM clients send.
 
 Requests ignore unknown fields, as OpenAI's SDKs send fields newer than any server, except the
-ones in `UNSUPPORTED`: features we lack, refused with a 400 rather than silently dropped. Types
-are checked here; value ranges once by `SamplingParams`.
+ones in `UNSUPPORTED`: features we lack, refused with a 400 rather than silently dropped (as are
+content parts other than text: `check_text_parts`). Types are checked here, floats finite
+(`1e309` parses as infinity); value ranges once by `SamplingParams`.
 """
 import time
 import uuid
@@ -11,6 +12,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from engine.sampling_params import SamplingParams, StructuredOutput
+from server.errors import APIError
 
 
 def random_id(prefix: str, sep: str = "-") -> str:
@@ -34,9 +36,21 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+def check_text_parts(parts: list, where: str, kinds: tuple[str, ...]) -> None:
+    """Content parts must be text parts of `kinds`: an image, audio or file part is a 400
+    naming it (`where.j.type`), not silently dropped; the models served here read text only."""
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in kinds:
+            raise APIError(f"content part type {kind!r} is not supported: this server takes "
+                           f"text only ({', '.join(kinds)} parts)", param=f"{where}.{j}.type")
+        if not isinstance(part.get("text"), str):
+            raise APIError(f"a {kind} part needs a string `text`", param=f"{where}.{j}.text")
+
+
 class SamplingRequest(BaseModel):
     """Fields both endpoints share; `max_tokens` None = up to the model length."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     # Fields we refuse unless they carry the value that means "not used".
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "audio": None, "modalities": ["text"], "prediction": None, "web_search_options": None,
@@ -110,6 +124,9 @@ class NamedToolChoice(BaseModel):
     function: dict[str, str]  # {"name": ...}
 
 
+CHAT_TEXT_PARTS = ("text", "input_text")  # input_text: the Responses API's name
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -120,10 +137,11 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def text(self) -> str:
-        """Content as a string; array content joins its text parts (no images here)."""
+        """Content as a string; array content joins its text parts (`check_text_parts` has
+        refused any other)."""
         if isinstance(self.content, list):
             return "".join(part.get("text", "") for part in self.content
-                           if part.get("type") in ("text", "input_text"))
+                           if part.get("type") in CHAT_TEXT_PARTS)
         return self.content or ""
 
 

@@ -20,30 +20,30 @@ from engine.sampling_params import SamplingParams
 from server.errors import APIError, to_api_error
 from server.protocol import (ChatCompletionRequest, ChatMessage, FunctionCall,
                              FunctionDefinition, NamedToolChoice, ResponseFormat, Tool,
-                             ToolCall, UsageInfo, random_id)
+                             ToolCall, UsageInfo, check_text_parts, random_id)
 from server.responses import ChatChoiceState
 from server.serving import Delta, ServingContext, prepare_chat
 from server.tools import ToolPlan
 
 
 # --- request --------------------------------------------------------------------------------
-class TextPart(BaseModel):
-    """Earlier assistant turns come back as `output_text`; both are plain text to the model."""
-    type: Literal["input_text", "output_text"]
-    text: str
+# Earlier assistant turns come back as `output_text`; both are plain text to the model.
+TEXT_PARTS = ("input_text", "output_text")
 
 
 def _as_parts(content: Any) -> Any:
     return [{"type": "input_text", "text": content}] if isinstance(content, str) else content
 
 
-# A string or a list of text parts, held as the list (no str|list union in error locations).
-Text = Annotated[list[TextPart], BeforeValidator(_as_parts,
-                                                 json_schema_input_type=str | list[TextPart])]
+# A string or a list of content parts, held as the list (no str|list union in error locations);
+# parts other than text (`input_image`, `input_file`, ...) are refused by `_joined`.
+Text = Annotated[list[dict[str, Any]], BeforeValidator(
+    _as_parts, json_schema_input_type=str | list[dict[str, Any]])]
 
 
-def _joined(parts: list[TextPart]) -> str:
-    return "".join(part.text for part in parts)
+def _joined(parts: list[dict[str, Any]], where: str) -> str:
+    check_text_parts(parts, where, TEXT_PARTS)
+    return "".join(part["text"] for part in parts)
 
 
 class MessageItem(BaseModel):
@@ -126,7 +126,7 @@ class FunctionChoice(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     # Refused unless they carry the value that means "not used" (see `api._parse`).
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "previous_response_id": None, "conversation": None, "background": False,
@@ -151,7 +151,7 @@ def _chat_messages(request: ResponsesRequest) -> list[ChatMessage]:
     `tool_calls`), call outputs become `tool` messages."""
     messages = ([ChatMessage(role="system", content=request.instructions)]
                 if request.instructions else [])
-    for item in request.input:
+    for i, item in enumerate(request.input):
         if isinstance(item, FunctionCallItem):
             call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name,
                                                                    arguments=item.arguments))
@@ -161,9 +161,10 @@ def _chat_messages(request: ResponsesRequest) -> list[ChatMessage]:
                 messages.append(ChatMessage(role="assistant", tool_calls=[call]))
         elif isinstance(item, FunctionCallOutputItem):
             messages.append(ChatMessage(role="tool", tool_call_id=item.call_id,
-                                        content=_joined(item.output)))
+                                        content=_joined(item.output, f"input.{i}.output")))
         else:
-            messages.append(ChatMessage(role=item.role, content=_joined(item.content)))
+            messages.append(ChatMessage(role=item.role,
+                                        content=_joined(item.content, f"input.{i}.content")))
     return messages
 
 

@@ -6,6 +6,7 @@ interleaves their `Delta`s, each tagged with its choice index; `generate` runs o
 request through the detokenizer and the stop strings.
 """
 import asyncio
+import ctypes
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -18,14 +19,21 @@ from server.detokenizer import IncrementalDetokenizer, StopStringChecker
 from server.errors import APIError
 from server.logprobs import TokenTexts
 from server.metrics import Metrics, RequestTracker
-from server.protocol import (ChatCompletionRequest, CompletionRequest, SamplingRequest,
-                             TokenizeRequest, UsageInfo)
+from server.protocol import (CHAT_TEXT_PARTS, ChatCompletionRequest, CompletionRequest,
+                             SamplingRequest, TokenizeRequest, UsageInfo, check_text_parts)
 from server.structured import response_format_output
 from server.supervisor import EngineSupervisor
 from server.tools import ToolPlan, template_inputs
 
-# Prompts longer than this many characters are tokenized in a worker thread.
-_INLINE_TOKENIZE_CHARS = 2000
+# Work on more items than this (prompt characters, token ids) runs in a worker thread, so a
+# big prompt never stalls the event loop, and with it `/health` and every stream; below it the
+# thread hop costs more than the work.
+_INLINE_WORK_ITEMS = 2000
+# After work this big the freed memory goes back to the OS. Tokenizing keeps ~200 bytes of
+# scratch a token (offsets, token strings) that glibc otherwise holds in the worker thread's
+# arena: measured, a 1.7M-token prompt left the process 370 MB larger; malloc_trim returned it.
+_TRIM_AFTER_ITEMS = 2**20
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100
 
@@ -107,8 +115,15 @@ def _checked(make: Callable[[], SamplingParams]) -> SamplingParams:
         raise APIError(str(exc), param=str(exc).split()[0]) from exc
 
 
-async def _run_tokenizer(fn: Callable, size: int):
-    return await asyncio.to_thread(fn) if size > _INLINE_TOKENIZE_CHARS else fn()
+async def run_off_loop(fn: Callable, size: int):
+    """`fn()` (tokenizing, templating, rendering `size` items), in a thread when it is big."""
+    if size <= _INLINE_WORK_ITEMS:
+        return fn()
+    try:
+        return await asyncio.to_thread(fn)
+    finally:
+        if size > _TRIM_AFTER_ITEMS and _malloc_trim is not None:
+            await asyncio.to_thread(_malloc_trim, 0)
 
 
 async def chat_prompt_ids(ctx: ServingContext, request: ChatCompletionRequest | TokenizeRequest,
@@ -116,11 +131,14 @@ async def chat_prompt_ids(ctx: ServingContext, request: ChatCompletionRequest | 
     """The chat template applied to the messages (and the tools `plan` shows)."""
     if not request.messages:
         raise APIError("messages must not be empty", param="messages")
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            check_text_parts(message.content, f"messages.{i}.content", CHAT_TEXT_PARTS)
     plan = plan or ToolPlan("none", [])
     messages, extra = template_inputs(request, plan, ctx.chat_template or "")
     size = sum(len(str(m["content"])) for m in messages)
     try:
-        return await _run_tokenizer(lambda: list(ctx.tokenizer.apply_chat_template(
+        return await run_off_loop(lambda: list(ctx.tokenizer.apply_chat_template(
             messages, chat_template=ctx.chat_template,
             add_generation_prompt=request.add_generation_prompt, tokenize=True,
             return_dict=False, **extra)), size)
@@ -170,8 +188,9 @@ async def prepare_completion(ctx: ServingContext, request: CompletionRequest,
     vocab = len(ctx.tokenizer)
     for prompt in _completion_prompts(request):
         if isinstance(prompt, str):
-            ids = await _run_tokenizer(lambda: ctx.tokenizer.encode(prompt), len(prompt))
-        elif any(not 0 <= t < vocab for t in prompt):
+            ids = await run_off_loop(lambda: ctx.tokenizer.encode(prompt), len(prompt))
+        # An over-long id list fails the length check below without a scan on the loop.
+        elif len(prompt) < ctx.max_model_len and any(not 0 <= t < vocab for t in prompt):
             raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         else:
             ids = list(prompt)

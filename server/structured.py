@@ -15,21 +15,33 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from engine.logs import native_message
 from engine.sampling_params import StructuredOutput
 from server.errors import APIError
 from server.protocol import ResponseFormat
 
 
-@lru_cache(maxsize=256)
-def _schema_grammar(schema_text: str) -> tuple[str | None, str | None]:
+def _convert_schema(schema_text: str) -> tuple[str | None, str | None]:
     """(EBNF grammar, None), or (None, xgrammar's complaint) for a schema it rejects."""
     import xgrammar
 
     try:
         grammar = xgrammar.Grammar.from_json_schema(schema_text, any_whitespace=False)
     except Exception as exc:  # xgrammar raises RuntimeError with the converter's message
-        return None, (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        return None, native_message(exc)
     return str(grammar), None
+
+
+_cached_schema_grammar = lru_cache(maxsize=256)(_convert_schema)
+# Larger schemas are converted on every request: 256 cached ones of a few MB each (a body may
+# hold 8 MiB) would keep gigabytes alive.
+_CACHED_SCHEMA_CHARS = 2**16
+
+
+def _schema_grammar(schema_text: str) -> tuple[str | None, str | None]:
+    if len(schema_text) > _CACHED_SCHEMA_CHARS:
+        return _convert_schema(schema_text)
+    return _cached_schema_grammar(schema_text)
 
 
 _OPEN_BOUNDS = {"integer": 10**16 - 1, "number": 10**15}

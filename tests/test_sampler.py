@@ -37,7 +37,6 @@ def test_top_k_top_p_min_p_truncate():
 def test_a_top_k_past_the_vocabulary_keeps_every_token_even_past_int64():
     logits = torch.tensor([[3.0, 2.0, 1.0]]).repeat(4, 1)
     params = [SamplingParams(temperature=1.0, top_k=k) for k in (3, 10**6, 2**70)]
-    assert batch_of(params, 3).top_k is None  # nothing to truncate
     seen = set()
     for _ in range(100):
         seen.update(sample(logits.clone(), batch_of(params + [

@@ -198,3 +198,15 @@ def test_paths_are_checked_before_the_server_starts(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_serve_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_max_request_body_size_takes_a_byte_size_and_defaults_to_8_mib(tmp_path, capsys):
+    assert configs([])[1].max_request_body_size == 8 * 2**20
+    assert configs(["--max-request-body-size", "16MiB"])[1].max_request_body_size == 16 * 2**20
+    preset = tmp_path / "p.yaml"
+    preset.write_text("max-request-body-size: 1MB\n")
+    assert configs(["--config", str(preset)])[1].max_request_body_size == 10**6
+    for value in ("0", "inf"):
+        with pytest.raises(SystemExit):
+            configs(["--max-request-body-size", value])
+    assert "argument --max-request-body-size: must be at least 1 byte" in capsys.readouterr().err
