@@ -93,7 +93,8 @@ def under_tokenization(server: Server, megabytes: float) -> float:
 
 
 def under_concurrency(server: Server, concurrent: int, max_tokens: int) -> float:
-    body = {"model": "any", "prompt": "Once upon a time", "max_tokens": max_tokens,
+    model = httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True}
 
     async def flood() -> list[int]:
