@@ -22,7 +22,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.bench_throughput import load_transformers
-from engine.config import byte_size
+from engine.config import QUANTIZATIONS, byte_size
 from engine.tokenizer import DEFAULT_MODEL_NAME
 
 DEFAULT_FILE = "/usr/share/common-licenses/GPL-3"
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default=None, choices=["q4"])
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     p.add_argument("--kv-cache-dtype", default="auto", help="KV page dtype (auto = model dtype)")
     p.add_argument("--max-model-len", type=int, default=1024,
                    help="engine context; windows hold one token less (default %(default)s)")
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report(r: dict) -> None:
     print(f"{r['model']} on {r['device']} ({r['threads']} threads): weights {r['dtype']}"
-          f"{' q4' if r['quantization'] else ''}, KV cache {r['kv_cache_dtype']} "
+          f"{'' if r['quantization'] == 'none' else ' ' + r['quantization']}"
+          f", KV cache {r['kv_cache_dtype']} "
           f"({r['num_kv_pages']} pages of {r['page_size']} tokens)")
     print(f"text {r['file']}: {r['text_tokens']} tokens; {r['windows']} windows of up to "
           f"{r['window']} tokens, stride {r['stride']}, prefilled in chunks of "

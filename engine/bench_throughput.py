@@ -21,7 +21,7 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
-from engine.config import CacheConfig
+from engine.config import QUANTIZATIONS, CacheConfig
 from engine.logs import Progress
 from engine.model_runner import resolve_dtype
 from engine.roofline import batch_bound, decode_step_bound_s, device_ceilings
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default=None, choices=["q4"],
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="q4: GGUF 4-bit linears packed for few-token steps (CPU, bf16)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)
@@ -248,7 +248,8 @@ def print_table(r: dict, args) -> None:
     else:
         where = f"{r['threads']} threads"
     print(f"{r['model']} ({r['load_format']}) on {r['device']} {r['dtype']}"
-          f"{' q4' if r['quantization'] else ''}, {where}, max_num_seqs {r['max_num_seqs']}, "
+          f"{'' if r['quantization'] == 'none' else ' ' + r['quantization']}"
+          f", {where}, max_num_seqs {r['max_num_seqs']}, "
           f"max_num_batched_tokens {r['max_num_batched_tokens']}")
     print(f"batch: {r['num_prompts']} prompts x {r['input_len']} prompt tokens -> "
           f"{r['output_len']} output tokens each (EOS ignored); single: one such prompt alone")

@@ -3,7 +3,7 @@
 Every source yields `(ModelArch, iterator of (hf_name, tensor))`; tensors use Hugging Face's
 Llama names and layout, so the model has one `load_weights` whatever the source. With
 `quantization="q4"` a GGUF's 4-bit layer linears come as `QuantizedWeight` (codes and per-group
-scales) instead of dense tensors.
+scales, engine/layers/quantization/gguf_q4.py) instead of dense tensors.
 """
 import json
 import logging
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
+from engine.layers.quantization.gguf_q4 import QuantizedWeight, unpack_q4
 from engine.logs import Progress
 from engine.tokenizer import model_format, resolve_model_path
 
@@ -64,29 +65,7 @@ class ModelArch:
         )
 
 
-@dataclass
-class QuantizedWeight:
-    """A 4-bit linear weight `[N, K]`: `w[n, k] = scales[n, g] * codes[n, k] + zeros[n, g]`
-    with `g = k // group_size` and codes in 0..15 (GGUF Q4_1: d, m; Q4_0: d, -8d)."""
-    codes: torch.Tensor  # uint8 [N, K]
-    scales: torch.Tensor  # float32 [N, K / group_size]
-    zeros: torch.Tensor  # float32 [N, K / group_size]
-    group_size: int = 32
-
-    def dequantize(self) -> torch.Tensor:
-        w = self.codes.float().unflatten(1, (-1, self.group_size))
-        w = w * self.scales[..., None] + self.zeros[..., None]
-        return w.flatten(1)
-
-    @classmethod
-    def cat(cls, parts: list["QuantizedWeight"]) -> "QuantizedWeight":
-        """Stack along N (the output rows), as fused q|k|v and gate|up projections need."""
-        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                     ("codes", "scales", "zeros")), parts[0].group_size)
-
-
 Weights = Iterator[tuple[str, torch.Tensor | QuantizedWeight]]
-QUANTIZATIONS = (None, "q4")
 
 
 def load(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[ModelArch, Weights]:
@@ -94,8 +73,6 @@ def load(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[ModelArc
     the stream logs its progress."""
     path = resolve_model_path(cfg.model)
     fmt = model_format(path, cfg.load_format)
-    if cfg.quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be None or 'q4', got {cfg.quantization!r}")
     if fmt == "gguf":
         arch, weights, total = _load_gguf(path, cfg.quantization)
         return arch, _with_progress(weights, total)
@@ -243,24 +220,6 @@ def _load_gguf(path: Path, quantization: str | None = None,
             yield _hf_name(t.name), w
 
     return arch, weights(), len(reader.tensors)
-
-
-def unpack_q4(blocks: np.ndarray, has_min: bool) -> QuantizedWeight:
-    """GGUF Q4_1 (`has_min`) or Q4_0 blocks `[N, K/32 * bytes]` -> codes and scales.
-
-    A Q4_1 block is fp16 d, fp16 m, then 16 bytes whose low nibbles are values 0..15 and
-    high nibbles values 16..31 (gguf/quants.py); Q4_0 has no m and means d * (q - 8).
-    """
-    n = blocks.shape[0]
-    blocks = blocks.reshape(n, -1, 20 if has_min else 18)
-    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
-    if has_min:
-        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
-    else:
-        m = -8 * d
-    qs = torch.from_numpy(blocks[..., -16:].copy())
-    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, -1)
-    return QuantizedWeight(codes, d, m)
 
 
 def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:

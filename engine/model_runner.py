@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits, gpu_kv_budget
 from engine.layers.attention import AttentionMetadata
+from engine.layers.quantization import get_linear_method
 from engine.messages import TokenLogprobs
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import SamplingBatch, gather_logprobs, sample
@@ -75,16 +76,14 @@ class ModelRunner:
         elif self.device.index is not None:  # Triton and graph capture use the current device
             torch.cuda.set_device(self.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device)
-        if config.model.quantization is not None and (
-                self.device.type != "cpu" or self.dtype != torch.bfloat16):
-            raise ValueError(f"quantization={config.model.quantization!r} runs on CPU in "
-                             f"bfloat16 only; got device {config.device!r}, dtype {self.dtype}")
+        self.linear_method = get_linear_method(config.model.quantization)
+        self.linear_method.check_supported(self.device, self.dtype)
         start = time.monotonic()
         arch, weights = loader.load(config.model, self.device)
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
         with torch.device(self.device), _default_dtype(self.dtype):
-            model = LlamaForCausalLM(arch, max(self.max_model_len, 1))
+            model = LlamaForCausalLM(arch, max(self.max_model_len, 1), self.linear_method)
         model.load_weights(weights)
         self.model = model.eval()
         self.load_s = time.monotonic() - start

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import EngineConfig, check_types
+from engine.config import QUANTIZATIONS, EngineConfig, check_types
 from engine.config import byte_size as parse_byte_size
 from engine.tokenizer import DEFAULT_MODEL_NAME, model_format, resolve_model_path
 
@@ -106,9 +106,10 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--port", type=int, help="HTTP port (default 8000)")
     add("--device", help="cpu, cuda or cuda:N (default cpu)")
     add("--dtype", choices=_DTYPES, help="weight and activation dtype (default auto)")
-    add("--quantization", choices=["q4"],
-        help="q4: run a GGUF's Q4_0/Q4_1 layer weights packed 4-bit for small steps "
-             "(CPU, bfloat16; default: dequantize at load)")
+    add("--quantization", choices=QUANTIZATIONS,
+        help="linear weight format: none = dense floats, dequantized at load (default); q4 = "
+             "also keep a GGUF's Q4_0/Q4_1 layer weights packed 4-bit for small steps "
+             "(CPU, bfloat16)")
     add("--seed", type=int,
         help="seed of sampled requests that bring none of their own (default 0)")
     add("--dummy-weights-seed", type=int, help="seed of --load-format dummy weights (default 0)")

@@ -10,8 +10,10 @@ from torch.nn import functional as F
 import kernels
 from engine import LLM, SamplingParams
 from engine.config import ModelConfig
-from engine.layers.linear import INT4_MAX_TOKENS, Linear
-from engine.loader import QuantizedWeight, load, unpack_q4
+from engine.layers.linear import Linear
+from engine.layers.quantization.gguf_q4 import (INT4_MAX_TOKENS, GGUFQ4Method, QuantizedWeight,
+                                                unpack_q4)
+from engine.loader import load
 from engine.tokenizer import resolve_model_path
 
 GGUF_PATH = resolve_model_path(None)  # the bundled SmolLM2-135M-Instruct, Q4_1 linears
@@ -64,9 +66,9 @@ def test_int4_linear_matches_dequantized_matmul(q_proj):
 
 def test_linear_uses_dense_weight_above_int4_max_tokens(q_proj):
     q = unpack_q4(q_proj.data, has_min=True)
-    layer = Linear(*reversed(q.codes.shape))
-    layer.weight.data.copy_(q.dequantize())
-    layer.set_int4(q)
+    layer = Linear(*reversed(q.codes.shape), method=GGUFQ4Method())
+    layer.weight.weight_loader(layer.weight, q)
+    layer.method.process_weights_after_loading(layer)
     layer.to(torch.bfloat16)
     x = torch.randn(INT4_MAX_TOKENS + 1, q.codes.shape[1]).bfloat16()
     assert torch.equal(layer(x), F.linear(x, layer.weight))

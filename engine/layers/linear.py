@@ -1,48 +1,34 @@
-"""A linear layer whose weight is dense, or dense plus a packed 4-bit copy for small steps.
+"""A linear layer `y = x W^T + b` whose weight format is its `LinearMethod`.
 
-The 4-bit copy (`quantization="q4"`) is read by a matrix-vector kernel that moves a quarter of
-the bytes, which is what one decoding request is bound by; for more tokens the dense matmul
-wins (AMX/oneDNN), so both are kept and each step picks by its number of tokens.
+The layer knows its geometry: `output_sizes` are the heights of the projections fused into it
+(q|k|v, gate|up), and `load_rows` puts a checkpoint shard at its rows. The method
+(engine/layers/quantization) knows the format: the parameters, their loading, the matmul.
 """
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-import kernels
-from engine.loader import QuantizedWeight
-
-# Steps of at most this many tokens use the int4 weight. Measured on SmolLM2-135M's 120 layer
-# matrices, 2 cores with AMX: int4 vs dense bf16 at M=1: 5.5 vs 10.8 ms, M=4: 5.7 vs 10.4,
-# M=8: 10.8 vs 10.6, M=32: 42 vs 13 (the int4 kernel scales linearly with M, the dense one
-# hardly at all).
-INT4_MAX_TOKENS = 4
+from engine.layers.quantization import LinearMethod
 
 
 class Linear(nn.Module):
-    """`y = x W^T + b`.
-
-    With an int4 copy, numerics depend on the step's token count (int4 for at most
-    `INT4_MAX_TOKENS` tokens, dense bf16 above), so batch invariance holds only on the dense
-    path: a request's tokens may differ slightly depending on what it is batched with.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 method: LinearMethod, output_sizes: list[int] | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.group_size = 0  # > 0 once an int4 copy is set
-        self.register_buffer("int4_weight", None, persistent=False)
-        self.register_buffer("int4_scales_and_zeros", None, persistent=False)
+        self.output_sizes = output_sizes or [out_features]
+        self.method = method
+        method.create_weights(self, in_features, out_features)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+            self.bias.weight_loader = self.load_rows
 
-    def set_int4(self, q: QuantizedWeight) -> None:
-        """Keep `q` packed for few-token steps; `weight` stays the dense (dequantized) copy."""
-        self.int4_weight, self.int4_scales_and_zeros = kernels.pack_int4(q.codes, q.scales,
-                                                                         q.zeros)
-        self.group_size = q.group_size
+    def load_rows(self, param: nn.Parameter, loaded: torch.Tensor,
+                  shard_id: int | None = None) -> None:
+        """The float weight loader: copy `loaded` into all of `param`, or into the rows of
+        fused shard `shard_id`."""
+        rows = param.data if shard_id is None else param.data.narrow(
+            0, sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id])
+        rows.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.group_size and x.shape[0] <= INT4_MAX_TOKENS:
-            y = kernels.int4_linear(x, self.int4_weight, self.int4_scales_and_zeros,
-                                    self.group_size)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)

@@ -1,8 +1,9 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) over a flat, unpadded token batch.
 
 q/k/v and gate/up projections are fused into one matmul each; weights arrive with Hugging
-Face names and are packed by `load_weights`. A 4-bit weight (`QuantizedWeight`) fills the
-dense weight with its dequantized values and also stays packed in its `Linear`.
+Face names and `load_weights` hands each to its parameter's `weight_loader`, naming the fused
+shard. Every layer linear has the model's `LinearMethod` (its weight format); the embedding and
+the LM head stay dense.
 """
 import torch
 from torch import nn
@@ -11,8 +12,9 @@ from torch.nn import functional as F
 import kernels
 from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.linear import Linear
+from engine.layers.quantization import LinearMethod
 from engine.layers.rotary import cos_sin_cache
-from engine.loader import ModelArch, QuantizedWeight, Weights
+from engine.loader import ModelArch, Weights
 
 
 class RMSNorm(nn.Module):
@@ -26,15 +28,16 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, method: LinearMethod):
         super().__init__()
         self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=arch.attention_bias)
-        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
+                               bias=arch.attention_bias, method=method,
+                               output_sizes=[self.q_size, self.kv_size, self.kv_size])
+        self.o_proj = Linear(self.q_size, arch.hidden_size, method=method)
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
@@ -48,22 +51,23 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, method: LinearMethod):
         super().__init__()
-        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, method=method,
+                                   output_sizes=[arch.intermediate_size] * 2)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, method=method)
 
     def forward(self, x):
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, method: LinearMethod):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch)
+        self.self_attn = LlamaAttention(arch, method)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = LlamaMLP(arch)
+        self.mlp = LlamaMLP(arch, method)
 
     def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
         x, residual = self.input_layernorm(x, residual)
@@ -73,11 +77,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch, max_positions: int):
+    def __init__(self, arch: ModelArch, max_positions: int, linear_method: LinearMethod):
         super().__init__()
         self.arch = arch
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, linear_method)
+                                    for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = None if arch.tie_word_embeddings else nn.Linear(
             arch.hidden_size, arch.vocab_size, bias=False)
@@ -100,35 +105,30 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, weight)
 
     def load_weights(self, weights: Weights) -> None:
-        """Copy HF-named tensors in, packing q|k|v and gate|up into the fused projections."""
+        """Hand HF-named tensors to their parameters, q|k|v and gate|up as shards of the fused
+        projections, then let each linear method repack what it loaded."""
         params = dict(self.named_parameters())
-        packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
-                  "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
-                  "up_proj": ("gate_up_proj", 1)}
-        loaded, quantized = set(), {}
+        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
+                 "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
+                 "up_proj": ("gate_up_proj", 1)}
+        loaded = set()
         for name, w in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
             *prefix, module, kind = name.split(".")
-            if isinstance(w, QuantizedWeight):
-                fused, shard = packed.get(module, (module, 0))
-                quantized.setdefault(".".join([*prefix, fused]), {})[shard] = w
-                w = w.dequantize()
-            if module in packed:
-                fused, shard = packed[module]
-                target = params[".".join([*prefix, fused, kind])]
-                sizes = ([self.layers[0].self_attn.q_size, *[self.layers[0].self_attn.kv_size] * 2]
-                         if fused == "qkv_proj" else [self.arch.intermediate_size] * 2)
-                target.data.narrow(0, sum(sizes[:shard]), sizes[shard]).copy_(w)
-                loaded.add(f"{'.'.join([*prefix, fused, kind])}#{shard}")
+            module, shard = fused.get(module, (module, None))
+            name = ".".join([*prefix, module, kind])
+            param = params[name]
+            if hasattr(param, "weight_loader"):
+                param.weight_loader(param, w, shard)
             else:
-                params[name].data.copy_(w)
-                loaded.add(name)
+                param.data.copy_(w)
+            loaded.add(name if shard is None else f"{name}#{shard}")
         missing = [n for n in params if n not in loaded and not any(
             k.startswith(n + "#") for k in loaded)]
         if missing:
             raise ValueError(f"weights missing from checkpoint: {missing[:5]}")
-        modules = dict(self.named_modules())
-        for name, shards in quantized.items():
-            modules[name].set_int4(QuantizedWeight.cat([shards[i] for i in sorted(shards)]))
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.method.process_weights_after_loading(m)

@@ -1,0 +1,34 @@
+"""The seam between a linear layer and its weight format (vLLM's `QuantizeMethodBase`).
+
+A method owns what a weight *is*: the parameters it registers on the layer, how a checkpoint
+tensor of its format is loaded into them, what is repacked for a kernel once every shard is in,
+and the matmul. The layer owns where a shard *goes* (`Linear.load_rows`: the rows of a fused
+projection), so a method stays the same whatever the layer's geometry.
+
+Every parameter carries `weight_loader(param, loaded, shard_id=None)`, which a model's
+`load_weights` calls with the whole checkpoint tensor (nano-vllm's shape). The loader, not
+the caller, picks the part it keeps: `shard_id` names a fused shard today; a tensor-parallel
+layer will narrow `loaded` to its rank's partition of the output or input dimension there, and
+a mixture-of-experts layer will take an expert index into its stacked weight the same way.
+"""
+import torch
+
+
+class LinearMethod:
+    name: str  # its `--quantization` name
+
+    def create_weights(self, layer: torch.nn.Module, in_features: int,
+                       out_features: int) -> None:
+        """Register `layer.weight` (and any other parameters), each with a `weight_loader`."""
+        raise NotImplementedError
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise `ValueError` if this format cannot run on `device` with activations `dtype`."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Repack what was loaded for the kernel; called once, after every shard is in."""
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        """`x W^T + bias`."""
+        raise NotImplementedError
