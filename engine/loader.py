@@ -1,9 +1,10 @@
 """Weights and architecture from a GGUF file, a Hugging Face directory, or dummy values.
 
 Every source yields `(ModelArch, iterator of (hf_name, tensor))`; tensors use Hugging Face's
-Llama names and layout, so the model has one `load_weights` whatever the source. With
-`quantization="q4"` a GGUF's 4-bit layer linears come as `QuantizedWeight` (codes and per-group
-scales, engine/layers/quantization/gguf_q4.py) instead of dense tensors.
+Llama names and layout, so the model has one `load_weights` whatever the source. A GGUF's
+layer linears of the types the linear method keeps (`LinearMethod.gguf_types`, e.g. q4's
+Q4_0/Q4_1) come as that method's weight (`QuantizedWeight`: codes and per-group scales)
+instead of dense tensors.
 """
 import json
 import logging
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.layers.quantization.gguf_q4 import QuantizedWeight, unpack_q4
+from engine.layers.quantization import LinearMethod, get_linear_method
+from engine.layers.quantization.gguf_q4 import QuantizedWeight
 from engine.logs import Progress
 from engine.tokenizer import model_format, resolve_model_path
 
@@ -74,10 +76,11 @@ def load(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[ModelArc
     path = resolve_model_path(cfg.model)
     fmt = model_format(path, cfg.load_format)
     if fmt == "gguf":
-        arch, weights, total = _load_gguf(path, cfg.quantization)
+        arch, weights, total = _load_gguf(path, get_linear_method(cfg.quantization))
         return arch, _with_progress(weights, total)
     if cfg.quantization is not None:
-        raise ValueError(f"quantization={cfg.quantization!r} needs a GGUF model with Q4_0/Q4_1 "
+        kept = "/".join(get_linear_method(cfg.quantization).gguf_types)
+        raise ValueError(f"quantization={cfg.quantization!r} needs a GGUF model with {kept} "
                          f"linear weights; {path} is loaded as {fmt!r}")
     config_path = path / "config.json" if path.is_dir() else path
     arch = ModelArch.from_hf_config(json.loads(config_path.read_text()))
@@ -166,18 +169,17 @@ def _gguf_field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def _load_gguf(path: Path, quantization: str | None = None,
-               ) -> tuple[ModelArch, Weights, int]:
+def _load_gguf(path: Path, method: LinearMethod) -> tuple[ModelArch, Weights, int]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    q4_types = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
     linears = [t for t in reader.tensors if t.name.startswith("blk.")
                and t.name.split(".")[2] in _GGUF_LINEARS and t.name.endswith(".weight")]
-    if quantization == "q4" and (bad := [t for t in linears if t.tensor_type not in q4_types]):
-        raise ValueError(f"quantization='q4' needs Q4_0/Q4_1 linear weights; {path.name} has "
-                         f"{bad[0].name} as {bad[0].tensor_type.name}")
-    keep_q4 = {t.name for t in linears} if quantization == "q4" else set()
+    kept = method.gguf_types
+    if kept and (bad := [t for t in linears if t.tensor_type.name not in kept]):
+        raise ValueError(f"quantization={method.name!r} needs {'/'.join(kept)} linear weights; "
+                         f"{path.name} has {bad[0].name} as {bad[0].tensor_type.name}")
+    keep = {t.name for t in linears} if kept else set()
     a = _gguf_field(reader, "general.architecture")
     if a not in ("llama", "qwen2"):
         raise ValueError(f"unsupported GGUF architecture {a!r}")
@@ -203,12 +205,11 @@ def _load_gguf(path: Path, quantization: str | None = None,
 
     def weights() -> Weights:
         for t in reader.tensors:
-            if t.name in keep_q4:
-                w = unpack_q4(t.data, t.tensor_type == gguf.GGMLQuantizationType.Q4_1)
+            if t.name in keep:
+                w = method.read_gguf(t.data, t.tensor_type.name)
                 if a == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
                     n = heads if "attn_q" in t.name else arch.num_kv_heads
-                    w = QuantizedWeight(*(_unpermute_rope(x, n) for x in
-                                          (w.codes, w.scales, w.zeros)))
+                    w = w.map_rows(lambda x, n=n: _unpermute_rope(x, n))
                 yield _hf_name(t.name), w
                 continue
             w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),

@@ -16,6 +16,14 @@ import torch
 
 class LinearMethod:
     name: str  # its `--quantization` name
+    # GGML tensor types whose codes this method loads as they are (`read_gguf`); a GGUF layer
+    # linear of any other type is refused, and with none every tensor is dequantized to floats.
+    gguf_types: tuple[str, ...] = ()
+
+    def read_gguf(self, data, type_name: str):
+        """A GGUF layer linear of one of `gguf_types` (raw blocks) as this method's
+        `weight_loader` takes it; its `map_rows(fn)` reorders output rows (RoPE layout)."""
+        raise NotImplementedError
 
     def create_weights(self, layer: torch.nn.Module, in_features: int,
                        out_features: int) -> None:

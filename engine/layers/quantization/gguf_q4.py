@@ -37,6 +37,10 @@ class QuantizedWeight:
         w = w * self.scales[..., None] + self.zeros[..., None]
         return w.flatten(1)
 
+    def map_rows(self, fn) -> "QuantizedWeight":
+        """`fn` applied to the codes, scales and zeros alike (it reorders output rows)."""
+        return QuantizedWeight(fn(self.codes), fn(self.scales), fn(self.zeros), self.group_size)
+
     @classmethod
     def cat(cls, parts: list["QuantizedWeight"]) -> "QuantizedWeight":
         """Stack along N (the output rows), as fused q|k|v and gate|up projections need."""
@@ -65,6 +69,10 @@ def unpack_q4(blocks: np.ndarray, has_min: bool) -> QuantizedWeight:
 class GGUFQ4Method(DenseMethod):
     """The dense weight of `DenseMethod` plus `int4_weight`, packed from the loaded shards."""
     name = "q4"
+    gguf_types = ("Q4_0", "Q4_1")
+
+    def read_gguf(self, data, type_name):
+        return unpack_q4(data, has_min=type_name == "Q4_1")
 
     def create_weights(self, layer, in_features, out_features):
         super().create_weights(layer, in_features, out_features)
