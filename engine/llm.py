@@ -9,7 +9,7 @@ from engine.core import EngineCore
 from engine.messages import AddRequest, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
-from server.detokenizer import IncrementalDetokenizer, StopStringChecker
+from engine.detokenizer import IncrementalDetokenizer, StopStringChecker
 
 
 @dataclass

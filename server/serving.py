@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from engine.messages import TokenLogprobs
 from engine.sampling_params import SamplingParams, StructuredOutput
 from server.admission import Admission, Slot
-from server.detokenizer import IncrementalDetokenizer, StopStringChecker
+from engine.detokenizer import IncrementalDetokenizer, StopStringChecker
 from server.errors import APIError
 from server.logprobs import TokenTexts
 from server.metrics import Metrics, RequestTracker

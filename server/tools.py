@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from engine.sampling_params import StructuredOutput
-from server.detokenizer import StopStringChecker
+from engine.detokenizer import StopStringChecker
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, FunctionCall, Tool, ToolCall
 from server.structured import json_schema_output

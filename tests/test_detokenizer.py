@@ -2,7 +2,7 @@
 import pytest
 
 from engine.tokenizer import load_tokenizer
-from server.detokenizer import IncrementalDetokenizer, StopStringChecker
+from engine.detokenizer import IncrementalDetokenizer, StopStringChecker
 
 TEXTS = [
     "Hello world, how are you today?",

@@ -1,4 +1,5 @@
-"""Incremental detokenization and stop strings, in the API process.
+"""Incremental detokenization and stop strings: the API process runs them per request, and so
+does the offline `LLM`, which is why they live in `engine/` (the engine never imports `server/`).
 
 `IncrementalDetokenizer` turns a growing list of token ids into text deltas. It decodes a small
 window that starts a few tokens back (`prefix_offset`) so tokenizers that drop a word's leading
