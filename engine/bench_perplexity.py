@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
     p.add_argument("--kv-cache-dtype", default="auto", help="KV page dtype (auto = model dtype)")
     p.add_argument("--max-model-len", type=int, default=1024,
                    help="engine context; windows hold one token less (default %(default)s)")

@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
-                   help="q4: GGUF 4-bit linears packed for few-token steps (CPU, bf16)")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                   help="weight format of the linears, as the server's flag (default auto)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     "matmul_tflops": tflops}
     stage(f"tessera: loading {results['model']} ({args.load_format})")
     llm = build_llm(args)
+    results["quantization"] = llm.engine.runner.linear_method.name  # "auto" resolved
+    results["kernels"] = llm.engine.runner.kernels_chosen()
     graphs = llm.engine.runner.graphs
     results["graph_capture_s"] = graphs.capture_s if graphs is not None else None
     arch = llm.engine.runner.arch
@@ -251,6 +253,8 @@ def print_table(r: dict, args) -> None:
           f"{'' if r['quantization'] == 'none' else ' ' + r['quantization']}"
           f", {where}, max_num_seqs {r['max_num_seqs']}, "
           f"max_num_batched_tokens {r['max_num_batched_tokens']}")
+    for layer, plan in r["kernels"].items():
+        print(f"  kernels {layer.split(' ')[1]}: {plan}")
     print(f"batch: {r['num_prompts']} prompts x {r['input_len']} prompt tokens -> "
           f"{r['output_len']} output tokens each (EOS ignored); single: one such prompt alone")
     print(f"{'output tok/s':14}{'batch':>14}{'single':>14}")

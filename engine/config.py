@@ -10,9 +10,10 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
-# The names of `--quantization`, one per linear method in engine/layers/quantization (whose
-# registry is tested against this list); kept here so listing them does not import torch.
-QUANTIZATIONS = ("none", "q4")
+# The names of `--quantization`: "auto", then one per linear method in
+# engine/layers/quantization (whose registry is tested against this list); kept here so
+# listing them does not import torch.
+QUANTIZATIONS = ("auto", "none", "int8", "gguf")
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                type(None): "null"}
@@ -82,19 +83,18 @@ class ModelConfig:
     # seeded with this, so the k-th such request samples alike on every start
     seed: int = 0
     dummy_weights_seed: int = 0
-    # the layers' linear method (engine/layers/quantization): None or "none" = dense floats,
-    # "q4" = a GGUF's Q4_0/Q4_1 layer linears also kept packed 4-bit for few-token steps
-    quantization: str | None = None
+    # the weight format the linears run in (engine/layers/quantization): "none" = dense floats,
+    # "int8" = int8 per channel, "gguf" = a GGUF's 4-bit codes plus int8; "auto" = "gguf" for a
+    # GGUF on CPU, else "none"
+    quantization: str = "auto"
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of as CUDA graphs
     tokenizer: str | None = None  # HF tokenizer directory or GGUF file; None = the model's
 
     def __post_init__(self) -> None:
         check_types(self)
         _check(self, _positive(self, "max_model_len") + [
-            ("quantization", self.quantization in (None, *QUANTIZATIONS),
+            ("quantization", self.quantization in QUANTIZATIONS,
              f"must be one of {', '.join(QUANTIZATIONS)}")])
-        if self.quantization == "none":  # vLLM's explicit spelling of the default
-            self.quantization = None
 
     @property
     def tokenizer_path(self) -> str | None:

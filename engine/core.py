@@ -56,10 +56,11 @@ class EngineCore:
             f"engine started in {started_s:.1f} s (weights loaded in {r.load_s:.1f} s)",
             f"  model     {path}",
             f"  weights   {model_format(path, c.model.load_format)}"
-            f"{', q4 packed' if c.model.quantization else ''}: {params:,} parameters, "
+            f", linears {r.linear_method.name}: {params:,} parameters, "
             f"{arch.num_layers} layers, vocab {arch.vocab_size}",
             f"  dtype     {str(r.dtype).removeprefix('torch.')} ({r.dtype_reason})",
             f"  device    {device}",
+            *(f"  kernels   {shape}: {plan}" for shape, plan in r.kernels_chosen().items()),
             f"  KV cache  {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
             f"{_size(pages * r.kv_spec.page_bytes)} "
             f"({str(r.kv_spec.dtype).removeprefix('torch.')}), prefix caching "
@@ -161,7 +162,7 @@ class EngineCore:
         return EngineReady(model_name, self.max_model_len, str(r.dtype).removeprefix("torch."),
                            self.config.device, r.kv_spec.page_size,
                            str(r.kv_spec.dtype).removeprefix("torch."), r.kv_cache.num_pages,
-                           r.arch.vocab_size)
+                           r.arch.vocab_size, r.linear_method.name, r.kernels_chosen())
 
     def idle_stats(self) -> EngineStep:
         return EngineStep([], self._stats(SchedulerOutput(), 0, 0))

@@ -52,7 +52,7 @@ class LLM:
                  max_num_batched_tokens: int = 512, num_kv_pages: int | None = None,
                  kv_cache_memory: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0,
-                 quantization: str | None = None, enforce_eager: bool = False,
+                 quantization: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, tokenizer: str | None = None,
                  dummy_weights_seed: int = 0, kv_cache_dtype: str = "auto"):
         self.config = EngineConfig(

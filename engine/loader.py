@@ -2,7 +2,7 @@
 
 Every source yields `(ModelArch, iterator of (hf_name, tensor))`; tensors use Hugging Face's
 Llama names and layout, so the model has one `load_weights` whatever the source. A GGUF's
-layer linears of the types the linear method keeps (`LinearMethod.gguf_types`, e.g. q4's
+layer linears of the types the linear method keeps (`LinearMethod.gguf_types`, e.g. gguf's
 Q4_0/Q4_1) come as that method's weight (`QuantizedWeight`: codes and per-group scales)
 instead of dense tensors.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.layers.quantization import LinearMethod, get_linear_method
-from engine.layers.quantization.gguf_q4 import QuantizedWeight
+from engine.layers.quantization import LinearMethod
+from engine.layers.quantization.gguf import QuantizedWeight
 from engine.logs import Progress
 from engine.tokenizer import model_format, resolve_model_path
 
@@ -70,18 +70,19 @@ class ModelArch:
 Weights = Iterator[tuple[str, torch.Tensor | QuantizedWeight]]
 
 
-def load(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[ModelArch, Weights]:
+def load(cfg: ModelConfig, method: LinearMethod, device: torch.device | str = "cpu"
+         ) -> tuple[ModelArch, Weights]:
     """The architecture and a stream of HF-named weights (dummy ones are drawn on `device`);
-    the stream logs its progress."""
+    the stream logs its progress. Layer linears of `method.gguf_types` in a GGUF come as
+    their codes."""
     path = resolve_model_path(cfg.model)
     fmt = model_format(path, cfg.load_format)
     if fmt == "gguf":
-        arch, weights, total = _load_gguf(path, get_linear_method(cfg.quantization))
+        arch, weights, total = _load_gguf(path, method)
         return arch, _with_progress(weights, total)
-    if cfg.quantization is not None:
-        kept = "/".join(get_linear_method(cfg.quantization).gguf_types)
-        raise ValueError(f"quantization={cfg.quantization!r} needs a GGUF model with {kept} "
-                         f"linear weights; {path} is loaded as {fmt!r}")
+    if method.gguf_types:
+        raise ValueError(f"quantization={method.name!r} needs a GGUF model; {path} is loaded "
+                         f"as {fmt!r}")
     config_path = path / "config.json" if path.is_dir() else path
     arch = ModelArch.from_hf_config(json.loads(config_path.read_text()))
     if fmt == "dummy":
@@ -175,11 +176,7 @@ def _load_gguf(path: Path, method: LinearMethod) -> tuple[ModelArch, Weights, in
     reader = gguf.GGUFReader(str(path))
     linears = [t for t in reader.tensors if t.name.startswith("blk.")
                and t.name.split(".")[2] in _GGUF_LINEARS and t.name.endswith(".weight")]
-    kept = method.gguf_types
-    if kept and (bad := [t for t in linears if t.tensor_type.name not in kept]):
-        raise ValueError(f"quantization={method.name!r} needs {'/'.join(kept)} linear weights; "
-                         f"{path.name} has {bad[0].name} as {bad[0].tensor_type.name}")
-    keep = {t.name for t in linears} if kept else set()
+    keep = {t.name for t in linears if t.tensor_type.name in method.gguf_types}
     a = _gguf_field(reader, "general.architecture")
     if a not in ("llama", "qwen2"):
         raise ValueError(f"unsupported GGUF architecture {a!r}")

@@ -80,6 +80,8 @@ class EngineReady:
     kv_cache_dtype: str
     num_kv_pages: int
     vocab_size: int
+    quantization: str  # the linear method serving the weights ("none", "gguf", ...)
+    kernels: dict[str, str]  # quantized layer shape -> which CPU kernel runs which step size
 
 
 @dataclass

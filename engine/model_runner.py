@@ -13,11 +13,13 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits, gpu_kv_budget
 from engine.layers.attention import AttentionMetadata
-from engine.layers.quantization import get_linear_method
+from engine.layers.quantization import get_linear_method, resolve_quantization
+from engine.layers.quantization.kernel_choice import chosen_plans
 from engine.messages import TokenLogprobs
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import SamplingBatch, gather_logprobs, sample
 from engine.structured_output import StructuredOutputManager
+from engine.tokenizer import model_format, resolve_model_path
 from scheduler.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -76,10 +78,12 @@ class ModelRunner:
         elif self.device.index is not None:  # Triton and graph capture use the current device
             torch.cuda.set_device(self.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device)
-        self.linear_method = get_linear_method(config.model.quantization)
+        fmt = model_format(resolve_model_path(config.model.model), config.model.load_format)
+        self.linear_method = get_linear_method(resolve_quantization(
+            config.model.quantization, fmt, self.device.type))
         self.linear_method.check_supported(self.device, self.dtype)
         start = time.monotonic()
-        arch, weights = loader.load(config.model, self.device)
+        arch, weights = loader.load(config.model, self.linear_method, self.device)
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
         with torch.device(self.device), _default_dtype(self.dtype):
@@ -100,6 +104,10 @@ class ModelRunner:
                                        config.scheduler.max_num_seqs,
                                        -(-self.max_model_len // config.cache.page_size),
                                        self.max_model_len, self.device)
+
+    def kernels_chosen(self) -> dict[str, str]:
+        """The CPU kernel per step size of each quantized layer shape (empty when dense)."""
+        return chosen_plans()
 
     def _num_kv_pages(self) -> int:
         cache = self.config.cache

@@ -56,13 +56,34 @@ def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table,
         q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_query_len)
 
 
+def _cpu_only(name: str, x: torch.Tensor) -> None:
+    if _use_triton(x):
+        raise NotImplementedError(f"{name} has a CPU kernel only; use dense weights on CUDA")
+
+
 def pack_int4(codes, scales, zeros):
-    if codes.is_cuda:
-        raise NotImplementedError("int4 weights run on CPU only (torch's int4pack CPU kernel)")
+    _cpu_only("pack_int4", codes)
     return reference.pack_int4(codes, scales, zeros)
 
 
 def int4_linear(x, packed, scales_and_zeros, group_size):
-    if _use_triton(x):
-        raise NotImplementedError("int4_linear has a CPU kernel only; use dense weights on CUDA")
+    _cpu_only("int4_linear", x)
     return reference.int4_linear(x, packed, scales_and_zeros, group_size)
+
+
+def rotate(x, block):
+    return reference.rotate(x, block)
+
+
+def quantize_int8_rows(w):
+    return reference.quantize_int8_rows(w)
+
+
+def int8_weight_linear(x, weight, scales):
+    _cpu_only("int8_weight_linear", x)
+    return reference.int8_weight_linear(x, weight, scales)
+
+
+def int8_linear(x, weight, scales):
+    _cpu_only("int8_linear", x)
+    return reference.int8_linear(x, weight, scales)

@@ -5,6 +5,8 @@ Shapes follow the flat, unpadded batch (see DESIGN.md): T tokens from R requests
 whole context (earlier tokens plus the new ones), and `block_table[R, max_pages]` names the
 pages holding that context. KV caches are `[num_pages, page_size, num_kv_heads, head_dim]`.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -65,17 +67,29 @@ def _gather_context(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
                       max_seq_len: int) -> torch.Tensor:
-    """One new token per row (`q` is `[B, H, D]`): one padded batch over the rows' contexts."""
+    """One new token per row (`q` is `[B, H, D]`) over the rows' gathered contexts, padded to
+    the longest and masked.
+
+    In fp32, torch's SDPA. In half precision it is two batched matmuls instead, each KV head's
+    group of query heads at once: SDPA's CPU flash kernel in bf16 took 4-5x as long with one
+    query per row (32 rows x 256 tokens, SmolLM2's heads: 5.9 ms vs 1.2 ms per layer; issue
+    14's profile had it at 47% of a batch-32 decode step), while in fp32 it is the faster one.
+    """
     pages = block_table[:, : -(-max_seq_len // k_cache.shape[1])]
-    k = _gather_context(k_cache, pages).transpose(1, 2)  # [B, KvH, N, D]
-    v = _gather_context(v_cache, pages).transpose(1, 2)
-    if q.shape[0] == 1:  # nothing to pad: cut to the context, no mask (the fast SDPA path)
-        k, v, mask = k[:, :, :max_seq_len], v[:, :, :max_seq_len], None
-    else:
-        mask = (torch.arange(k.shape[2], device=q.device) < seq_lens[:, None])[:, None, None]
-    o = F.scaled_dot_product_attention(q.unsqueeze(2).to(k.dtype), k, v, attn_mask=mask,
-                                       scale=scale, enable_gqa=True)
-    return o.squeeze(2).to(q.dtype)
+    k = _gather_context(k_cache, pages)[:, :max_seq_len].transpose(1, 2)  # [B, KvH, N, D]
+    v = _gather_context(v_cache, pages)[:, :max_seq_len].transpose(1, 2)
+    beyond = torch.arange(k.shape[2], device=q.device) >= seq_lens[:, None]
+    if k.dtype == torch.float32:  # one row needs no mask: SDPA's fast path
+        mask = None if q.shape[0] == 1 else ~beyond[:, None, None]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2).to(k.dtype), k, v, attn_mask=mask,
+                                           scale=scale, enable_gqa=True)
+        return o.squeeze(2).to(q.dtype)
+    (rows, heads, dim), dtype, kv_heads = q.shape, q.dtype, k.shape[1]
+    q = q.view(rows, kv_heads, heads // kv_heads, dim).to(k.dtype)
+    scores = torch.matmul(q, k.transpose(2, 3)).float().mul_(scale)  # [B, KvH, G, N]
+    scores.masked_fill_(beyond[:, None, None], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(rows, heads, dim).to(dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -133,3 +147,45 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     """`x[M, K] @ w.T` for a `pack_int4` weight; bf16 activations (fp32 ones are far slower)."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size,
                                                       scales_and_zeros).to(x.dtype)
+
+
+@functools.cache
+def hadamard(block: int, dtype: torch.dtype) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix `[block, block]` (a power of two); it is
+    symmetric, so it is its own inverse."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return (h / block ** 0.5).to(dtype)
+
+
+def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`x[..., K]` times the block-diagonal Hadamard matrix of `block`-sized blocks (in x's
+    dtype). Rotating a linear's input and its weight alike leaves `x W^T` as it was, and
+    spreads an outlier channel over the block, so that int8 per token rounds it no worse than
+    the rest (QuaRot)."""
+    return (x.unflatten(-1, (-1, block)) @ hadamard(block, x.dtype)).flatten(-2)
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (an output channel, or an activation token): `w ~ q * scale`,
+    with fp32 `scale[..., 1] = max |row| / 127`."""
+    w = w.float()
+    scale = w.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127
+    return torch.round(w / scale).to(torch.int8), scale
+
+
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
+                       ) -> torch.Tensor:
+    """W8A16: `x[M, K] @ (weight * scales).T` for int8 `weight[N, K]` and bf16 `scales[N]`,
+    dequantizing in the kernel (bf16 activations)."""
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight,
+                                              scales).to(x.dtype)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W8A8: `x` quantized to int8 per token, an int32 GEMM with int8 `weight[N, K]` (integer
+    dot products: VNNI / AMX-INT8), then both scales (fp32 `scales[N]`)."""
+    xq, x_scale = quantize_int8_rows(x)
+    acc = torch._int_mm(xq, weight.t())
+    return (acc * x_scale * scales).to(x.dtype)

@@ -190,6 +190,20 @@ def summarize(args: argparse.Namespace, results: list[Result], duration: float) 
     return summary
 
 
+def server_kernels(base_url: str) -> dict[str, str]:
+    """The kernels a Tessera server says its quantized layers run (`tessera:linear_kernels`
+    on /metrics); empty for other servers, or a dense one."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{base_url}/metrics", timeout=10).text
+        families = list(text_string_to_metric_families(text))
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return {s.labels["layer"]: s.labels["plan"] for f in families
+            if f.name == "tessera:linear_kernels" for s in f.samples}
+
+
 def peak_rss_mib(pid: int) -> float:
     """VmHWM of a process and its children's, in MiB (the engine core is a child process)."""
     from pathlib import Path
@@ -233,6 +247,8 @@ def print_table(summary: dict, errors: list[str]) -> None:
         print(f"{name.upper():<12}" + "".join(f"{v:>10.2f}" for v in row))
     for pid, rss in s["peak_rss_mib"].items():
         print(f"{f'peak RSS of pid {pid}':<28}{rss:.0f} MiB")
+    for layer, plan in summary.get("kernels", {}).items():
+        print(f"{'kernels ' + layer.split(' ')[1]:<28}{plan}")
     if "roofline" in s:
         r = s["roofline"]
         print(f"{'TPOT bound':<28}{r['tpot_bound_ms']:.2f} ms ({r['weight_bytes'] / 1e6:.0f} MB "
@@ -283,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     results, duration = asyncio.run(run(args, prompts))
     summary = summarize(args, results, duration)
     summary["peak_rss_mib"] = {pid: peak_rss_mib(pid) for pid in args.server_pid}
+    summary["kernels"] = server_kernels(args.base_url)
     if args.roofline_dtype:
         from engine.roofline import measure
 

@@ -107,9 +107,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--device", help="cpu, cuda or cuda:N (default cpu)")
     add("--dtype", choices=_DTYPES, help="weight and activation dtype (default auto)")
     add("--quantization", choices=QUANTIZATIONS,
-        help="linear weight format: none = dense floats, dequantized at load (default); q4 = "
-             "also keep a GGUF's Q4_0/Q4_1 layer weights packed 4-bit for small steps "
-             "(CPU, bfloat16)")
+        help="weight format of the linears: auto (default) = gguf for a GGUF on CPU, else "
+             "none; none = dense floats; int8 = int8 per channel (CPU); gguf = a GGUF's 4-bit "
+             "codes plus int8 (CPU)")
     add("--seed", type=int,
         help="seed of sampled requests that bring none of their own (default 0)")
     add("--dummy-weights-seed", type=int, help="seed of --load-format dummy weights (default 0)")

@@ -100,13 +100,19 @@ class Metrics:
         self.engine_restarts = counter("tessera:engine_restarts_total",
                                        "Engine-core processes started to replace one that died.")
         self.info = Info("tessera:engine", "Engine build.", labels, registry=reg)
+        self.kernels = Info("tessera:linear_kernels", "The CPU kernel each quantized layer "
+                            "shape runs, by step size (tokens), as measured on this machine.",
+                            ["model_name", "layer"], registry=reg)
         self.model_name = model_name
         self.window = StepWindow()
 
     def on_ready(self, ready: EngineReady) -> None:
         self.info.labels(self.model_name).info({
             "model": ready.model_name, "dtype": ready.dtype, "device": ready.device,
-            "page_size": str(ready.page_size), "kv_cache_dtype": ready.kv_cache_dtype})
+            "page_size": str(ready.page_size), "kv_cache_dtype": ready.kv_cache_dtype,
+            "quantization": ready.quantization})
+        for layer, plan in ready.kernels.items():
+            self.kernels.labels(self.model_name, layer).info({"plan": plan})
         self.kv_pages_total.set(ready.num_kv_pages)
 
     def on_reject(self, reason: str) -> None:

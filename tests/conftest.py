@@ -18,9 +18,9 @@ from server.local_server import (TINY_CHAT_TEMPLATE, TINY_MODEL, Server, ServerF
 from server.local_server import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-# Small and fp32: fast to load, deterministic greedy output on any CPU.
-BASE_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--num-kv-pages", "256",
-             "--log-level", "warning"]
+# Small, dense fp32: fast to load, token-exact with the transformers oracle on any CPU.
+BASE_ARGS = ["--dtype", "float32", "--quantization", "none", "--max-model-len", "1024",
+             "--num-kv-pages", "256", "--log-level", "warning"]
 STARTUP_TIMEOUT_S = 180
 
 

@@ -1,54 +1,108 @@
-"""The linear-method seam: the registry, fused-shard loading, and each method's matmul."""
+"""The linear-method seam: the registry, fused-shard loading, each method's kernels against a
+float reference, the integer GEMM's exactness, and the per-machine kernel choice."""
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch.nn import functional as F
 
+import kernels
 from engine.config import QUANTIZATIONS, ModelConfig
-from engine.layers.linear import Linear
-from engine.layers.quantization import QUANTIZATION_METHODS, get_linear_method
+from engine.layers.linear import Linear, VocabEmbedding
+from engine.layers.quantization import (QUANTIZATION_METHODS, get_linear_method,
+                                        plan_layer_kernels, resolve_quantization)
+from engine.layers.quantization import kernel_choice
 from engine.layers.quantization.dense import DenseMethod
-from engine.layers.quantization.gguf_q4 import INT4_MAX_TOKENS, QuantizedWeight
+from engine.layers.quantization.gguf import QuantizedWeight
 
 OUTPUT_SIZES = [64, 32, 32]  # a fused q|k|v with 2:1 grouped-query heads
 IN_FEATURES = 256
+TOKEN_COUNTS = [1, 3, 33, 130]
 
 
-def _dense_shard(rows: int, gen: torch.Generator):
-    w = torch.randn(rows, IN_FEATURES, generator=gen)
+@pytest.fixture(autouse=True)
+def _kernel_cache(tmp_path, monkeypatch):
+    """Each test measures into its own cache (and process-wide plans start empty)."""
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_PLANS", {})
+
+
+@contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _dense_shard(rows: int, cols: int, gen: torch.Generator):
+    w = torch.randn(rows, cols, generator=gen) * 0.05
     return w, w
 
 
-def _q4_shard(rows: int, gen: torch.Generator):
-    groups = IN_FEATURES // 32
-    q = QuantizedWeight(torch.randint(0, 16, (rows, IN_FEATURES), generator=gen,
-                                      dtype=torch.uint8),
-                        torch.rand(rows, groups, generator=gen) * 0.02,
-                        torch.randn(rows, groups, generator=gen) * 0.1)
+def _q4_shard(rows: int, cols: int, gen: torch.Generator):
+    """Codes with per-group scales and minimums as real Q4_1 layers have them: each group's
+    values spread about zero (minimum near -7.5 steps)."""
+    groups = cols // 32
+    scales = torch.rand(rows, groups, generator=gen) * 0.01
+    minimums = -7.5 * scales * (1 + 0.2 * torch.randn(rows, groups, generator=gen))
+    q = QuantizedWeight(torch.randint(0, 16, (rows, cols), generator=gen, dtype=torch.uint8),
+                        scales, minimums)
     return q, q.dequantize()
 
 
-# Per method: a random checkpoint shard in its format with its float values, the dtype it
-# runs in, and its error bound relative to the output's largest magnitude.
-CASES = {"none": (_dense_shard, torch.float32, 0.0),
-         # bf16 activations, weights and output: about 1% of the output's scale
-         "q4": (_q4_shard, torch.bfloat16, 0.02)}
+# Per method: a random checkpoint shard in its format with its float values, the activation
+# dtype, and the error bound relative to the output's largest magnitude. bf16 activations and
+# outputs cost ~1%; int8 per-channel weights (step max|row|/127) and per-token activations add
+# about as much again.
+CASES = {"none": (_dense_shard, torch.float32, 1e-6),
+         "int8": (_dense_shard, torch.bfloat16, 0.03),
+         "gguf": (_q4_shard, torch.bfloat16, 0.03)}
+
+
+def _loaded_layer(name: str, gen: torch.Generator, output_sizes=OUTPUT_SIZES,
+                  in_features=IN_FEATURES):
+    make_shard, dtype, _ = CASES[name]
+    method = get_linear_method(name)
+    with _default_dtype(dtype):
+        layer = Linear(in_features, sum(output_sizes), bias=True, method=method,
+                       output_sizes=output_sizes)
+    dense = []
+    for shard, rows in enumerate(output_sizes):
+        loaded, values = make_shard(rows, in_features, gen)
+        layer.weight.weight_loader(layer.weight, loaded, shard)
+        layer.bias.weight_loader(layer.bias, torch.zeros(rows) + shard, shard)
+        dense.append(values)
+    method.process_weights_after_loading(layer)
+    plan_layer_kernels([layer])
+    return layer, torch.cat(dense)
 
 
 def test_registry_names_are_the_cli_choices():
-    assert tuple(QUANTIZATION_METHODS) == QUANTIZATIONS
-    assert set(CASES) == set(QUANTIZATIONS)
+    assert ("auto", *QUANTIZATION_METHODS) == QUANTIZATIONS
+    assert set(CASES) == set(QUANTIZATION_METHODS)
 
 
-def test_none_and_missing_quantization_are_dense():
-    assert type(get_linear_method(None)) is DenseMethod
+def test_auto_is_the_gguf_codes_on_cpu_and_dense_elsewhere():
+    assert resolve_quantization("auto", "gguf", "cpu") == "gguf"
+    assert resolve_quantization("auto", "gguf", "cuda") == "none"
+    assert resolve_quantization("auto", "hf", "cpu") == "none"
+    assert resolve_quantization("none", "gguf", "cpu") == "none"
     assert type(get_linear_method("none")) is DenseMethod
-    assert ModelConfig(quantization="none").quantization is None
+    assert ModelConfig().quantization == "auto"
 
 
 def test_unknown_quantization_is_rejected():
-    with pytest.raises(ValueError, match="quantization must be one of none, q4"):
+    with pytest.raises(ValueError, match="quantization must be one of none, int8, gguf"):
         get_linear_method("q8")
-    with pytest.raises(ValueError, match="quantization must be one of none, q4"):
+    with pytest.raises(ValueError, match="quantization must be one of auto, none, int8, gguf"):
         ModelConfig(quantization="q8")
 
 
@@ -63,23 +117,130 @@ def test_fused_shards_land_at_their_rows():
     assert torch.equal(layer.bias, expected)
 
 
-@pytest.mark.parametrize("name", QUANTIZATIONS)
-@pytest.mark.parametrize("num_tokens", [1, INT4_MAX_TOKENS, INT4_MAX_TOKENS + 1, 33])
-def test_apply_matches_f_linear_on_the_dequantized_weight(name, num_tokens):
-    make_shard, dtype, bound = CASES[name]
+@pytest.mark.parametrize("name", list(QUANTIZATION_METHODS))
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+def test_apply_matches_f_linear_on_the_checkpoint_weight(name, num_tokens):
+    """Through the measured plan: whatever kernel this machine picks for the step size."""
     gen = torch.Generator().manual_seed(0)
-    method = get_linear_method(name)
-    layer = Linear(IN_FEATURES, sum(OUTPUT_SIZES), bias=True, method=method,
-                   output_sizes=OUTPUT_SIZES)
-    dense = []
-    for shard, rows in enumerate(OUTPUT_SIZES):
-        loaded, values = make_shard(rows, gen)
-        layer.weight.weight_loader(layer.weight, loaded, shard)
-        layer.bias.weight_loader(layer.bias, torch.zeros(rows) + shard, shard)
-        dense.append(values)
-    method.process_weights_after_loading(layer)
-    layer.to(dtype)
+    layer, dense = _loaded_layer(name, gen)
+    dtype, bound = CASES[name][1:]
     x = torch.randn(num_tokens, IN_FEATURES, generator=gen).to(dtype)
     y = layer(x).float()
-    expected = F.linear(x.float(), torch.cat(dense), layer.bias.float())
+    expected = F.linear(x.float(), dense, layer.bias.float())
     assert (y - expected).abs().max() <= bound * expected.abs().max()
+
+
+@pytest.mark.parametrize("name", ["int8", "gguf"])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536)])  # SmolLM2's qkv and down
+def test_every_kernel_matches_the_weight_it_holds(name, shape):
+    """Each candidate on its own, at real shapes, against fp32 on the weight the layer really
+    holds: the 4-bit codes for int4, the rotated int8 requantization for the int8 kernels."""
+    out_features, in_features = shape
+    gen = torch.Generator().manual_seed(1)
+    layer, dense = _loaded_layer(name, gen, [out_features], in_features)
+    # int8 of the rotated weight, rotated back: the checkpoint's values up to rounding by
+    # steps of max |row| / 127: ~0.8% of the weight's norm for Gaussian rows and for real
+    # SmolLM2 layers (0.74-0.81%), ~1.1% for these uniform codes
+    held = kernels.rotate(layer.weight.float() * layer.weight_scale[:, None],
+                          layer.rotation_block)
+    assert (held - dense).norm() <= 0.015 * dense.norm()
+    candidates = layer.method.candidates(layer)
+    assert set(candidates) == ({"int4", "w8a16", "w8a8"} if name == "gguf"
+                               else {"w8a16", "w8a8"})
+    for num_tokens in (1, 7, 64):
+        x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
+        for kernel, run in candidates.items():
+            expected = (F.linear(x.float(), dense) if kernel == "int4"
+                        else layer.method.reference(layer, x))
+            error = (run(x).float() - expected).abs().max()
+            # bf16 output rounding; w8a8 also rounds activations to int8 per token
+            bound = (0.02 if kernel == "w8a8" else 0.01) * expected.abs().max()
+            assert error <= bound, (kernel, num_tokens, error)
+
+
+def test_rotation_is_orthonormal_and_leaves_the_product_unchanged():
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(5, 768, generator=gen), torch.randn(32, 768, generator=gen)
+    block = 256
+    assert torch.allclose(kernels.rotate(kernels.rotate(x, block), block), x, atol=1e-5)
+    assert torch.allclose(kernels.rotate(x, block) @ kernels.rotate(w, block).t(), x @ w.t(),
+                          atol=1e-4)
+
+
+def test_int8_gemm_is_exact_on_its_quantized_operands():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(37, 1536, generator=gen)
+    codes, scales = kernels.quantize_int8_rows(torch.randn(576, 1536, generator=gen))
+    xq, x_scale = kernels.quantize_int8_rows(x)
+    assert torch.equal(torch._int_mm(xq, codes.t()).long(), xq.long() @ codes.long().t())
+    expected = (xq.double() @ codes.double().t()) * x_scale.double() * scales[:, 0].double()
+    y = kernels.int8_linear(x, codes, scales[:, 0])
+    assert torch.allclose(y.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_embedding_rows_are_the_lm_head_rows():
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(100, 64, generator=gen)
+    layer = VocabEmbedding(100, 64, method=get_linear_method("int8"))
+    layer.weight.weight_loader(layer.weight, table)
+    layer.method.process_weights_after_loading(layer)
+    plan_layer_kernels([layer])
+    ids = torch.tensor([5, 0, 99, 5])
+    rows = layer.embed(ids)
+    assert (rows - table[ids]).norm() <= 0.015 * table[ids].norm()  # int8 rounding, as above
+    logits = layer(torch.eye(64)[:2])  # the LM head reads the same rows: e_j . w_i = w_i[j]
+    assert torch.allclose(logits.t()[ids], rows[:, :2], atol=0.02)  # bf16 in the kernels
+
+
+def test_the_plan_follows_the_measurement_and_is_cached_per_machine(tmp_path):
+    calls = []
+
+    def kernel(name):
+        def run(x):
+            calls.append(name)
+            # "small" is fast up to 8 tokens, "big" from there on
+            if (x.shape[0] > 8) == (name == "small"):
+                time.sleep(0.003)
+            return x
+        return run
+
+    wrong = lambda x: x + 1  # noqa: E731 - the fastest, and wrong: never chosen
+    plan, = kernel_choice.plan_kernels(
+        [{"small": kernel("small"), "big": kernel("big"), "wrong": wrong}], lambda x: x,
+        16, 16, torch.float32)
+    assert plan.names == ["small", "big"] and plan.bounds[0] == 8
+    calls.clear()
+    plan(torch.zeros(8, 16))
+    plan(torch.zeros(9, 16))
+    plan(torch.zeros(5000, 16))
+    assert calls == ["small", "big", "big"]
+    table = json.loads((tmp_path / "cpu_kernels.json").read_text())
+    assert list(table) == [kernel_choice.machine_key()]
+    kernel_choice._PLANS.clear()  # a new process: it reads the file instead of measuring
+    again, = kernel_choice.plan_kernels(
+        [{"small": kernel("small"), "big": kernel("big"), "wrong": wrong}], lambda x: x,
+        16, 16, torch.float32)
+    assert calls == ["small", "big", "big"] and again.bounds == plan.bounds
+
+
+_AVX2_CHECK = """
+import torch
+from tests.test_linear_methods import test_apply_matches_f_linear_on_the_checkpoint_weight as check
+from engine.layers.quantization import kernel_choice
+assert torch.backends.cpu.get_cpu_capability() == "AVX2", torch.backends.cpu.get_cpu_capability()
+for num_tokens in (1, 3, 33, 130):
+    check("gguf", num_tokens)
+print(" | ".join(kernel_choice.chosen_plans().values()))
+"""
+
+
+def test_kernels_run_with_the_cpu_capability_lowered_to_avx2(tmp_path):
+    """The AVX2 path on any machine: torch's and oneDNN's dispatch capped at AVX2, every
+    step size through the plan measured there."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+               TESSERA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    # oneDNN's int8 GEMM capped at AVX2 (no VNNI) returns wrong sums: verified out of the plan
+    assert "w8a8" not in done.stdout, done.stdout

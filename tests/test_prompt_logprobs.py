@@ -22,7 +22,8 @@ CHUNK = 16
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32", page_size=16, max_num_batched_tokens=CHUNK, max_model_len=512)
+    return LLM(dtype="float32", quantization="none", page_size=16,
+               max_num_batched_tokens=CHUNK, max_model_len=512)
 
 
 def assert_matches_oracle(ids: list[int], prompt_logprobs: list[TokenLogprobs | None],
@@ -63,6 +64,7 @@ def test_prompt_logprobs_bypass_the_prefix_cache_and_others_still_hit_it(llm):
 @pytest.mark.skipif(not Path(DEFAULT_FILE).exists(), reason=f"{DEFAULT_FILE} not installed")
 def test_bench_perplexity_json_equals_the_oracle_perplexity(llm, capsys):
     cli.main(["bench", "perplexity", "--max-tokens", "256", "--json", "--dtype", "float32",
+              "--quantization", "none",
               "--max-num-batched-tokens", "64"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tokens_evaluated"] == 256 and result["windows"] == 1

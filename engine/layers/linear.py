@@ -15,6 +15,7 @@ class Linear(nn.Module):
                  method: LinearMethod, output_sizes: list[int] | None = None):
         super().__init__()
         self.output_sizes = output_sizes or [out_features]
+        self.params_dtype = torch.get_default_dtype()  # the activations' dtype
         self.method = method
         method.create_weights(self, in_features, out_features)
         self.bias = None
@@ -32,3 +33,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
+
+
+class VocabEmbedding(Linear):
+    """The token embedding `[vocab, hidden]`: `embed` looks rows up, and a model with tied
+    embeddings also calls it as its LM head (`hidden -> logits`)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, method: LinearMethod):
+        super().__init__(hidden_size, vocab_size, method=method)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.method.embed(self, token_ids)

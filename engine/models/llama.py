@@ -3,16 +3,15 @@
 q/k/v and gate/up projections are fused into one matmul each; weights arrive with Hugging
 Face names and `load_weights` hands each to its parameter's `weight_loader`, naming the fused
 shard. Every layer linear has the model's `LinearMethod` (its weight format); the embedding and
-the LM head stay dense.
+the LM head have its `vocab_method`.
 """
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import kernels
 from engine.layers.attention import AttentionMetadata, paged_attention
-from engine.layers.linear import Linear
-from engine.layers.quantization import LinearMethod
+from engine.layers.linear import Linear, VocabEmbedding
+from engine.layers.quantization import LinearMethod, plan_layer_kernels
 from engine.layers.rotary import cos_sin_cache
 from engine.loader import ModelArch, Weights
 
@@ -80,12 +79,14 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch, max_positions: int, linear_method: LinearMethod):
         super().__init__()
         self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        vocab_method = linear_method.vocab_method()
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size,
+                                           method=vocab_method)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, linear_method)
                                     for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(
-            arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = self.embed_tokens if arch.tie_word_embeddings else Linear(
+            arch.hidden_size, arch.vocab_size, method=vocab_method)
         # A plain attribute, not a buffer: `.to(dtype)` must not round the table to bf16.
         self.cos_sin = cos_sin_cache(arch.head_dim, max_positions, arch.rope_theta,
                                      arch.rope_scaling)
@@ -95,18 +96,18 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed_tokens.embed(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.cos_sin, kv_cache, meta)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Weights) -> None:
         """Hand HF-named tensors to their parameters, q|k|v and gate|up as shards of the fused
-        projections, then let each linear method repack what it loaded."""
+        projections, then let each linear method repack what it loaded, and choose the
+        quantized layers' kernels."""
         params = dict(self.named_parameters())
         fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
                  "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
@@ -129,6 +130,7 @@ class LlamaForCausalLM(nn.Module):
             k.startswith(n + "#") for k in loaded)]
         if missing:
             raise ValueError(f"weights missing from checkpoint: {missing[:5]}")
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.method.process_weights_after_loading(m)
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.method.process_weights_after_loading(m)
+        plan_layer_kernels(linears)

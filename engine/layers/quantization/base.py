@@ -2,8 +2,10 @@
 
 A method owns what a weight *is*: the parameters it registers on the layer, how a checkpoint
 tensor of its format is loaded into them, what is repacked for a kernel once every shard is in,
-and the matmul. The layer owns where a shard *goes* (`Linear.load_rows`: the rows of a fused
-projection), so a method stays the same whatever the layer's geometry.
+the matmul, and the row lookup when the layer is a token embedding (the embedding and a tied
+LM head are one `[vocab, hidden]` layer). The layer owns where a shard *goes*
+(`Linear.load_rows`: the rows of a fused projection), so a method stays the same whatever the
+layer's geometry.
 
 Every parameter carries `weight_loader(param, loaded, shard_id=None)`, which a model's
 `load_weights` calls with the whole checkpoint tensor (nano-vllm's shape). The loader, not
@@ -39,4 +41,22 @@ class LinearMethod:
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
         """`x W^T + bias`."""
+        raise NotImplementedError
+
+    def embed(self, layer: torch.nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+        """Rows `token_ids` of the weight, in the layer's `params_dtype` (a token embedding)."""
+        raise NotImplementedError
+
+    def vocab_method(self) -> "LinearMethod":
+        """The method of the token embedding and the LM head (`[vocab, hidden]`)."""
+        return self
+
+    def candidates(self, layer: torch.nn.Module) -> dict:
+        """The kernels that can run this layer (name -> `x -> x W^T`), of which
+        `plan_layer_kernels` picks one per step size into `layer.kernel_plan`; none when the
+        method has a single matmul."""
+        return {}
+
+    def reference(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """fp32 `x W^T` on the dequantized weight, which the candidates are checked against."""
         raise NotImplementedError

@@ -16,3 +16,6 @@ class DenseMethod(LinearMethod):
 
     def apply(self, layer, x, bias):
         return F.linear(x, layer.weight, bias)
+
+    def embed(self, layer, token_ids):
+        return F.embedding(token_ids, layer.weight)

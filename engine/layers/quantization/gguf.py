@@ -1,11 +1,12 @@
-"""GGUF Q4_0/Q4_1 (`--quantization q4`): the file's 4-bit codes, packed for few-token steps.
+"""A GGUF's own weights (`--quantization gguf`, the default for GGUF files on CPU).
 
-The loader yields a `QuantizedWeight` per layer linear. Its dequantized values fill a dense
-weight, and its codes are also packed for a matrix-vector kernel that moves a quarter of the
-bytes, which is what one decoding request is bound by; for more tokens the dense matmul wins
-(AMX/oneDNN), so both are kept and each step picks by its number of tokens. Numerics therefore
-depend on a step's token count, so batch invariance holds only above `INT4_MAX_TOKENS`: a
-request's tokens may differ slightly depending on what it is batched with.
+Layer linears stored as Q4_0/Q4_1 arrive as their 4-bit codes (`QuantizedWeight`) and are
+packed for torch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations): it reads a
+quarter of bf16's bytes, which is what bounds a step of one or a few tokens. Every layer also
+gets the int8 weight of `Int8Method`, requantized per output channel from the file's values,
+for the integer GEMMs of larger steps; 0.625 + 1 bytes per weight in all, less than bf16's 2.
+Linears of any other GGML type (Q8_0, K-quants, floats) come dequantized and are int8 only, as
+are the token embedding and the LM head (`vocab_method`).
 """
 from dataclasses import dataclass
 from functools import partial
@@ -14,13 +15,7 @@ import numpy as np
 import torch
 
 import kernels
-from engine.layers.quantization.dense import DenseMethod
-
-# Steps of at most this many tokens use the int4 weight. Measured on SmolLM2-135M's 120 layer
-# matrices, 2 cores with AMX: int4 vs dense bf16 at M=1: 5.5 vs 10.8 ms, M=4: 5.7 vs 10.4,
-# M=8: 10.8 vs 10.6, M=32: 42 vs 13 (the int4 kernel scales linearly with M, the dense one
-# hardly at all).
-INT4_MAX_TOKENS = 4
+from engine.layers.quantization.int8 import Int8Method
 
 
 @dataclass
@@ -66,9 +61,8 @@ def unpack_q4(blocks: np.ndarray, has_min: bool) -> QuantizedWeight:
     return QuantizedWeight(codes, d, m)
 
 
-class GGUFQ4Method(DenseMethod):
-    """The dense weight of `DenseMethod` plus `int4_weight`, packed from the loaded shards."""
-    name = "q4"
+class GGUFMethod(Int8Method):
+    name = "gguf"
     gguf_types = ("Q4_0", "Q4_1")
 
     def read_gguf(self, data, type_name):
@@ -76,32 +70,30 @@ class GGUFQ4Method(DenseMethod):
 
     def create_weights(self, layer, in_features, out_features):
         super().create_weights(layer, in_features, out_features)
-        layer.weight.weight_loader = partial(self._load, layer)
         layer.q4_shards = {}  # shard id -> QuantizedWeight, until packed
-        layer.group_size = 0
-        layer.register_buffer("int4_weight", None, persistent=False)
-        layer.register_buffer("int4_scales_and_zeros", None, persistent=False)
+        layer.int4 = None  # (packed weight, scales_and_zeros, group size) once packed
 
-    def _load(self, layer, param, loaded: QuantizedWeight, shard_id: int | None = None) -> None:
-        layer.q4_shards[shard_id or 0] = loaded
-        layer.load_rows(param, loaded.dequantize(), shard_id)
-
-    def check_supported(self, device, dtype):
-        if device.type != "cpu" or dtype != torch.bfloat16:
-            raise ValueError(f"quantization={self.name!r} runs on CPU in bfloat16 only; got "
-                             f"device {str(device)!r}, dtype {dtype}")
+    def _load(self, layer, param, loaded, shard_id=None):
+        if isinstance(loaded, QuantizedWeight):
+            layer.q4_shards[shard_id or 0] = loaded
+            loaded = loaded.dequantize()
+        super()._load(layer, param, loaded, shard_id)
 
     def process_weights_after_loading(self, layer):
         shards = layer.q4_shards
-        q = QuantizedWeight.cat([shards[i] for i in sorted(shards)])
-        layer.int4_weight, layer.int4_scales_and_zeros = kernels.pack_int4(q.codes, q.scales,
-                                                                           q.zeros)
-        layer.group_size = q.group_size
+        if len(shards) == len(layer.output_sizes):  # every shard 4-bit: pack them together
+            q = QuantizedWeight.cat([shards[i] for i in sorted(shards)])
+            layer.int4 = (*kernels.pack_int4(q.codes, q.scales, q.zeros), q.group_size)
         del layer.q4_shards
+        super().process_weights_after_loading(layer)
 
-    def apply(self, layer, x, bias):
-        if x.shape[0] > INT4_MAX_TOKENS:
-            return super().apply(layer, x, bias)
-        y = kernels.int4_linear(x, layer.int4_weight, layer.int4_scales_and_zeros,
-                                layer.group_size)
-        return y if bias is None else y + bias
+    def candidates(self, layer):
+        found = super().candidates(layer)
+        if layer.int4 is not None:
+            packed, scales_and_zeros, group_size = layer.int4
+            found["int4"] = partial(kernels.int4_linear, packed=packed,
+                                    scales_and_zeros=scales_and_zeros, group_size=group_size)
+        return found
+
+    def vocab_method(self):
+        return Int8Method()

@@ -1,0 +1,177 @@
+"""Which CPU kernel runs a quantized linear at a step's token count: measured, not guessed.
+
+The winner depends on the CPU (AMX, AVX-512 VNNI or AVX2 only), the thread count and the shape:
+a 4-bit matrix-vector kernel reads the fewest bytes, which is what bounds one decoding request,
+and integer GEMMs on int8 activations win once a step has enough tokens to be compute bound.
+So each layer shape's candidates are timed at 1, 2, 4, ... `MAX_MEASURED_TOKENS` tokens on the
+layer's own packed weights, once per machine. The winners are cached in
+`$TESSERA_CACHE_DIR/cpu_kernels.json` (default `~/.cache/tessera`) under a key naming the CPU
+model, torch's CPU capability (which `ATEN_CPU_CAPABILITY` lowers), `ONEDNN_MAX_CPU_ISA`, the
+thread count and torch's version; a lock makes processes that start together share one
+measurement, so they also compute alike.
+"""
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+# Part of the cache key: bump it when a kernel or the way it is timed changes.
+MEASUREMENT_VERSION = 1
+MAX_MEASURED_TOKENS = 512  # larger steps use the winner at this size
+_REPEATS = 5
+_TOLERANCE = 0.05  # int4 or int8 weights, bf16 or int8 activations: ~1-2% of the output
+_GIVE_UP = 3.0  # a compute-bound candidate this many times slower than the best stops
+
+
+@dataclass
+class KernelPlan:
+    """`bounds[i]` is the most tokens `kernels[i]` runs; the last one runs every larger step."""
+    names: list[str]
+    bounds: list[int]
+    kernels: list[Kernel]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        for bound, kernel in zip(self.bounds, self.kernels):
+            if m <= bound:
+                return kernel(x)
+        return self.kernels[-1](x)
+
+    def describe(self) -> str:
+        parts = [f"{name} up to {bound}" for name, bound in zip(self.names, self.bounds)]
+        return ", ".join(parts[:-1] + [f"{self.names[-1]} above"] if len(parts) > 1
+                         else [self.names[0]])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TESSERA_CACHE_DIR", Path.home() / ".cache" / "tessera"))
+
+
+def machine_key() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown cpu") \
+        if Path("/proc/cpuinfo").exists() else "unknown cpu"
+    return (f"{cpu} | {torch.backends.cpu.get_cpu_capability()} | onednn "
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'all')} | {torch.get_num_threads()} threads | "
+            f"torch {torch.__version__} | v{MEASUREMENT_VERSION}")
+
+
+# Plans already measured or read in this process, by candidates, shape and dtype.
+_PLANS: dict[str, tuple[list[str], list[int]]] = {}
+
+
+def plan_kernels(layers: list[dict[str, Kernel]], reference: Kernel, out_features: int,
+                 in_features: int, dtype: torch.dtype) -> list[KernelPlan]:
+    """One plan per layer of one shape: the fastest of its candidates (name -> `x[M, K] ->
+    y[M, N]`) per token count. They are timed over all the `layers` in turn, as a forward pass
+    meets them: one weight alone would stay in cache and flatter the kernels that read more
+    bytes. Only candidates whose output matches `reference` (a float matmul of the first
+    layer's weight) are timed: a kernel can be wrong on some CPUs (oneDNN's int8 GEMM capped at
+    AVX2 is), and is then never chosen."""
+    key = f"{'+'.join(sorted(layers[0]))} {out_features}x{in_features} {dtype}"
+    if key not in _PLANS:
+        _PLANS[key] = _cached(key, lambda: _measure(layers, reference, in_features, dtype))
+    names, bounds = _PLANS[key]
+    return [KernelPlan(names, bounds, [candidates[n] for n in names]) for candidates in layers]
+
+
+def chosen_plans() -> dict[str, str]:
+    """What this process chose, per candidates/shape/dtype, for logs and benchmarks."""
+    return {key: KernelPlan(names, bounds, []).describe()
+            for key, (names, bounds) in _PLANS.items()}
+
+
+def _cached(key: str, measure: Callable[[], tuple[list[str], list[int]]]
+            ) -> tuple[list[str], list[int]]:
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path, machine = directory / "cpu_kernels.json", machine_key()
+    with open(directory / "cpu_kernels.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            table = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            table = {}  # a damaged cache is measured again
+        if (hit := table.get(machine, {}).get(key)) is not None:
+            return hit
+        start = time.monotonic()
+        names, bounds = measure()
+        logger.info("CPU kernels for %s measured in %.1f s: %s", key,
+                    time.monotonic() - start, KernelPlan(names, bounds, []).describe())
+        table.setdefault(machine, {})[key] = [names, bounds]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+        return names, bounds
+
+
+def _measure(layers: list[dict[str, Kernel]], reference: Kernel, in_features: int,
+             dtype: torch.dtype) -> tuple[list[str], list[int]]:
+    alive = _correct(layers[0], reference, in_features, dtype)
+    names: list[str] = []
+    bounds: list[int] = []
+    last: dict[str, float] = {}  # each one's time at the previous size
+    m = 1
+    while m <= MAX_MEASURED_TOKENS:
+        x = torch.randn(m, in_features).to(dtype)
+        times = {name: _time([candidates[name] for candidates in layers], x) for name in alive}
+        best = min(times, key=times.get)
+        # Far behind and compute bound (its time doubles with the tokens): it will not
+        # catch up at larger sizes.
+        for name in list(alive):
+            if (times[name] > _GIVE_UP * times[best]
+                    and times[name] > 1.8 * last.get(name, float("inf"))):
+                del alive[name]
+        last = times
+        if names and names[-1] == best:
+            bounds[-1] = m
+        else:
+            names.append(best)
+            bounds.append(m)
+        m *= 2
+    return names, bounds
+
+
+@torch.inference_mode()
+def _correct(candidates: dict[str, Kernel],
+             reference: Kernel, in_features: int,
+             dtype: torch.dtype) -> dict[str, Kernel]:
+    """The candidates within `_TOLERANCE` of the reference (relative to its largest output)."""
+    x = torch.randn(16, in_features).to(dtype)
+    expected = reference(x).float()
+    bound = _TOLERANCE * expected.abs().max()
+    correct = {}
+    for name, kernel in candidates.items():
+        error = (kernel(x).float() - expected).abs().max()
+        if error <= bound:
+            correct[name] = kernel
+        else:
+            logger.warning("CPU kernel %s is wrong on this machine (error %.3g, bound %.3g): "
+                           "not used", name, error, bound)
+    if not correct:
+        raise RuntimeError(f"no kernel of {', '.join(candidates)} is correct on this CPU")
+    return correct
+
+
+@torch.inference_mode()
+def _time(kernels: list[Kernel], x: torch.Tensor) -> float:
+    """The median time of running `x` through every kernel in turn."""
+    samples = []
+    for _ in range(_REPEATS + 1):
+        start = time.perf_counter()
+        for kernel in kernels:
+            kernel(x)
+        samples.append(time.perf_counter() - start)
+    samples = samples[1:]  # the first run warms up
+    return sorted(samples)[_REPEATS // 2]
