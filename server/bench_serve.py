@@ -200,8 +200,8 @@ def server_kernels(base_url: str) -> dict[str, str]:
         families = list(text_string_to_metric_families(text))
     except (httpx.HTTPError, ValueError):
         return {}
-    return {s.labels["layer"]: s.labels["plan"] for f in families
-            if f.name == "tessera:linear_kernels" for s in f.samples}
+    return {s.labels["layer"]: s.labels["plan"] for f in families for s in f.samples
+            if s.name == "tessera:linear_kernels_info"}
 
 
 def peak_rss_mib(pid: int) -> float:
