@@ -2,7 +2,9 @@
 from pathlib import Path
 
 import gguf
+import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from engine.layers.quantization import get_linear_method
 from engine.layers.quantization.gguf import GGUFMethod, QuantizedWeight, unpack_q4
 from engine.loader import load
 from engine.tokenizer import resolve_model_path
+from tests.conftest import start_server, stop_server
 
 GGUF_PATH = resolve_model_path(None)  # the bundled SmolLM2-135M-Instruct, Q4_1 linears
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-llama"
@@ -135,3 +138,25 @@ def test_gguf_greedy_tokens_track_dense_and_pages_return_to_free():
             ranked = dict(lp.top)
             assert token in ranked and ranked[token] >= lp.top[0][1] - MARGIN_NATS, prompt
             history = history + [token]
+
+
+def test_a_server_on_the_default_serves_the_codes_and_says_which_kernels(tmp_path):
+    """`tessera serve` with no weight flags: the GGUF's codes, bf16 where the CPU has it; the
+    openai client gets the offline engine's greedy tokens, and /metrics names the plan."""
+    server = start_server(["--quantization", "auto", "--dtype", "auto"],
+                          tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none",
+                               max_retries=0)
+        answer = client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0],
+                                           max_tokens=8, temperature=0)
+        offline = LLM(num_kv_pages=64, max_model_len=1024).generate(
+            [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+        assert answer.choices[0].text == offline
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        plans = [line for line in metrics.splitlines()
+                 if line.startswith("tessera:linear_kernels_info{")]
+        assert len(plans) == 5, plans  # qkv, o, gate_up, down, and the LM head
+        assert 'quantization="gguf"' in metrics
+    finally:
+        stop_server(server)
