@@ -175,9 +175,10 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row (an output channel, or an activation token): `w ~ q * scale`,
     with fp32 `scale[..., 1] = max |row| / 127`."""
-    w = w.float()
-    scale = w.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127
-    return torch.round(w / scale).to(torch.int8), scale
+    wf = w.float()
+    scale = wf.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127
+    scaled = wf / scale if wf is w else wf.div_(scale)  # never divide the caller's tensor
+    return scaled.round_().to(torch.int8), scale
 
 
 def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
