@@ -59,7 +59,7 @@ class RunnerOutput:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
     """Build parameters in the serving dtype: no fp32 copy of the model ever exists."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -86,7 +86,7 @@ class ModelRunner:
         arch, weights = loader.load(config.model, self.linear_method, self.device)
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
-        with torch.device(self.device), _default_dtype(self.dtype):
+        with torch.device(self.device), default_dtype(self.dtype):
             model = LlamaForCausalLM(arch, max(self.max_model_len, 1), self.linear_method)
         model.load_weights(weights)
         self.model = model.eval()

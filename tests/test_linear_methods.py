@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from engine.layers.quantization import (QUANTIZATION_METHODS, get_linear_method,
 from engine.layers.quantization import kernel_choice
 from engine.layers.quantization.dense import DenseMethod
 from engine.layers.quantization.gguf import QuantizedWeight
+from engine.model_runner import default_dtype
 
 OUTPUT_SIZES = [64, 32, 32]  # a fused q|k|v with 2:1 grouped-query heads
 IN_FEATURES = 256
@@ -30,16 +30,6 @@ def _kernel_cache(tmp_path, monkeypatch):
     """Each test measures into its own cache (and process-wide plans start empty)."""
     monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(kernel_choice, "_PLANS", {})
-
-
-@contextmanager
-def _default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _dense_shard(rows: int, cols: int, gen: torch.Generator):
@@ -71,7 +61,7 @@ def _loaded_layer(name: str, gen: torch.Generator, output_sizes=OUTPUT_SIZES,
                   in_features=IN_FEATURES):
     make_shard, dtype, _ = CASES[name]
     method = get_linear_method(name)
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         layer = Linear(in_features, sum(output_sizes), bias=True, method=method,
                        output_sizes=output_sizes)
     dense = []
