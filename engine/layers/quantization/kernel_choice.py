@@ -6,11 +6,12 @@ and integer GEMMs on int8 activations win once a step has enough tokens to be co
 So each layer shape's candidates are timed at 1, 2, 4, ... `MAX_MEASURED_TOKENS` tokens on the
 layer's own packed weights, once per machine. The winners are cached in
 `$TESSERA_CACHE_DIR/cpu_kernels.json` (default `~/.cache/tessera`) under a key naming the CPU
-model, torch's CPU capability (which `ATEN_CPU_CAPABILITY` lowers), `ONEDNN_MAX_CPU_ISA`, the
+model and its flags, torch's CPU capability (which `ATEN_CPU_CAPABILITY` lowers), `ONEDNN_MAX_CPU_ISA`, the
 thread count and torch's version; a lock makes processes that start together share one
 measurement, so they also compute alike.
 """
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -61,11 +62,14 @@ def cache_dir() -> Path:
 
 
 def machine_key() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown cpu") \
-        if Path("/proc/cpuinfo").exists() else "unknown cpu"
-    return (f"{cpu} | {torch.backends.cpu.get_cpu_capability()} | onednn "
+    """The CPU model and a digest of its flags (VMs name CPUs vaguely: "AMD EPYC"), torch's
+    and oneDNN's instruction-set caps, threads, torch's and the measurement's versions."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {key.strip(): value.strip() for key, value in
+              (line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)}
+    cpu = fields.get("model name", "unknown cpu")
+    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:8]
+    return (f"{cpu} (flags {flags}) | {torch.backends.cpu.get_cpu_capability()} | onednn "
             f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'all')} | {torch.get_num_threads()} threads | "
             f"torch {torch.__version__} | v{MEASUREMENT_VERSION}")
 
