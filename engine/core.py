@@ -61,6 +61,7 @@ class EngineCore:
             f"  dtype     {str(r.dtype).removeprefix('torch.')} ({r.dtype_reason})",
             f"  device    {device}",
             *(f"  kernels   {shape}: {plan}" for shape, plan in r.kernels_chosen().items()),
+            *([f"  note      {note}"] if (note := r.linear_method.dtype_note(r.dtype)) else []),
             f"  KV cache  {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
             f"{_size(pages * r.kv_spec.page_bytes)} "
             f"({str(r.kv_spec.dtype).removeprefix('torch.')}), prefix caching "

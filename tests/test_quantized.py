@@ -117,9 +117,10 @@ def test_gguf_greedy_tokens_track_dense_and_pages_return_to_free():
     The default serves the file's 4-bit codes with bf16 activations, and int8 weights with
     int8 activations for larger steps, where dense fp32 reads the same codes dequantized; so
     an argmax between two almost equal logits can flip, and after a flip the continuations
-    differ by construction. So: the first token agrees, and at every position of the
-    quantized run the dense model, fed the same history, ranks its token within
-    `MARGIN_NATS` of its own top choice.
+    differ by construction; which kernel runs which step is measured per machine, so even the
+    first token may flip. So: at every position of the quantized run, the first included, the
+    dense model, fed the same history, ranks its token within `MARGIN_NATS` of its own top
+    choice.
     """
     params = SamplingParams(temperature=0, max_tokens=16)
     dense = LLM(dtype="float32", quantization="none", num_kv_pages=128, max_model_len=256)
@@ -130,7 +131,6 @@ def test_gguf_greedy_tokens_track_dense_and_pages_return_to_free():
         runs[name] = [o.outputs[0].token_ids for o in llm.generate(VARIED_PROMPTS, params)]
         assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
     for prompt, ours, theirs in zip(VARIED_PROMPTS, runs["quantized"], runs["dense"]):
-        assert ours[0] == theirs[0]
         history = dense.tokenizer.encode(prompt)
         probe = SamplingParams(temperature=0, max_tokens=1, logprobs=20)
         for token in ours:

@@ -35,6 +35,10 @@ class LinearMethod:
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
         """Raise `ValueError` if this format cannot run on `device` with activations `dtype`."""
 
+    def dtype_note(self, dtype: torch.dtype) -> str | None:
+        """What the start-up log should say when a kernel runs in another dtype than `dtype`."""
+        return None
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack what was loaded for the kernel; called once, after every shard is in."""
 

@@ -58,6 +58,13 @@ class Int8Method(LinearMethod):
             raise ValueError(f"quantization={self.name!r} has CPU kernels only; got device "
                              f"{str(device)!r}")
 
+    def dtype_note(self, dtype):
+        if dtype != torch.bfloat16:
+            dtype = str(dtype).removeprefix("torch.")
+            return (f"the int4 and w8a16 kernels take bfloat16 activations: {dtype} inputs are "
+                    f"cast to bfloat16 and back at each call")
+        return None
+
     def candidates(self, layer):
         block, scale_bf16 = layer.rotation_block, layer.weight_scale.to(torch.bfloat16)
 
