@@ -87,7 +87,9 @@ class ModelConfig:
     # "int8" = int8 per channel, "gguf" = a GGUF's 4-bit codes plus int8; "auto" = "gguf" for a
     # GGUF on CPU, else "none"
     quantization: str = "auto"
-    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of as CUDA graphs
+    # Run decode steps eagerly: on CUDA instead of as CUDA graphs, on CPU instead of the
+    # torch.compile'd forward for one-request steps (engine/cpu_compile.py).
+    enforce_eager: bool = False
     tokenizer: str | None = None  # HF tokenizer directory or GGUF file; None = the model's
 
     def __post_init__(self) -> None:

@@ -62,6 +62,8 @@ class EngineCore:
             f"  device    {device}",
             *(f"  kernels   {shape}: {plan}" for shape, plan in r.kernels_chosen().items()),
             *([f"  note      {note}"] if (note := r.linear_method.dtype_note(r.dtype)) else []),
+            *([f"  compiled  one-request decode steps (torch.compile, "
+               f"{r.compiled.compile_s:.1f} s)"] if r.compiled else []),
             f"  KV cache  {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
             f"{_size(pages * r.kv_spec.page_bytes)} "
             f"({str(r.kv_spec.dtype).removeprefix('torch.')}), prefix caching "

@@ -10,6 +10,7 @@ import torch
 
 from engine import loader
 from engine.config import EngineConfig
+from engine.cpu_compile import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits, gpu_kv_budget
 from engine.layers.attention import AttentionMetadata
@@ -98,7 +99,10 @@ class ModelRunner:
         num_pages = self._num_kv_pages()
         check_fits(num_pages, config.cache.page_size, self.max_model_len)
         self.kv_cache = KVCache(self.kv_spec, num_pages, self.device)
-        self.graphs = None
+        self.graphs, self.compiled = None, None
+        if self.device.type == "cpu" and not config.model.enforce_eager:
+            self.compiled = CompiledDecode(self.model, self.kv_cache, config.cache.page_size,
+                                           self.max_model_len)
         if self.device.type == "cuda" and not config.model.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers,
                                        config.scheduler.max_num_seqs,
@@ -198,6 +202,8 @@ class ModelRunner:
         if (self.graphs is not None and meta.max_query_len == 1
                 and len(out.scheduled) <= self.graphs.max_batch):
             hidden = self.graphs.run(input_ids, positions, meta)
+        elif self.compiled is not None and self.compiled.covers(meta):
+            hidden = self.compiled.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         return RunnerOutput(self._sample(out, hidden, last_rows, structured),

@@ -5,8 +5,6 @@ Shapes follow the flat, unpadded batch (see DESIGN.md): T tokens from R requests
 whole context (earlier tokens plus the new ones), and `block_table[R, max_pages]` names the
 pages holding that context. KV caches are `[num_pages, page_size, num_kv_heads, head_dim]`.
 """
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -45,9 +43,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """Store new K/V `[T, KvH, D]` at flat slots `page * page_size + offset`.
 
     Slots < 0 mark padding tokens that own no slot; indexing with -1 would overwrite the last
-    slot of the last page.
+    slot of the last page. Only CUDA graphs pad; torch.compile'd CPU steps never do, and the
+    check would split their graph at every layer.
     """
-    if (slot_mapping < 0).any():
+    if not torch.compiler.is_compiling() and (slot_mapping < 0).any():
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(-1, *k.shape[1:])[slot_mapping] = k.to(k_cache.dtype)
@@ -70,8 +69,10 @@ _SDPA_MAX_ROWS = 16
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
                       max_seq_len: int) -> torch.Tensor:
-    """One new token per row (`q` is `[B, H, D]`) over the rows' gathered contexts, padded to
-    the longest and masked.
+    """One new token per row (`q` is `[B, H, D]`) over the rows' gathered pages, as many as
+    the longest row needs, the tokens past each row's context masked. The shapes follow the
+    page count alone, so a torch.compile'd step (engine/cpu_compile.py) needs no new graph
+    as a context grows within its last page.
 
     Up to `_SDPA_MAX_ROWS` rows, or in fp32, torch's SDPA in fp32 (half-precision contexts
     converted). Beyond, two batched matmuls in the cache's dtype, each KV head's group of query
@@ -80,13 +81,13 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     issue 14's profile had it at 47% of a batch-32 decode step); 64 rows, 17 vs 2.8.
     """
     pages = block_table[:, : -(-max_seq_len // k_cache.shape[1])]
-    k = _gather_context(k_cache, pages)[:, :max_seq_len].transpose(1, 2)  # [B, KvH, N, D]
-    v = _gather_context(v_cache, pages)[:, :max_seq_len].transpose(1, 2)
+    k = _gather_context(k_cache, pages).transpose(1, 2)  # [B, KvH, pages * page_size, D]
+    v = _gather_context(v_cache, pages).transpose(1, 2)
     beyond = torch.arange(k.shape[2], device=q.device) >= seq_lens[:, None]
     if k.dtype == torch.float32 or q.shape[0] <= _SDPA_MAX_ROWS:
-        mask = None if q.shape[0] == 1 else ~beyond[:, None, None]  # SDPA's fast path
         o = F.scaled_dot_product_attention(q.unsqueeze(2).float(), k.float(), v.float(),
-                                           attn_mask=mask, scale=scale, enable_gqa=True)
+                                           attn_mask=~beyond[:, None, None], scale=scale,
+                                           enable_gqa=True)
         return o.squeeze(2).to(q.dtype)
     (rows, heads, dim), dtype, kv_heads = q.shape, q.dtype, k.shape[1]
     q = q.view(rows, kv_heads, heads // kv_heads, dim).to(k.dtype)
@@ -154,14 +155,19 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                                                       scales_and_zeros).to(x.dtype)
 
 
-@functools.cache
+_HADAMARDS: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
 def hadamard(block: int, dtype: torch.dtype) -> torch.Tensor:
     """The orthonormal Sylvester Hadamard matrix `[block, block]` (a power of two); it is
-    symmetric, so it is its own inverse."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < block:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return (h / block ** 0.5).to(dtype)
+    symmetric, so it is its own inverse. Kept in a plain dict, not `functools.cache`: a
+    torch.compile'd forward reads the dict, where it would trace through a cache wrapper."""
+    if (block, dtype) not in _HADAMARDS:
+        h = torch.ones(1, 1)
+        while h.shape[0] < block:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+        _HADAMARDS[block, dtype] = (h / block ** 0.5).to(dtype)
+    return _HADAMARDS[block, dtype]
 
 
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -126,7 +126,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--gpu-memory-utilization", type=float,
         help="CUDA: share of GPU memory for weights, activations and KV pages (default 0.9)")
     add("--enforce-eager", action="store_const", const=True,
-        help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
+        help="run decode steps eagerly: CUDA without captured CUDA graphs, CPU without the "
+             "torch.compile'd one-request decode step")
     add("--kv-cache-dtype", choices=_DTYPES,
         help="KV page storage dtype (default auto = model dtype)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,

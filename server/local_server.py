@@ -131,7 +131,9 @@ def tiny_model_args(tokenizer: Path) -> list[str]:
 
 
 def start_tiny_server(workdir: Path, args: list[str], timeout_s: float = 180) -> Server:
-    """The tiny model in fp32, its tokenizer and log under `workdir`, with `args` after."""
+    """The tiny model in fp32, eager (it serves the API and fault checks: a compile would
+    only slow each start), its tokenizer and log under `workdir`, with `args` after."""
     tokenizer = write_tiny_tokenizer(workdir / "tokenizer")
-    return start_server([*tiny_model_args(tokenizer), "--dtype", "float32", *args],
+    return start_server([*tiny_model_args(tokenizer), "--dtype", "float32", "--enforce-eager",
+                         *args],
                         workdir / "server.log", timeout_s)

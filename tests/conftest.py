@@ -19,8 +19,8 @@ from server.local_server import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small, dense fp32: fast to load, token-exact with the transformers oracle on any CPU.
-BASE_ARGS = ["--dtype", "float32", "--quantization", "none", "--max-model-len", "1024",
-             "--num-kv-pages", "256", "--log-level", "warning"]
+BASE_ARGS = ["--dtype", "float32", "--quantization", "none", "--enforce-eager",
+             "--max-model-len", "1024", "--num-kv-pages", "256", "--log-level", "warning"]
 STARTUP_TIMEOUT_S = 180
 
 

@@ -28,7 +28,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
 def llm():
     # A 48-token chunk budget makes the long prompt (>100 tokens) prefill in several chunks.
     return LLM(dtype="float32", quantization="none", page_size=16, max_num_batched_tokens=48,
-               max_model_len=2048)
+               max_model_len=2048, enforce_eager=True)
 
 
 def prompt_ids(llm, prompt: str) -> list[int]:
@@ -50,7 +50,7 @@ def test_batch_invariance_and_preemption(llm, caplog):
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert together == alone
     small = LLM(dtype="float32", quantization="none", page_size=16, num_kv_pages=40,
-                max_model_len=256, enable_prefix_caching=False)
+                max_model_len=256, enable_prefix_caching=False, enforce_eager=True)
     with caplog.at_level("WARNING", logger="scheduler.scheduler"):
         squeezed = small.generate(prompts, params)
     assert any("preempted request" in r.message for r in caplog.records)
@@ -66,7 +66,8 @@ def test_prefix_cache_skips_shared_prefix(llm):
     llm.generate([prefix + [28, 253, 1345]], params)
     second = llm.generate([prefix + [42, 1012, 30, 335, 3]], params)[0]
     assert second.num_cached_tokens == 96  # six full pages of 16 out of the 100 shared tokens
-    uncached = LLM(dtype="float32", quantization="none", enable_prefix_caching=False)
+    uncached = LLM(dtype="float32", quantization="none", enable_prefix_caching=False,
+                   enforce_eager=True)
     expected = uncached.generate([prefix + [42, 1012, 30, 335, 3]], params)[0]
     assert second.outputs[0].token_ids == expected.outputs[0].token_ids
     assert bm.num_free_pages == bm.num_pages
@@ -104,7 +105,7 @@ def test_the_engine_seed_makes_unseeded_sampling_reproducible_across_starts():
     started with the same seed (tiny dummy model: a start costs a fraction of a second)."""
     def run(seed: int) -> list[list[int]]:
         engine = LLM(model=str(TINY_MODEL), load_format="dummy", dtype="float32",
-                     num_kv_pages=16, seed=seed)
+                     num_kv_pages=16, seed=seed, enforce_eager=True)
         params = SamplingParams(temperature=1.0, max_tokens=8)
         return [engine.generate([[5, 6, 7]], params)[0].outputs[0].token_ids for _ in range(2)]
 

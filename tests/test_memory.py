@@ -31,7 +31,8 @@ def test_max_model_len_beyond_the_pool_is_vllms_error():
 def test_engine_refuses_to_start_when_max_model_len_cannot_fit():
     with pytest.raises(ValueError, match=r"max seq len \(2048\).*\(64\).*decreasing "
                                          r"`max_model_len`"):
-        LLM(dtype="float32", quantization="none", num_kv_pages=4, max_model_len=2048)
+        LLM(dtype="float32", quantization="none", num_kv_pages=4, max_model_len=2048,
+            enforce_eager=True)
 
 
 @pytest.mark.parametrize("max_batch, sizes", [

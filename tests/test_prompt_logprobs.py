@@ -22,7 +22,7 @@ CHUNK = 16
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32", quantization="none", page_size=16,
+    return LLM(enforce_eager=True, dtype="float32", quantization="none", page_size=16,
                max_num_batched_tokens=CHUNK, max_model_len=512)
 
 

@@ -73,7 +73,7 @@ def test_int4_linear_matches_dequantized_matmul(q_proj):
 def test_gguf_model_holds_no_float_copy_of_its_linears():
     """Every linear (embedding and LM head included) is int8, plus int4 packs where the file
     has 4-bit codes: fewer bytes in all than the same weights in bf16."""
-    llm = LLM(num_kv_pages=16, max_model_len=256)
+    llm = LLM(enforce_eager=True, num_kv_pages=16, max_model_len=256)
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
     assert all(m.weight.dtype == torch.int8 for m in linears)
     assert sum(m.int4 is not None for m in linears if hasattr(m, "int4")) == 30 * 4
@@ -101,7 +101,7 @@ def test_int8_serves_a_float_checkpoint():
     params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0)
     logprobs = {}
     for name in ("none", "int8"):
-        llm = LLM(model=str(TINY_CONFIG), load_format="dummy", dtype="float32",
+        llm = LLM(model=str(TINY_CONFIG), load_format="dummy", dtype="float32", enforce_eager=True,
                   quantization=name, num_kv_pages=16, max_model_len=128)
         assert llm.engine.runner.linear_method.name == name
         out = llm.generate([prompt], params)[0]
@@ -123,8 +123,9 @@ def test_gguf_greedy_tokens_track_dense_and_pages_return_to_free():
     choice.
     """
     params = SamplingParams(temperature=0, max_tokens=16)
-    dense = LLM(dtype="float32", quantization="none", num_kv_pages=128, max_model_len=256)
-    quantized = LLM(num_kv_pages=128, max_model_len=256)
+    dense = LLM(dtype="float32", quantization="none", num_kv_pages=128, max_model_len=256,
+                enforce_eager=True)
+    quantized = LLM(enforce_eager=True, num_kv_pages=128, max_model_len=256)
     assert quantized.engine.runner.linear_method.name == "gguf"
     runs = {}
     for name, llm in (("dense", dense), ("quantized", quantized)):
@@ -150,7 +151,7 @@ def test_a_server_on_the_default_serves_the_codes_and_says_which_kernels(tmp_pat
                                max_retries=0)
         answer = client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0],
                                            max_tokens=8, temperature=0)
-        offline = LLM(num_kv_pages=64, max_model_len=1024).generate(
+        offline = LLM(enforce_eager=True, num_kv_pages=64, max_model_len=1024).generate(
             [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
         assert answer.choices[0].text == offline
         metrics = httpx.get(f"{server.base_url}/metrics").text
