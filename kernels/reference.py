@@ -63,7 +63,7 @@ def _gather_context(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     return gathered.view(*pages.shape[:-1], -1, *cache.shape[2:])
 
 
-_SDPA_MAX_ROWS = 16
+_SDPA_MAX_ROWS = 4
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -76,9 +76,10 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
     Up to `_SDPA_MAX_ROWS` rows, or in fp32, torch's SDPA in fp32 (half-precision contexts
     converted). Beyond, two batched matmuls in the cache's dtype, each KV head's group of query
-    heads at once. SmolLM2's heads, 2 Zen 4 cores, per layer: 1 row x 256 tokens, SDPA fp32
-    0.15 ms vs bf16 matmuls 0.25 (SDPA in bf16: 0.35); 32 rows, 1.7 vs 1.0 (bf16 SDPA: 5.9,
-    issue 14's profile had it at 47% of a batch-32 decode step); 64 rows, 17 vs 2.8.
+    heads at once. SmolLM2's heads, 200-token contexts on pages scattered over a 64k-token
+    cache (as a server's are), 2 Zen 4 cores, per layer: 1 row, SDPA 0.11 ms vs matmuls 0.16;
+    4 rows, 0.18 vs 0.20; 8 rows, 1.1 vs 0.36; 16 rows, 2.3 vs 0.39 (issue 14's profile had
+    SDPA at 47% of a batch-32 decode step).
     """
     pages = block_table[:, : -(-max_seq_len // k_cache.shape[1])]
     k = _gather_context(k_cache, pages).transpose(1, 2)  # [B, KvH, pages * page_size, D]

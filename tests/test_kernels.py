@@ -156,6 +156,21 @@ def test_decode_attention_merges_context_partitions(num_heads: int, num_kv_heads
     torch.testing.assert_close(out, want, **TOLERANCES[dtype])
 
 
+def test_reference_decode_paths_agree_with_fp32():
+    """The reference decodes a few rows with SDPA and more with batched matmuls in the
+    cache's dtype (bf16 here): both within bf16 rounding of fp32 SDPA over the same values."""
+    seq_lens = [1, 23, 32, 100, 7, 64, 65, 40]
+    q, k_cache, v_cache, starts, lens, table = _paged_batch([1] * 8, seq_lens, 6, 2, 64, 16,
+                                                            torch.bfloat16)
+    want = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), starts, lens,
+                                     table, 0.125, max_query_len=1, max_seq_len=100)
+    for rows in (2, 8):  # SDPA, then the matmuls
+        got = reference.paged_attention(q[:rows], k_cache, v_cache, starts[:rows + 1],
+                                        lens[:rows], table[:rows], 0.125, max_query_len=1,
+                                        max_seq_len=max(seq_lens[:rows]))
+        torch.testing.assert_close(got.float(), want[:rows], **TOLERANCES[torch.bfloat16])
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="thousands of keys at the engine's 64-key tiles "
                     "take ~25 s in the interpreter; runs compiled on a GPU (TRITON_INTERPRET=0)")
 @with_dtypes
