@@ -30,6 +30,7 @@ _PROGRESS_INTERVAL_S = 2.0
 
 @dataclass
 class ModelArch:
+    architecture: str  # config.json's `architectures[0]` (or its model_type), a GGUF's own name
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,29 +43,96 @@ class ModelArch:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool = False  # Qwen2 has q/k/v biases
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before rotary
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...}
+    local_rope_theta: float | None = None  # Gemma 3: the rope base of sliding-window layers
+    hidden_act: str = "silu"  # the gated MLP's activation: silu, or gelu_pytorch_tanh (Gemma)
+    attn_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+    attn_softcap: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: the same on the logits
+    # Mixture of experts (Mixtral, Qwen3-MoE): which layers' MLPs are experts, how many, each
+    # token's top k, the experts' width, and whether the top k's weights are renormalized.
+    moe_layers: list[bool] = field(default_factory=list)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    # Per layer: the sliding window of its attention, or None where it attends to everything.
+    layer_windows: list[int | None] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArch":
+    def from_hf_config(cls, cfg: dict, generation_cfg: dict | None = None) -> "ModelArch":
         heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-        if rope and rope.get("rope_type", rope.get("type")) in (None, "default"):
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        local_theta = cfg.get("rope_local_base_freq")
+        if "full_attention" in rope:  # per layer type (Gemma 3, as transformers 5 writes it)
+            local_theta = rope.get("sliding_attention", {}).get("rope_theta", local_theta)
+            rope = rope["full_attention"]
+        theta = cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        if rope.get("rope_type", rope.get("type")) in (None, "default"):
             rope = None
+        pre_attn_scalar = cfg.get("query_pre_attn_scalar")
+        experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
         return cls(
+            architecture=(cfg.get("architectures") or [cfg.get("model_type", "unknown")])[0],
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", (rope or {}).get("rope_theta", 10000.0)),
+            rope_theta=theta,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
-            rope_scaling=rope,
-            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            qk_norm=cfg.get("model_type") in ("qwen3", "qwen3_moe", "gemma3_text"),
+            rope_scaling=rope, local_rope_theta=local_theta,
+            hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
+            attn_scale=pre_attn_scalar ** -0.5 if pre_attn_scalar else None,
+            attn_softcap=cfg.get("attn_logit_softcapping"),
+            final_softcap=cfg.get("final_logit_softcapping"),
+            moe_layers=_moe_layers(cfg, experts), num_experts=experts,
+            num_experts_per_tok=cfg.get("num_experts_per_tok", 0) if experts else 0,
+            moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+            norm_topk_prob=cfg.get("norm_topk_prob", True),
+            layer_windows=_layer_windows(cfg),
+            eos_token_ids=_eos_ids(cfg, generation_cfg or {}),
         )
+
+
+def _layer_windows(cfg: dict) -> list[int | None]:
+    """Each layer's sliding window. `use_sliding_window: false` (Qwen2.5's configs carry a
+    `sliding_window` all the same) means none; `layer_types` names the sliding layers where a
+    config has it; else Qwen2's `max_window_layers` rule (layers from that index on slide), else
+    every layer slides (Mistral, Phi-3)."""
+    layers, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+    if window is None or cfg.get("use_sliding_window") is False:
+        return [None] * layers
+    if types := cfg.get("layer_types"):
+        return [window if t == "sliding_attention" else None for t in types]
+    if pattern := cfg.get("sliding_window_pattern"):  # Gemma 3: every pattern-th is global
+        return [None if (i + 1) % pattern == 0 else window for i in range(layers)]
+    first = cfg.get("max_window_layers", 0)
+    return [window if i >= first else None for i in range(layers)]
+
+
+def _moe_layers(cfg: dict, experts: int) -> list[bool]:
+    """Which layers' MLPs are experts: all of Mixtral's; Qwen3-MoE's every
+    `decoder_sparse_step`-th layer not in `mlp_only_layers`."""
+    dense, step = set(cfg.get("mlp_only_layers") or ()), cfg.get("decoder_sparse_step") or 1
+    return [experts > 0 and i not in dense and (i + 1) % step == 0
+            for i in range(cfg["num_hidden_layers"])]
+
+
+def _eos_ids(cfg: dict, generation_cfg: dict) -> list[int]:
+    """End-of-sequence ids of config.json and generation_config.json together (several
+    families stop on more than one: Llama 3's <|eot_id|>, Qwen's <|im_end|>)."""
+    ids: list[int] = []
+    for eos in (cfg.get("eos_token_id"), generation_cfg.get("eos_token_id")):
+        for i in [] if eos is None else [eos] if isinstance(eos, int) else eos:
+            if i not in ids:
+                ids.append(i)
+    return ids
 
 
 Weights = Iterator[tuple[str, torch.Tensor | QuantizedWeight]]
@@ -84,7 +152,10 @@ def load(cfg: ModelConfig, method: LinearMethod, device: torch.device | str = "c
         raise ValueError(f"quantization={method.name!r} needs a GGUF model; {path} is loaded "
                          f"as {fmt!r}")
     config_path = path / "config.json" if path.is_dir() else path
-    arch = ModelArch.from_hf_config(json.loads(config_path.read_text()))
+    generation_path = config_path.parent / "generation_config.json"
+    arch = ModelArch.from_hf_config(
+        json.loads(config_path.read_text()),
+        json.loads(generation_path.read_text()) if generation_path.exists() else None)
     if fmt == "dummy":
         return arch, _with_progress(_dummy_weights(arch, cfg.dummy_weights_seed, device),
                                     len(hf_weight_shapes(arch)))
@@ -130,12 +201,25 @@ def hf_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
             p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
         }
+        if arch.moe_layers and arch.moe_layers[n]:
+            e = arch.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (arch.num_experts, h)
+            for x in range(arch.num_experts):
+                shapes |= {p + f"mlp.experts.{x}.gate_proj.weight": (e, h),
+                           p + f"mlp.experts.{x}.up_proj.weight": (e, h),
+                           p + f"mlp.experts.{x}.down_proj.weight": (h, e)}
+        else:
+            shapes |= {p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i)}
         if arch.attention_bias:
             shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                        p + "self_attn.v_proj.bias": (kv,)}
+        if arch.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        if arch.architecture.startswith("Gemma"):  # norms after attention and around the MLP
+            shapes |= {p + "pre_feedforward_layernorm.weight": (h,),
+                       p + "post_feedforward_layernorm.weight": (h,)}
     return shapes
 
 
@@ -185,7 +269,7 @@ def _load_gguf(path: Path, method: LinearMethod) -> tuple[ModelArch, Weights, in
     names = {t.name for t in reader.tensors}
     rope_type = _gguf_field(reader, f"{a}.rope.scaling.type")
     arch = ModelArch(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        architecture=a, vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
         hidden_size=hidden, intermediate_size=_gguf_field(reader, f"{a}.feed_forward_length"),
         num_layers=_gguf_field(reader, f"{a}.block_count"), num_heads=heads,
         num_kv_heads=_gguf_field(reader, f"{a}.attention.head_count_kv", heads),

@@ -17,7 +17,7 @@ from engine.layers.attention import AttentionMetadata
 from engine.layers.quantization import get_linear_method, resolve_quantization
 from engine.layers.quantization.kernel_choice import chosen_plans
 from engine.messages import TokenLogprobs
-from engine.models.llama import LlamaForCausalLM
+from engine.models import model_class
 from engine.sampler import SamplingBatch, gather_logprobs, sample
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import model_format, resolve_model_path
@@ -85,10 +85,11 @@ class ModelRunner:
         self.linear_method.check_supported(self.device, self.dtype)
         start = time.monotonic()
         arch, weights = loader.load(config.model, self.linear_method, self.device)
+        model_cls = model_class(arch.architecture)
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
         with torch.device(self.device), default_dtype(self.dtype):
-            model = LlamaForCausalLM(arch, max(self.max_model_len, 1), self.linear_method)
+            model = model_cls(arch, max(self.max_model_len, 1), self.linear_method)
         model.load_weights(weights)
         self.model = model.eval()
         self.load_s = time.monotonic() - start

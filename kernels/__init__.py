@@ -35,6 +35,18 @@ def silu_and_mul(x):
     return reference.silu_and_mul(x)
 
 
+def gelu_tanh_and_mul(x):
+    if _use_triton(x):
+        from kernels import triton_ops
+        return triton_ops.gelu_tanh_and_mul(x)
+    return reference.gelu_tanh_and_mul(x)
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation):
+    # No Triton kernel yet: the torch reference runs on either device.
+    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation)
+
+
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
     if _use_triton(k):
         from kernels import triton_ops
@@ -44,16 +56,19 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
 
 
 def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale,
-                    max_query_len, max_seq_len):
+                    max_query_len, max_seq_len, sliding_window=None, softcap=None):
     if not _use_triton(q):
         return reference.paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens,
-                                         block_table, scale, max_query_len, max_seq_len)
+                                         block_table, scale, max_query_len, max_seq_len,
+                                         sliding_window, softcap)
     from kernels import triton_attention
     if max_query_len == 1:
         return triton_attention.paged_decode_attention(
-            q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_seq_len)
+            q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_seq_len,
+            sliding_window=sliding_window, softcap=softcap)
     return triton_attention.paged_prefill_attention(
-        q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_query_len)
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, max_query_len,
+        sliding_window=sliding_window, softcap=softcap)
 
 
 def _cpu_only(name: str, x: torch.Tensor) -> None:

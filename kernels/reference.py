@@ -38,6 +38,37 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma), GELU's tanh approximation on the gate: `[T, 2I]` -> `[T, I]`."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, gated_activation) -> torch.Tensor:
+    """Each token `x[T, H]` through its top-k experts, weighted and summed.
+
+    Experts are stacked: `w13[E, 2I, H]` (gate|up), `w2[E, H, I]`. The token-expert pairs are
+    sorted by expert, so each expert that has tokens runs one GEMM pair over all of them (a
+    loop over experts, never over tokens); contributions are added expert by expert in
+    ascending order, as transformers adds them.
+    """
+    out = torch.zeros_like(x)
+    flat = topk_ids.flatten()
+    order = flat.argsort(stable=True)
+    tokens, weights = order // topk_ids.shape[1], topk_weights.flatten()[order]
+    start = 0
+    for expert, count in enumerate(torch.bincount(flat, minlength=w13.shape[0]).tolist()):
+        if count == 0:
+            continue
+        rows = tokens[start:start + count]
+        h = gated_activation(F.linear(x[rows], w13[expert]))
+        h = F.linear(h, w2[expert]) * weights[start:start + count, None]
+        out.index_add_(0, rows, h.to(out.dtype))
+        start += count
+    return out
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new K/V `[T, KvH, D]` at flat slots `page * page_size + offset`.
@@ -68,7 +99,8 @@ _SDPA_MAX_ROWS = 4
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
-                      max_seq_len: int) -> torch.Tensor:
+                      max_seq_len: int, sliding_window: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """One new token per row (`q` is `[B, H, D]`) over the rows' gathered pages, as many as
     the longest row needs, the tokens past each row's context masked. The shapes follow the
     page count alone, so a torch.compile'd step (engine/cpu_compile.py) needs no new graph
@@ -79,13 +111,17 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     heads at once. SmolLM2's heads, 200-token contexts on pages scattered over a 64k-token
     cache (as a server's are), 2 Zen 4 cores, per layer: 1 row, SDPA 0.11 ms vs matmuls 0.16;
     4 rows, 0.18 vs 0.20; 8 rows, 1.1 vs 0.36; 16 rows, 2.3 vs 0.39 (issue 14's profile had
-    SDPA at 47% of a batch-32 decode step).
+    SDPA at 47% of a batch-32 decode step). Soft-capped scores (SDPA has no soft cap) always
+    take the matmuls.
     """
     pages = block_table[:, : -(-max_seq_len // k_cache.shape[1])]
     k = _gather_context(k_cache, pages).transpose(1, 2)  # [B, KvH, pages * page_size, D]
     v = _gather_context(v_cache, pages).transpose(1, 2)
-    beyond = torch.arange(k.shape[2], device=q.device) >= seq_lens[:, None]
-    if k.dtype == torch.float32 or q.shape[0] <= _SDPA_MAX_ROWS:
+    keys = torch.arange(k.shape[2], device=q.device)
+    beyond = keys >= seq_lens[:, None]
+    if sliding_window is not None:
+        beyond |= keys < (seq_lens - sliding_window)[:, None]
+    if softcap is None and (k.dtype == torch.float32 or q.shape[0] <= _SDPA_MAX_ROWS):
         o = F.scaled_dot_product_attention(q.unsqueeze(2).float(), k.float(), v.float(),
                                            attn_mask=~beyond[:, None, None], scale=scale,
                                            enable_gqa=True)
@@ -94,24 +130,42 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     q = q.view(rows, kv_heads, heads // kv_heads, dim).to(k.dtype)
     # contiguous copies first: batched matmuls on the transposed views run ~3x slower
     scores = torch.matmul(q, k.contiguous().transpose(2, 3)).float().mul_(scale)
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     scores.masked_fill_(beyond[:, None, None], float("-inf"))  # [B, KvH, G, N]
     probs = scores.softmax(-1).to(v.dtype)
     return torch.matmul(probs, v.contiguous()).view(rows, heads, dim).to(dtype)
 
 
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          scale: float, softcap: float) -> torch.Tensor:
+    """Attention of `q[H, n, D]` over `k, v[KvH, s, D]` under a `[n, s]` mask, with scaled
+    scores soft-capped (in transformers' order: scale, cap, mask, fp32 softmax)."""
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    scores = torch.matmul(q, k.transpose(1, 2)).float() * scale
+    scores = (scores / softcap).tanh() * softcap
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_table: torch.Tensor, scale: float, max_query_len: int,
-                    max_seq_len: int) -> torch.Tensor:
+                    max_seq_len: int, sliding_window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole paged context.
 
-    Query i of a request with `n` new tokens and context `s` sits at position `s - n + i` and
-    sees keys `0 .. s - n + i` (bottom-right aligned causal mask). Decode rows (one new token)
-    run as one padded batch; each prefill chunk runs on its own.
+    Query i of a request with `n` new tokens and context `s` sits at position `p = s - n + i`
+    and sees keys `0 .. p` (bottom-right aligned causal mask), or with a `sliding_window` W
+    only the last W of them, `p - W + 1 .. p` (Mistral's and Gemma's local layers, as
+    transformers masks them). A `softcap` c maps each scaled score x to c * tanh(x / c)
+    before the mask (Gemma 2). Decode rows (one new token) run as one padded batch; each
+    prefill chunk runs on its own.
     """
     if max_query_len == 1:  # a decode-only step: rows are requests, in order
         return _decode_attention(q, k_cache, v_cache, seq_lens, block_table, scale,
-                                 max_seq_len)
+                                 max_seq_len, sliding_window, softcap)
     page_size = k_cache.shape[1]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -121,7 +175,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         rows = torch.tensor([starts[i] for i in decode], device=q.device)
         idx = torch.tensor(decode, device=q.device)
         out[rows] = _decode_attention(q[rows], k_cache, v_cache, seq_lens[idx],
-                                      block_table[idx], scale, max(lens[i] for i in decode))
+                                      block_table[idx], scale, max(lens[i] for i in decode),
+                                      sliding_window, softcap)
     for i in range(len(lens)):
         n, s = starts[i + 1] - starts[i], lens[i]
         if n == 1:
@@ -131,8 +186,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v = _gather_context(v_cache, pages)[:s].transpose(0, 1)
         qi = q[starts[i]:starts[i + 1]].transpose(0, 1).to(k.dtype)  # [H, n, D]
         mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
-        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
-                                           enable_gqa=True)
+        if sliding_window is not None:
+            mask &= ~mask.tril(diagonal=s - n - sliding_window)
+        if softcap is None:
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        else:
+            o = _softcapped_attention(qi, k, v, mask, scale, softcap)
         out[starts[i]:starts[i + 1]] = o.transpose(0, 1).to(out.dtype)
     return out
 

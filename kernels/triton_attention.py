@@ -3,20 +3,27 @@
 Both read K/V token by token through the block table, so a request's context may sit on any
 pages in any order, and a prefill chunk attends to pages written by earlier chunks or shared
 by a prefix hit. Layouts and semantics are those of `reference.paged_attention`.
+
+A sliding window is a runtime int (`NO_WINDOW` when there is none), so every window shares one
+compiled kernel; the key loops start at the window's first tile, so a window reads fewer keys.
+A soft cap (Gemma 2) is a runtime float behind a constexpr flag: uncapped scores pay nothing.
 """
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+NO_WINDOW = 2**31 - 1  # the largest int32: every key is in the window, and p - W cannot overflow
 
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start_n,
-                 kv_end, q_pos, stride_cp, stride_cs, stride_ch, head_dim, qk_scale,
-                 MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold keys `start_n .. start_n + BLOCK_N` into the online softmax of the rows of `q`.
+                 kv_end, q_pos, window, stride_cp, stride_cs, stride_ch, head_dim, qk_scale, cap,
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold keys `start_n .. start_n + BLOCK_N` into the online softmax of the rows of `q`;
+    row i sees keys `q_pos[i] - window < n <= q_pos[i]` below `kv_end`. Scores are in log2
+    units (`_scales` gives `qk_scale` and `cap`), soft-capped before the mask when SOFTCAP.
 
     Unmasked tiles (all keys below `kv_end` and visible to every row) skip the mask arithmetic.
     """
@@ -28,24 +35,38 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head
     kv_mask = valid[:, None] & (d[None, :] < head_dim)
     k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if SOFTCAP:
+        # c * tanh(x / c) with tanh(z) = 1 - 2 / (1 + e^2z), as tl has no tanh on every version:
+        # e^2z overflowing to inf gives 1 and underflowing to 0 gives -1, never inf / inf.
+        qk = cap * (1.0 - 2.0 / (1.0 + tl.math.exp2(qk * qk_scale)))
+    else:
+        qk = qk * qk_scale
     if MASKED:
-        visible = valid[None, :] & (n[None, :] <= q_pos[:, None])
+        visible = (valid[None, :] & (n[None, :] <= q_pos[:, None])
+                   & (n[None, :] > q_pos[:, None] - window))
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    # A row whose window starts past the keys so far has m = -inf, and exp2(-inf + inf) is NaN;
+    # a finite reference leaves it zeros. Only masked tiles can leave a row without a key.
+    if MASKED:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block table's width changes each step
+# The table's width changes each step; a window of 1 or of 16k would each compile anew.
+@triton.jit(do_not_specialize=["stride_bt", "window"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cp, stride_cs, stride_ch,
-                    stride_bt, qk_scale, head_dim, GROUP: tl.constexpr,
-                    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                    stride_bt, qk_scale, cap, head_dim, window, SOFTCAP: tl.constexpr,
+                    GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     r = tl.program_id(2)
@@ -61,27 +82,56 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     q_rows = (q_start + rows).to(tl.int64)[:, None]
     q = tl.load(q_ptr + q_rows * stride_qt + head * stride_qh + d[None, :], mask=q_mask,
                 other=0.0).to(k_cache_ptr.dtype.element_ty)
-    q_pos = ctx_len + rows  # bottom-right aligned causal mask: row i sees keys <= q_pos[i]
+    # Bottom-right aligned causal mask: row i sees keys <= q_pos[i]. Rows past the last query
+    # copy its position, so a narrow window leaves them a key to see (no 0 / 0 to discard).
+    q_pos = ctx_len + tl.minimum(rows, q_len - 1)
     kv_head = head // GROUP
     bt_row = bt_ptr + r.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Keys every row of the tile sees need no mask; the causal diagonal and tail do.
-    full_end = (ctx_len + m0 + 1) // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
+    # Keys from the first row's window start to the last real row's position, in three runs:
+    # tiles straddling some row's window edge (masked), tiles every row sees whole (unmasked),
+    # then the causal diagonal and tail (masked). Without a window the first run is empty.
+    first_pos = ctx_len + m0
+    kv_end = ctx_len + tl.minimum(m0 + BLOCK_M, q_len)
+    lo = tl.maximum(first_pos + 1 - window, 0) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N, kv_end)
+    full_hi = tl.maximum((first_pos + 1) // BLOCK_N * BLOCK_N, full_lo)
+    for start_n in range(lo, full_lo, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, seq_len, q_pos, stride_cp, stride_cs,
-                                     stride_ch, head_dim, qk_scale, False, PAGE_SIZE, BLOCK_N,
-                                     BLOCK_D, PRECISION)
-    for start_n in range(full_end, tl.minimum(seq_len, ctx_len + m0 + BLOCK_M), BLOCK_N):
+                                     kv_head, start_n, kv_end, q_pos, window, stride_cp,
+                                     stride_cs, stride_ch, head_dim, qk_scale, cap, True, SOFTCAP,
+                                     PAGE_SIZE, BLOCK_N, BLOCK_D, PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, seq_len, q_pos, stride_cp, stride_cs,
-                                     stride_ch, head_dim, qk_scale, True, PAGE_SIZE, BLOCK_N,
-                                     BLOCK_D, PRECISION)
+                                     kv_head, start_n, kv_end, q_pos, window, stride_cp,
+                                     stride_cs, stride_ch, head_dim, qk_scale, cap, False, SOFTCAP,
+                                     PAGE_SIZE, BLOCK_N, BLOCK_D, PRECISION)
+    for start_n in range(full_hi, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head, start_n, kv_end, q_pos, window, stride_cp,
+                                     stride_cs, stride_ch, head_dim, qk_scale, cap, True, SOFTCAP,
+                                     PAGE_SIZE, BLOCK_N, BLOCK_D, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _window(sliding_window: int | None) -> int:
+    """The kernels' window argument: no window is one wider than any context, not a branch."""
+    assert sliding_window is None or 1 <= sliding_window <= NO_WINDOW
+    return NO_WINDOW if sliding_window is None else sliding_window
+
+
+def _scales(scale: float, softcap: float | None) -> tuple[float, float]:
+    """The kernels' `(qk_scale, cap)`, every constant folded in: a score in log2 units is
+    `qk * qk_scale` (`cap` unused), or soft-capped, `c * tanh(qk * scale / c) * LOG2E` =
+    `cap * (1 - 2 / (1 + exp2(qk * qk_scale)))`."""
+    if softcap is None:
+        return scale * LOG2E, 0.0
+    assert softcap > 0
+    return 2 * LOG2E * scale / softcap, softcap * LOG2E
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -92,8 +142,12 @@ def _precision(dtype: torch.dtype) -> str:
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                             block_table: torch.Tensor, scale: float, max_query_len: int,
-                            block_m: int = 64, block_n: int = 64) -> torch.Tensor:
-    """Causal attention of every request's new tokens over its paged context (any batch mix).
+                            block_m: int = 64, block_n: int = 64,
+                            sliding_window: int | None = None,
+                            softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of every request's new tokens over its paged context (any batch mix),
+    each query seeing only the last `sliding_window` keys up to itself when one is given, its
+    scaled scores soft-capped to `softcap * tanh(x / softcap)` when one is given.
 
     One program per (query tile, head, request); tiles past a request's query length exit.
     """
@@ -106,29 +160,32 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_table,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-        scale * LOG2E, head_dim, GROUP=num_heads // k_cache.shape[2], PAGE_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        *_scales(scale, softcap), head_dim, _window(sliding_window), SOFTCAP=softcap is not None,
+        GROUP=num_heads // k_cache.shape[2], PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         PRECISION=_precision(k_cache.dtype), num_warps=4 if head_dim <= 64 else 8)
     return out
 
 
-@triton.jit(do_not_specialize=["stride_bt", "num_splits"])  # both change with the batch
+@triton.jit(do_not_specialize=["stride_bt", "num_splits", "window"])  # change with the batch
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
                          part_out_ptr, part_lse_ptr, stride_qt, stride_qh, stride_cp, stride_cs,
-                         stride_ch, stride_bt, qk_scale, head_dim, num_heads, num_splits,
-                         GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, PARTITION: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                         stride_ch, stride_bt, qk_scale, cap, head_dim, num_heads, num_splits,
+                         window, SOFTCAP: tl.constexpr, GROUP: tl.constexpr,
+                         PAGE_SIZE: tl.constexpr, PARTITION: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Attend all query heads of one KV head to one partition of the context.
 
     The GQA group is the tile's row dimension, so each K/V page is read once per group.
+    Partitions past the context or wholly before the window exit, writing nothing.
     """
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + r)
+    first = tl.maximum(seq_len - window, 0)  # the first key in the window
     start = split * PARTITION
-    if start >= seq_len:
+    if start >= seq_len or start + PARTITION <= first:
         return
     end = tl.minimum(start + PARTITION, seq_len)
     g = tl.arange(0, BLOCK_G)
@@ -143,17 +200,26 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr,
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    full_end = start + (end - start) // BLOCK_N * BLOCK_N
-    for start_n in range(start, full_end, BLOCK_N):
+    # The tile holding the window's first key (when it starts mid-tile) and the ragged tail
+    # are masked; every tile in between is whole. PARTITION is a multiple of BLOCK_N.
+    lo = tl.maximum(start, first // BLOCK_N * BLOCK_N)
+    full_lo = tl.minimum(tl.maximum(start, tl.cdiv(first, BLOCK_N) * BLOCK_N), end)
+    full_hi = tl.maximum(end // BLOCK_N * BLOCK_N, full_lo)
+    for start_n in range(lo, full_lo, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, end, q_pos, stride_cp, stride_cs,
-                                     stride_ch, head_dim, qk_scale, False, PAGE_SIZE, BLOCK_N,
-                                     BLOCK_D, PRECISION)
-    for start_n in range(full_end, end, BLOCK_N):
+                                     kv_head, start_n, end, q_pos, window, stride_cp, stride_cs,
+                                     stride_ch, head_dim, qk_scale, cap, True, SOFTCAP, PAGE_SIZE,
+                                     BLOCK_N, BLOCK_D, PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, end, q_pos, stride_cp, stride_cs,
-                                     stride_ch, head_dim, qk_scale, True, PAGE_SIZE, BLOCK_N,
-                                     BLOCK_D, PRECISION)
+                                     kv_head, start_n, end, q_pos, window, stride_cp, stride_cs,
+                                     stride_ch, head_dim, qk_scale, cap, False, SOFTCAP, PAGE_SIZE,
+                                     BLOCK_N, BLOCK_D, PRECISION)
+    for start_n in range(full_hi, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head, start_n, end, q_pos, window, stride_cp, stride_cs,
+                                     stride_ch, head_dim, qk_scale, cap, True, SOFTCAP, PAGE_SIZE,
+                                     BLOCK_N, BLOCK_D, PRECISION)
     # Partial results: the normalized output and its log2-sum-exp, merged by the reduce pass.
     part = (r.to(tl.int64) * num_heads + heads) * num_splits + split
     tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc / l_i[:, None],
@@ -161,21 +227,26 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr,
     tl.store(part_lse_ptr + part, m_i + tl.math.log2(l_i), mask=g < GROUP)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "window"])
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens_ptr,
-                          stride_ot, stride_oh, head_dim, num_heads, num_splits,
+                          stride_ot, stride_oh, head_dim, num_heads, num_splits, window,
                           PARTITION: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the partitions in order, whatever the grid's size: a CUDA graph captured with
-    room for `max_model_len` and an eager step sized to the batch give the same bits."""
+    room for `max_model_len` and an eager step sized to the batch give the same bits.
+
+    Only partitions holding a key in the window are merged; those before it wrote nothing.
+    """
     r = tl.program_id(0)
     head = tl.program_id(1)
-    num_valid = tl.cdiv(tl.load(seq_lens_ptr + r), PARTITION)
+    seq_len = tl.load(seq_lens_ptr + r)
+    first = tl.maximum(seq_len - window, 0) // PARTITION
+    num_valid = tl.cdiv(seq_len, PARTITION)
     d = tl.arange(0, BLOCK_D)
     base = (r.to(tl.int64) * num_heads + head) * num_splits
-    m = tl.load(part_lse_ptr + base)
-    acc = tl.load(part_out_ptr + base * head_dim + d, mask=d < head_dim, other=0.0)
+    m = tl.load(part_lse_ptr + base + first)
+    acc = tl.load(part_out_ptr + (base + first) * head_dim + d, mask=d < head_dim, other=0.0)
     l_sum = tl.full([], 1.0, tl.float32)  # a tensor, so the loop carries one type
-    for s in range(1, num_valid):
+    for s in range(first + 1, num_valid):
         lse = tl.load(part_lse_ptr + base + s)
         o = tl.load(part_out_ptr + (base + s) * head_dim + d, mask=d < head_dim, other=0.0)
         m_new = tl.maximum(m, lse)
@@ -191,12 +262,15 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                            block_table: torch.Tensor, scale: float, max_seq_len: int,
-                           partition: int = 512, block_n: int = 64) -> torch.Tensor:
-    """Attention of one new token per request over its paged context (flash-decoding).
+                           partition: int = 512, block_n: int = 64,
+                           sliding_window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
+    """Attention of one new token per request over its paged context (flash-decoding), or
+    over its last `sliding_window` keys when one is given; `softcap` as in the prefill.
 
     Splitting each context into `partition`-token pieces gives a long single request as many
     programs as a large batch has, so both keep the GPU's memory system busy. The split count
-    is a runtime argument: a growing context never triggers a recompile.
+    and the window are runtime arguments: a growing context never triggers a recompile.
     """
     num_tokens, num_heads, head_dim = q.shape
     assert q.stride(-1) == k_cache.stride(-1) == block_table.stride(-1) == 1
@@ -210,14 +284,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     part_lse = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     block_d = triton.next_power_of_2(head_dim)
+    window = _window(sliding_window)
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, query_start_loc, seq_lens, block_table, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_table.stride(0), scale * LOG2E, head_dim, num_heads, num_splits, GROUP=group,
-        PAGE_SIZE=k_cache.shape[1], PARTITION=partition,
+        block_table.stride(0), *_scales(scale, softcap), head_dim, num_heads, num_splits, window,
+        SOFTCAP=softcap is not None, GROUP=group, PAGE_SIZE=k_cache.shape[1], PARTITION=partition,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=_precision(k_cache.dtype), num_warps=4)
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_out, part_lse, out, query_start_loc, seq_lens, out.stride(0), out.stride(1),
-        head_dim, num_heads, num_splits, PARTITION=partition, BLOCK_D=block_d)
+        head_dim, num_heads, num_splits, window, PARTITION=partition, BLOCK_D=block_d)
     return out

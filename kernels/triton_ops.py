@@ -112,23 +112,39 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, inter, BLOCK: tl.constexpr):
+def _gated_activation_kernel(x_ptr, out_ptr, stride_x, inter, GELU_TANH: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    """`act(gate) * up` per column: SiLU, or GELU's tanh approximation (Gemma)."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     gate = tl.load(x_ptr + t * stride_x + cols, mask=mask).to(tl.float32)
     up = tl.load(x_ptr + t * stride_x + inter + cols, mask=mask)
-    act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
-    tl.store(out_ptr + t * inter + cols, act * up, mask=mask)
+    if GELU_TANH:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2 / pi)
+        act = 0.5 * gate * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner)))  # 1 + tanh(inner)
+    else:
+        act = gate / (1.0 + tl.exp(-gate))
+    tl.store(out_ptr + t * inter + cols, act.to(x_ptr.dtype.element_ty) * up, mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """SwiGLU over the fused gate|up projection `[T, 2I]` -> `[T, I]`."""
+def _gated_activation(x: torch.Tensor, block: int, gelu_tanh: bool) -> torch.Tensor:
+    """Launch the gated activation over the fused gate|up projection `[T, 2I]`."""
     inter = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * inter)
     assert x2.stride(-1) == 1
     out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype, device=x.device)
     block = min(block, triton.next_power_of_2(inter))
-    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-        x2, out, x2.stride(0), inter, BLOCK=block)
+    _gated_activation_kernel[(x2.shape[0], triton.cdiv(inter, block))](
+        x2, out, x2.stride(0), inter, GELU_TANH=gelu_tanh, BLOCK=block)
     return out
+
+
+def silu_and_mul(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """SwiGLU over the fused gate|up projection `[T, 2I]` -> `[T, I]`."""
+    return _gated_activation(x, block, gelu_tanh=False)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """GeGLU (tanh GELU, Gemma) over the fused gate|up projection `[T, 2I]` -> `[T, I]`."""
+    return _gated_activation(x, block, gelu_tanh=True)

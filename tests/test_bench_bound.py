@@ -26,9 +26,10 @@ def llama3() -> ModelArch:
 
 def tiny() -> ModelArch:
     # linears: q 4x4, k 2x4, v 2x4, o 4x4, gate/up 8x4, down 4x8 = 144; head 10x4 = 40
-    return ModelArch(vocab_size=10, hidden_size=4, intermediate_size=8, num_layers=1,
-                     num_heads=2, num_kv_heads=1, head_dim=2, rms_norm_eps=1e-5,
-                     rope_theta=1e4, max_position_embeddings=64, tie_word_embeddings=True)
+    return ModelArch(architecture="LlamaForCausalLM", vocab_size=10, hidden_size=4,
+                     intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                     head_dim=2, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=64,
+                     tie_word_embeddings=True)
 
 
 def test_llama3_config_reads_as_llama3_8b(llama3):

@@ -42,6 +42,7 @@ with_dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).remo
 # (num_heads, num_kv_heads, head_dim, page_size): GQA ratios 1, 3, 8; pages smaller than,
 # equal to and larger than the 16-key tile.
 ATTENTION_SHAPES = [(4, 4, 64, 8), (6, 2, 128, 16), (8, 1, 64, 32)]
+GEMMA2_2B_SHAPE = (8, 4, 256, 16)  # Gemma's head dim, 256: the widest tile the kernels take
 
 
 def _qkv_views(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -127,6 +128,15 @@ def test_silu_and_mul_over_several_column_blocks(dtype: torch.dtype):
     torch.testing.assert_close(out, reference.silu_and_mul(x), **TOLERANCES[dtype])
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's
+@with_dtypes
+def test_gelu_tanh_and_mul_over_several_column_blocks(dtype: torch.dtype):
+    # Gates up to ~±15: exp(-2 * inner) overflows to inf for the most negative (tanh -> -1).
+    x = (torch.randn(4, 2 * 100) * 4).to(dtype)
+    out = triton_ops.gelu_tanh_and_mul(x, block=32)
+    torch.testing.assert_close(out, reference.gelu_tanh_and_mul(x), **TOLERANCES[dtype])
+
+
 @with_dtypes
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
 def test_prefill_attention_over_mixed_batch(num_heads: int, num_kv_heads: int, head_dim: int,
@@ -156,6 +166,157 @@ def test_decode_attention_merges_context_partitions(num_heads: int, num_kv_heads
     torch.testing.assert_close(out, want, **TOLERANCES[dtype])
 
 
+# Sliding windows: one key, one narrower than every context below (its edge mid-tile for some
+# queries, on a tile edge for others), and one wider than some contexts but not the longest.
+WINDOWS = [1, 20, 45]
+
+
+@with_dtypes
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
+def test_prefill_attention_with_sliding_window(num_heads: int, num_kv_heads: int, head_dim: int,
+                                               page_size: int, window: int, dtype: torch.dtype):
+    # The mixed batch above: a 16-row query tile spans 16 positions, so a narrow window's edge
+    # straddles several key tiles and cuts rows' windows differently within one tile.
+    batch = _paged_batch([1, 17, 35, 5], [40, 30, 35, 61], num_heads, num_kv_heads, head_dim,
+                         page_size, dtype)
+    out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=35, block_m=16,
+                                                   block_n=16, sliding_window=window)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=35, max_seq_len=61,
+                                     sliding_window=window)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+
+
+@with_dtypes
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
+def test_decode_attention_with_sliding_window(num_heads: int, num_kv_heads: int, head_dim: int,
+                                              page_size: int, window: int, dtype: torch.dtype):
+    # The contexts above; the 100-token one loses one, two or three whole 32-key partitions.
+    seq_lens = [1, 23, 32, 100]
+    batch = _paged_batch([1] * 4, seq_lens, num_heads, num_kv_heads, head_dim, page_size,
+                         dtype)
+    out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=100,
+                                                  partition=32, block_n=16,
+                                                  sliding_window=window)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=1, max_seq_len=100,
+                                     sliding_window=window)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+
+
+# Gemma 2 caps at 50, which scores of unit-variance q and k at scale 1/8 never near; 5 moves them.
+SOFTCAP = 5.0
+
+
+def _assert_cap_matters(batch, max_query_len: int, max_seq_len: int, **window) -> torch.Tensor:
+    """The soft-capped reference, checked to differ from the uncapped one (else a kernel that
+    ignored the cap would pass)."""
+    want = reference.paged_attention(*batch, 0.125, max_query_len, max_seq_len, softcap=SOFTCAP,
+                                     **window)
+    uncapped = reference.paged_attention(*batch, 0.125, max_query_len, max_seq_len, **window)
+    assert not torch.allclose(want, uncapped, atol=1e-2, rtol=1e-2)
+    return want
+
+
+@with_dtypes
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
+def test_prefill_attention_with_softcap(num_heads: int, num_kv_heads: int, head_dim: int,
+                                        page_size: int, window: int | None, dtype: torch.dtype):
+    batch = _paged_batch([1, 17, 35, 5], [40, 30, 35, 61], num_heads, num_kv_heads, head_dim,
+                         page_size, dtype)
+    want = _assert_cap_matters(batch, 35, 61, sliding_window=window)
+    out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=35, block_m=16,
+                                                   block_n=16, sliding_window=window,
+                                                   softcap=SOFTCAP)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+
+
+@with_dtypes
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
+def test_decode_attention_with_softcap(num_heads: int, num_kv_heads: int, head_dim: int,
+                                       page_size: int, window: int | None, dtype: torch.dtype):
+    batch = _paged_batch([1] * 4, [1, 23, 32, 100], num_heads, num_kv_heads, head_dim,
+                         page_size, dtype)
+    want = _assert_cap_matters(batch, 1, 100, sliding_window=window)
+    out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=100, partition=32,
+                                                  block_n=16, sliding_window=window,
+                                                  softcap=SOFTCAP)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's
+def test_softcap_saturates_huge_scores_without_nan():
+    """Scores in the thousands: the kernels' exp2 inside tanh overflows to inf or underflows
+    to 0, which must give tanh = ±1 exactly (no inf / inf), as torch's tanh does."""
+    for query_lens, seq_lens in (([1] * 3, [1, 23, 40]), ([1, 17, 5], [40, 30, 37])):
+        batch = _paged_batch(query_lens, seq_lens, 4, 2, 64, 16)
+        args = (100.0, max(query_lens), max(seq_lens))
+        want = reference.paged_attention(*batch, *args, softcap=1.0)
+        if max(query_lens) == 1:
+            out = triton_attention.paged_decode_attention(*batch, 100.0, max(seq_lens),
+                                                          partition=32, block_n=16, softcap=1.0)
+        else:
+            out = triton_attention.paged_prefill_attention(*batch, 100.0, max(query_lens),
+                                                           block_m=16, block_n=16, softcap=1.0)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+
+
+@with_dtypes
+@pytest.mark.parametrize("window,softcap", [(None, None), (20, SOFTCAP)])
+def test_attention_at_head_dim_256(window: int | None, softcap: float | None,
+                                   dtype: torch.dtype):
+    # Gemma's 256-wide head tile over short contexts. Prefill: a decode row, a chunk after
+    # earlier pages, a fresh prompt; decode: one, two and three partitions.
+    kw = dict(sliding_window=window, softcap=softcap)
+    batch = _paged_batch([1, 9, 21], [30, 25, 21], *GEMMA2_2B_SHAPE, dtype)
+    out = triton_attention.paged_prefill_attention(*batch, 0.0625, max_query_len=21, block_m=16,
+                                                   block_n=16, **kw)
+    want = reference.paged_attention(*batch, 0.0625, max_query_len=21, max_seq_len=30, **kw)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+    batch = _paged_batch([1] * 3, [7, 40, 70], *GEMMA2_2B_SHAPE, dtype)
+    out = triton_attention.paged_decode_attention(*batch, 0.0625, max_seq_len=70, partition=32,
+                                                  block_n=16, **kw)
+    want = reference.paged_attention(*batch, 0.0625, max_query_len=1, max_seq_len=70, **kw)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("query_lens,seq_lens", [([1] * 4, [1, 23, 32, 100]),
+                                                 ([1, 17, 35, 5], [40, 30, 35, 61])],
+                         ids=["decode", "prefill"])
+def test_sliding_window_reads_no_key_before_its_first_tile(query_lens: list[int],
+                                                           seq_lens: list[int]):
+    """Keys before the tile holding a request's first query's window start are NaN: a kernel
+    that read them, masked or not, or a decode that merged a partition wholly before the
+    window (it writes nothing), would return NaN."""
+    window, block_n, page_size = 20, 16, 8
+    batch = _paged_batch(query_lens, seq_lens, 6, 2, 64, page_size)
+    _, k_cache, v_cache, _, _, table = batch
+    want = reference.paged_attention(*batch, 0.125, max(query_lens), max(seq_lens),
+                                     sliding_window=window)
+    for r, (n, s) in enumerate(zip(query_lens, seq_lens)):
+        unread = torch.arange(max(s - n + 1 - window, 0) // block_n * block_n)
+        pages, offsets = table[r, unread // page_size].long(), unread % page_size
+        k_cache[pages, offsets] = v_cache[pages, offsets] = float("nan")
+    if max(query_lens) == 1:
+        out = triton_attention.paged_decode_attention(*batch, 0.125, max(seq_lens),
+                                                      partition=32, block_n=block_n,
+                                                      sliding_window=window)
+        # A grid sized for a longer context, as a CUDA graph's, merges the same partitions.
+        wide = triton_attention.paged_decode_attention(*batch, 0.125, 256,
+                                                       partition=32, block_n=block_n,
+                                                       sliding_window=window)
+        torch.testing.assert_close(wide, out, atol=0, rtol=0)
+    else:
+        out = triton_attention.paged_prefill_attention(*batch, 0.125, max(query_lens),
+                                                       block_m=16, block_n=block_n,
+                                                       sliding_window=window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+
+
 def test_reference_decode_paths_agree_with_fp32():
     """The reference decodes a few rows with SDPA and more with batched matmuls in the
     cache's dtype (bf16 here): both within bf16 rounding of fp32 SDPA over the same values."""
@@ -174,31 +335,40 @@ def test_reference_decode_paths_agree_with_fp32():
 @pytest.mark.skipif(DEVICE != "cuda", reason="thousands of keys at the engine's 64-key tiles "
                     "take ~25 s in the interpreter; runs compiled on a GPU (TRITON_INTERPRET=0)")
 @with_dtypes
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", ATTENTION_SHAPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size,softcap",
+                         [(*shape, None) for shape in ATTENTION_SHAPES]
+                         + [(*GEMMA2_2B_SHAPE, 50.0)])  # Gemma 2's cap
 def test_attention_at_engine_tile_sizes_over_long_contexts(num_heads: int, num_kv_heads: int,
                                                            head_dim: int, page_size: int,
+                                                           softcap: float | None,
                                                            dtype: torch.dtype):
     # The wrappers' default tiles, as the engine launches them. Prefill: a decode row deep in
     # a context, a 300-token chunk after 1200 earlier tokens, a fresh 700-token prompt (11
     # query tiles), and a 65-token chunk one past a tile edge.
     batch = _paged_batch([1, 300, 700, 65], [1537, 1500, 700, 2113], num_heads, num_kv_heads,
                          head_dim, page_size, dtype)
-    out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=700)
-    want = reference.paged_attention(*batch, 0.125, max_query_len=700, max_seq_len=2113)
+    out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=700,
+                                                   softcap=softcap)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=700, max_seq_len=2113,
+                                     softcap=softcap)
     torch.testing.assert_close(out, want, **TOLERANCES[dtype])
     # Decode: contexts on both sides of the 512-key partition edges, up to five partitions.
     seq_lens = [1, 511, 512, 513, 1025, 2113]
     batch = _paged_batch([1] * 6, seq_lens, num_heads, num_kv_heads, head_dim, page_size, dtype)
-    out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=2113)
-    want = reference.paged_attention(*batch, 0.125, max_query_len=1, max_seq_len=2113)
+    out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=2113, softcap=softcap)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=1, max_seq_len=2113,
+                                     softcap=softcap)
     torch.testing.assert_close(out, want, **TOLERANCES[dtype])
     # A grid sized for a longer context than any row has, as a CUDA graph captured for
     # max_model_len launches it, gives the same bits as the eager step's grid.
-    wide = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=4096)
+    wide = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=4096, softcap=softcap)
     torch.testing.assert_close(wide, out, atol=0, rtol=0)
 
 
-def test_dispatch_sends_decode_and_prefill_batches_to_their_kernels(monkeypatch):
+@pytest.mark.parametrize("window,softcap", [(None, None), (3, SOFTCAP)])
+def test_dispatch_sends_decode_and_prefill_batches_to_their_kernels(monkeypatch,
+                                                                   window: int | None,
+                                                                   softcap: float | None):
     monkeypatch.setattr(kernels, "_use_triton", lambda x: True)
     calls = []
     for name in ("paged_decode_attention", "paged_prefill_attention"):
@@ -207,7 +377,7 @@ def test_dispatch_sends_decode_and_prefill_batches_to_their_kernels(monkeypatch)
                             lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     for query_lens, seq_lens in (([1, 1], [20, 3]), ([1, 4], [20, 6])):
         batch = _paged_batch(query_lens, seq_lens, 4, 2, 64, 16)
-        args = (0.125, max(query_lens), max(seq_lens))
+        args = (0.125, max(query_lens), max(seq_lens), window, softcap)
         torch.testing.assert_close(kernels.paged_attention(*batch, *args),
                                    reference.paged_attention(*batch, *args),
                                    atol=ATOL, rtol=RTOL)

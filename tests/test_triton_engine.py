@@ -235,7 +235,7 @@ def _cpu_llm(model: str) -> LLM:
     return sharpen_attention(LLM(
         model=model, load_format="dummy", device="cpu", dtype="float32", page_size=CPU_PAGE,
         max_num_seqs=8, max_num_batched_tokens=24, num_kv_pages=48, max_model_len=128,
-        enable_prefix_caching=True, dummy_weights_seed=0))
+        enable_prefix_caching=True, dummy_weights_seed=0, enforce_eager=True))
 
 
 # The engine's attention tiles (64 keys; one 512-key decode partition) leave these short

@@ -39,9 +39,12 @@ class AttentionMetadata:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """Each query attends to its request's keys up to its own position, or to the last
+    `sliding_window` of them; `softcap` caps the scores (kernels.reference.paged_attention)."""
     k_cache, v_cache = kv_cache
     kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     return kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
                                    meta.block_table, scale, meta.max_query_len,
-                                   meta.max_seq_len)
+                                   meta.max_seq_len, sliding_window, softcap)

@@ -1,16 +1,24 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) over a flat, unpadded token batch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM) over a flat,
+unpadded token batch.
+
+The family's variations are `ModelArch` fields: q/k/v biases (Qwen2), RMSNorm over each head
+of q and k before rotary (Qwen3), a sliding window on some or all layers (Mistral, Phi-3),
+mixture-of-experts MLPs (Mixtral, Qwen3-MoE; engine/layers/moe.py).
 
 q/k/v and gate/up projections are fused into one matmul each; weights arrive with Hugging
 Face names and `load_weights` hands each to its parameter's `weight_loader`, naming the fused
 shard. Every layer linear has the model's `LinearMethod` (its weight format); the embedding and
 the LM head have its `vocab_method`.
 """
+import re
+
 import torch
 from torch import nn
 
 import kernels
 from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.linear import Linear, VocabEmbedding
+from engine.layers.moe import MoEMLP
 from engine.layers.quantization import LinearMethod, plan_layer_kernels
 from engine.layers.rotary import cos_sin_cache
 from engine.loader import ModelArch, Weights
@@ -27,7 +35,7 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, method: LinearMethod):
+    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
         self.head_dim = arch.head_dim
@@ -37,36 +45,55 @@ class LlamaAttention(nn.Module):
                                bias=arch.attention_bias, method=method,
                                output_sizes=[self.q_size, self.kv_size, self.kv_size])
         self.o_proj = Linear(self.q_size, arch.hidden_size, method=method)
-        self.scale = self.head_dim ** -0.5
+        self.q_norm = self.k_norm = None
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
+        self.sliding_window = arch.layer_windows[layer] if arch.layer_windows else None
+        self.scale = arch.attn_scale or self.head_dim ** -0.5
+        self.softcap = arch.attn_softcap
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         kernels.rotary_embedding(positions, q, k, cos_sin)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window,
+                            self.softcap)
         return self.o_proj(o.reshape(-1, self.q_size))
+
+
+_GATED_ACTIVATIONS = {"silu": kernels.silu_and_mul,
+                      "gelu_pytorch_tanh": kernels.gelu_tanh_and_mul}
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArch, method: LinearMethod):
         super().__init__()
+        if arch.hidden_act not in _GATED_ACTIVATIONS:
+            raise ValueError(f"unsupported MLP activation {arch.hidden_act!r}")
+        self.act = _GATED_ACTIVATIONS[arch.hidden_act]
         self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, method=method,
                                    output_sizes=[arch.intermediate_size] * 2)
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, method=method)
 
     def forward(self, x):
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, method: LinearMethod):
+    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, method)
+        self.self_attn = LlamaAttention(arch, method, layer)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = LlamaMLP(arch, method)
+        self.mlp = (MoEMLP(arch.hidden_size, arch.moe_intermediate_size, arch.num_experts,
+                           arch.num_experts_per_tok, arch.norm_topk_prob,
+                           _GATED_ACTIVATIONS[arch.hidden_act], method)
+                    if arch.moe_layers and arch.moe_layers[layer] else LlamaMLP(arch, method))
 
     def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
         x, residual = self.input_layernorm(x, residual)
@@ -76,14 +103,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    decoder_layer = LlamaDecoderLayer
+
     def __init__(self, arch: ModelArch, max_positions: int, linear_method: LinearMethod):
         super().__init__()
         self.arch = arch
         vocab_method = linear_method.vocab_method()
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size,
                                            method=vocab_method)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, linear_method)
-                                    for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(self.decoder_layer(arch, linear_method, i)
+                                    for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = self.embed_tokens if arch.tie_word_embeddings else Linear(
             arch.hidden_size, arch.vocab_size, method=vocab_method)
@@ -109,17 +138,28 @@ class LlamaForCausalLM(nn.Module):
         projections, then let each linear method repack what it loaded, and choose the
         quantized layers' kernels."""
         params = dict(self.named_parameters())
+        experts = re.compile(r"(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                             r"(w1|w3|gate_proj|up_proj|w2|down_proj)\.weight")
         fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
                  "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
                  "up_proj": ("gate_up_proj", 1)}
         loaded = set()
         for name, w in weights:
-            name = name.removeprefix("model.")
+            name = name.removeprefix("model.").replace(".block_sparse_moe.gate.", ".mlp.gate.")
             if "rotary_emb" in name:
                 continue
-            *prefix, module, kind = name.split(".")
-            module, shard = fused.get(module, (module, None))
-            name = ".".join([*prefix, module, kind])
+            if m := experts.fullmatch(name):  # one expert's weight: a shard of the stack
+                prefix, expert, part = m.groups()
+                down = part in ("w2", "down_proj")
+                name = f"{prefix}.mlp.{'w2' if down else 'w13'}"
+                shard = (int(expert), None if down else int(part in ("w3", "up_proj")))
+            else:
+                *prefix, module, kind = name.split(".")
+                module, shard = fused.get(module, (module, None))
+                name = ".".join([*prefix, module, kind])
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in "
+                                 f"{self.arch.architecture} as Tessera builds it")
             param = params[name]
             if hasattr(param, "weight_loader"):
                 param.weight_loader(param, w, shard)

@@ -1,0 +1,67 @@
+"""Gemma 2 and Gemma 3 (text), on the Llama family's attention and MLP.
+
+What differs: RMSNorm weights are stored as offsets from 1 (`x * (1 + w)`; 1 is added at
+load), a norm after attention and around the MLP as well as before ("sandwich" norms), a GeGLU
+MLP (`hidden_act`), embeddings scaled by sqrt(hidden), attention scaled by
+`query_pre_attn_scalar`, sliding-window and global layers alternating (`layer_windows`).
+Gemma 2 soft-caps attention scores and logits; Gemma 3 instead normalizes q and k per head and
+gives its sliding layers their own rope base (`local_rope_theta`).
+"""
+import torch
+from torch import nn
+
+from engine.layers.attention import AttentionMetadata
+from engine.layers.quantization import LinearMethod
+from engine.layers.rotary import cos_sin_cache
+from engine.loader import ModelArch, Weights
+from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int):
+        super().__init__()
+        size, eps = arch.hidden_size, arch.rms_norm_eps
+        self.input_layernorm = RMSNorm(size, eps)
+        self.self_attn = LlamaAttention(arch, method, layer)
+        self.post_attention_layernorm = RMSNorm(size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(size, eps)
+        self.mlp = LlamaMLP(arch, method)
+        self.post_feedforward_layernorm = RMSNorm(size, eps)
+
+    def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
+        x, residual = self.input_layernorm(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(x, positions, cos_sin, kv_cache,
+                                                         meta))[0]
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x))[0], residual
+
+
+class GemmaForCausalLM(LlamaForCausalLM):
+    decoder_layer = GemmaDecoderLayer
+
+    def __init__(self, arch: ModelArch, max_positions: int, linear_method: LinearMethod):
+        super().__init__(arch, max_positions, linear_method)
+        self.local_cos_sin = self.cos_sin if arch.local_rope_theta is None else cos_sin_cache(
+            arch.head_dim, max_positions, arch.local_rope_theta, None)
+        self.layer_cos_sin = [self.local_cos_sin if window else self.cos_sin
+                              for window in arch.layer_windows or [None] * arch.num_layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens.embed(input_ids)
+        x, residual = x * torch.tensor(self.arch.hidden_size ** 0.5, dtype=x.dtype), None
+        for layer, cos_sin, kv_cache in zip(self.layers, self.layer_cos_sin, kv_caches):
+            x, residual = layer(x, residual, positions, cos_sin, kv_cache, meta)
+        return self.norm(x, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if (cap := self.arch.final_softcap) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Weights) -> None:
+        """Norm weights arrive as offsets from 1."""
+        super().load_weights((name, w + 1 if name.endswith("norm.weight") else w)
+                             for name, w in weights)
