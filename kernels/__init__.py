@@ -42,6 +42,9 @@ def gelu_tanh_and_mul(x):
     return reference.gelu_tanh_and_mul(x)
 
 
+# Data-dependent grouping: under torch.compile (engine/cpu_compile.py) each distinct count of
+# tokens per expert would be a new graph, so the compiled step calls it as it is.
+@torch.compiler.disable
 def fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation):
     # No Triton kernel yet: the torch reference runs on either device.
     return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation)
