@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# First, before anything imports triton: torch._dynamo does (the engine's kernels use
+# torch.compiler), and triton builds its own jit functions (tl.sum) for the interpreter or not
+# at that import.
+import tests.triton_mode  # noqa: F401
+
 from server import local_server
 # Re-exported: test modules import these from here.
 from server.local_server import (TINY_CHAT_TEMPLATE, TINY_MODEL, Server, ServerFailed,
