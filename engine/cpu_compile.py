@@ -3,9 +3,9 @@
 A one-token step of SmolLM2 on CPU spends more time in ~40 small aten calls per layer (norms,
 rotary, the KV gather, casts, each a few microseconds from Python) than in its GEMMs. Inductor
 fuses them into a few C++ loops around the GEMM and attention calls: a forward at a 300-token
-context went from 15 to 10.5 ms on two Zen 4 cores (llama-server's whole step: ~9 ms). Larger steps
-stay eager: compiled, a 16-row decode step ran 4x slower (209 vs 52 ms), and GEMMs dominate
-them anyway.
+context went from 15 to 10.5 ms on two Zen 4 cores (llama-server's whole step: ~9 ms). Larger
+steps stay eager: their GEMMs dominate, and a compiled 16-row decode step was no faster (55 vs
+56 ms).
 
 The graph is dynamic in the context length (its page count, kernels.reference's decode
 attention masks the last page's tail) and is compiled at start-up, so no request waits on a
@@ -28,7 +28,7 @@ class CompiledDecode:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, page_size: int,
                  max_model_len: int):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-        self.model, self.kv_cache, self.page_size = model, kv_cache, page_size
+        self.kv_cache, self.page_size = kv_cache, page_size
         self.forward = torch.compile(model.forward, dynamic=True)
         start = time.perf_counter()
         # 11 pages: a count no model dimension is likely to equal (torch would tie the two).

@@ -5,14 +5,13 @@ load), a norm after attention and around the MLP as well as before ("sandwich" n
 MLP (`hidden_act`), embeddings scaled by sqrt(hidden), attention scaled by
 `query_pre_attn_scalar`, sliding-window and global layers alternating (`layer_windows`).
 Gemma 2 soft-caps attention scores and logits; Gemma 3 instead normalizes q and k per head and
-gives its sliding layers their own rope base (`local_rope_theta`).
+gives its sliding layers their own rope base (`local_rope_theta`). Those `ModelArch` fields are
+read by the shared attention and `LlamaForCausalLM`; this file holds what is structural.
 """
 import torch
 from torch import nn
 
-from engine.layers.attention import AttentionMetadata
 from engine.layers.quantization import LinearMethod
-from engine.layers.rotary import cos_sin_cache
 from engine.loader import ModelArch, Weights
 from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
 
@@ -39,27 +38,9 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaForCausalLM(LlamaForCausalLM):
     decoder_layer = GemmaDecoderLayer
 
-    def __init__(self, arch: ModelArch, max_positions: int, linear_method: LinearMethod):
-        super().__init__(arch, max_positions, linear_method)
-        self.local_cos_sin = self.cos_sin if arch.local_rope_theta is None else cos_sin_cache(
-            arch.head_dim, max_positions, arch.local_rope_theta, None)
-        self.layer_cos_sin = [self.local_cos_sin if window else self.cos_sin
-                              for window in arch.layer_windows or [None] * arch.num_layers]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens.embed(input_ids)
-        x, residual = x * torch.tensor(self.arch.hidden_size ** 0.5, dtype=x.dtype), None
-        for layer, cos_sin, kv_cache in zip(self.layers, self.layer_cos_sin, kv_caches):
-            x, residual = layer(x, residual, positions, cos_sin, kv_cache, meta)
-        return self.norm(x, residual)[0]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        if (cap := self.arch.final_softcap) is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return x * torch.tensor(self.arch.hidden_size ** 0.5, dtype=x.dtype)
 
     def load_weights(self, weights: Weights) -> None:
         """Norm weights arrive as offsets from 1."""

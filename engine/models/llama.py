@@ -3,7 +3,8 @@ unpadded token batch.
 
 The family's variations are `ModelArch` fields: q/k/v biases (Qwen2), RMSNorm over each head
 of q and k before rotary (Qwen3), a sliding window on some or all layers (Mistral, Phi-3),
-mixture-of-experts MLPs (Mixtral, Qwen3-MoE; engine/layers/moe.py).
+mixture-of-experts MLPs (Mixtral, Qwen3-MoE; engine/layers/moe.py), and Gemma's attention
+scale, soft-caps and local rope base (engine/models/gemma.py adds its structure).
 
 q/k/v and gate/up projections are fused into one matmul each; weights arrive with Hugging
 Face names and `load_weights` hands each to its parameter's `weight_loader`, naming the fused
@@ -116,22 +117,32 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = self.embed_tokens if arch.tie_word_embeddings else Linear(
             arch.hidden_size, arch.vocab_size, method=vocab_method)
-        # A plain attribute, not a buffer: `.to(dtype)` must not round the table to bf16.
-        self.cos_sin = cos_sin_cache(arch.head_dim, max_positions, arch.rope_theta,
-                                     arch.rope_scaling)
+        # Each layer's rope table (sliding layers may have their own base: Gemma 3). Plain
+        # attributes, not buffers: `.to(dtype)` must not round the tables to bf16.
+        cos_sin = cos_sin_cache(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
+        local = cos_sin if arch.local_rope_theta is None else cos_sin_cache(
+            arch.head_dim, max_positions, arch.local_rope_theta, None)
+        windows = arch.layer_windows or [None] * arch.num_layers
+        self.layer_cos_sin = [local if window else cos_sin for window in windows]
         self.requires_grad_(False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens.embed(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm."""
-        x, residual = self.embed_tokens.embed(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.cos_sin, kv_cache, meta)
+        x, residual = self.embed(input_ids), None
+        for layer, cos_sin, kv_cache in zip(self.layers, self.layer_cos_sin, kv_caches):
+            x, residual = layer(x, residual, positions, cos_sin, kv_cache, meta)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if (cap := self.arch.final_softcap) is not None:  # Gemma 2
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def load_weights(self, weights: Weights) -> None:
         """Hand HF-named tensors to their parameters, q|k|v and gate|up as shards of the fused

@@ -6,9 +6,9 @@ and integer GEMMs on int8 activations win once a step has enough tokens to be co
 So each layer shape's candidates are timed at 1, 2, 4, ... `MAX_MEASURED_TOKENS` tokens on the
 layer's own packed weights, once per machine. The winners are cached in
 `$TESSERA_CACHE_DIR/cpu_kernels.json` (default `~/.cache/tessera`) under a key naming the CPU
-model and its flags, torch's CPU capability (which `ATEN_CPU_CAPABILITY` lowers), `ONEDNN_MAX_CPU_ISA`, the
-thread count and torch's version; a lock makes processes that start together share one
-measurement, so they also compute alike.
+model and its flags, torch's CPU capability (which `ATEN_CPU_CAPABILITY` lowers),
+`ONEDNN_MAX_CPU_ISA`, the thread count and torch's version; a lock makes processes that start
+together share one measurement, so they also compute alike.
 """
 import fcntl
 import hashlib
