@@ -241,12 +241,26 @@ def _dummy_weights(arch: ModelArch, seed: int, device: torch.device | str) -> We
 _GGUF_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.gate",
 }
-
-
+# Gemma's sandwich: `ffn_norm` is the norm before the MLP, and two more follow the blocks.
+_GEMMA_NAMES = _GGUF_NAMES | {
+    "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Experts come stacked, `[E, out, in]` each; they are handed over one expert at a time.
+_GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                 "ffn_down_exps": "down_proj"}
 _GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")
+# llama.cpp's conventions where a Gemma GGUF says nothing: every `n`-th layer attends to
+# everything and the others slide; Gemma 3's sliding layers use rope base 10000; attention is
+# scaled by head_dim, except in the 27B models (known by their depth) by hidden / heads.
+_GEMMA_GLOBAL_EVERY = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
 def _gguf_field(reader, key: str, default=None):
@@ -254,54 +268,99 @@ def _gguf_field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def _gguf_arch(reader, a: str) -> ModelArch:
+    """A GGUF's architecture from its metadata (`{a}.*` keys) and which tensors it holds."""
+    def field(key, default=None):
+        return _gguf_field(reader, f"{a}.{key}", default)
+
+    names = {t.name for t in reader.tensors}
+    heads, hidden, layers = (field("attention.head_count"), field("embedding_length"),
+                             field("block_count"))
+    head_dim = field("attention.key_length", hidden // heads)
+    rope_type = field("rope.scaling.type")
+    experts = field("expert_count", 0)
+    window = field("attention.sliding_window")
+    windows = [window] * layers if window else [None] * layers
+    attn_scale = local_theta = None
+    gemma = a.startswith("gemma")
+    if gemma:
+        every = field("attention.sliding_window_pattern", _GEMMA_GLOBAL_EVERY[a])
+        windows = [None if (i + 1) % every == 0 else window for i in range(layers)]
+        attn_scale = (hidden // heads if layers == _GEMMA_27B_LAYERS[a] else head_dim) ** -0.5
+        local_theta = _GEMMA3_LOCAL_ROPE_THETA if a == "gemma3" else None
+    eos = [_gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
+    return ModelArch(
+        architecture=a, vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=hidden, intermediate_size=field("feed_forward_length"),
+        num_layers=layers, num_heads=heads,
+        num_kv_heads=field("attention.head_count_kv", heads), head_dim=head_dim,
+        rms_norm_eps=field("attention.layer_norm_rms_epsilon"),
+        rope_theta=field("rope.freq_base", 10000.0),
+        max_position_embeddings=field("context_length"),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        rope_scaling=None if rope_type in (None, "none") else {
+            "rope_type": rope_type, "factor": field("rope.scaling.factor")},
+        local_rope_theta=local_theta,
+        hidden_act="gelu_pytorch_tanh" if gemma else "silu", attn_scale=attn_scale,
+        attn_softcap=field("attn_logit_softcapping"),
+        final_softcap=field("final_logit_softcapping"),
+        moe_layers=[f"blk.{i}.ffn_gate_inp.weight" in names for i in range(layers)],
+        num_experts=experts, num_experts_per_tok=field("expert_used_count", 0),
+        moe_intermediate_size=field("expert_feed_forward_length") or field("feed_forward_length"),
+        layer_windows=windows, eos_token_ids=list(dict.fromkeys(i for i in eos if i is not None)),
+    )
+
+
 def _load_gguf(path: Path, method: LinearMethod) -> tuple[ModelArch, Weights, int]:
+    """Tensors are renamed to Hugging Face's names and layout: llama's q/k rows unpermuted,
+    Gemma's norms (stored as 1 + w) back to offsets, stacked experts split."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
+    a = _gguf_field(reader, "general.architecture")
+    if a not in GGUF_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {a!r}; Tessera reads GGUFs of "
+                         f"{', '.join(GGUF_ARCHITECTURES)}")
+    arch = _gguf_arch(reader, a)
+    gemma = a.startswith("gemma")
     linears = [t for t in reader.tensors if t.name.startswith("blk.")
                and t.name.split(".")[2] in _GGUF_LINEARS and t.name.endswith(".weight")]
     keep = {t.name for t in linears if t.tensor_type.name in method.gguf_types}
-    a = _gguf_field(reader, "general.architecture")
-    if a not in ("llama", "qwen2"):
-        raise ValueError(f"unsupported GGUF architecture {a!r}")
-    heads = _gguf_field(reader, f"{a}.attention.head_count")
-    hidden = _gguf_field(reader, f"{a}.embedding_length")
-    names = {t.name for t in reader.tensors}
-    rope_type = _gguf_field(reader, f"{a}.rope.scaling.type")
-    arch = ModelArch(
-        architecture=a, vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
-        hidden_size=hidden, intermediate_size=_gguf_field(reader, f"{a}.feed_forward_length"),
-        num_layers=_gguf_field(reader, f"{a}.block_count"), num_heads=heads,
-        num_kv_heads=_gguf_field(reader, f"{a}.attention.head_count_kv", heads),
-        head_dim=_gguf_field(reader, f"{a}.attention.key_length", hidden // heads),
-        rms_norm_eps=_gguf_field(reader, f"{a}.attention.layer_norm_rms_epsilon"),
-        rope_theta=_gguf_field(reader, f"{a}.rope.freq_base", 10000.0),
-        max_position_embeddings=_gguf_field(reader, f"{a}.context_length"),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias=a == "qwen2",
-        rope_scaling=None if rope_type in (None, "none") else {
-            "rope_type": rope_type, "factor": _gguf_field(reader, f"{a}.rope.scaling.factor")},
-        eos_token_ids=[_gguf_field(reader, "tokenizer.ggml.eos_token_id")],
-    )
+
+    def hf_layout(name: str, w):
+        if a == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            n = arch.num_heads if "attn_q" in name else arch.num_kv_heads
+            return w.map_rows(lambda x: _unpermute_rope(x, n)) if isinstance(
+                w, QuantizedWeight) else _unpermute_rope(w, n)
+        if gemma and name.endswith("norm.weight"):
+            return w - 1
+        return w
 
     def weights() -> Weights:
         for t in reader.tensors:
             if t.name in keep:
-                w = method.read_gguf(t.data, t.tensor_type.name)
-                if a == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-                    n = heads if "attn_q" in t.name else arch.num_kv_heads
-                    w = w.map_rows(lambda x, n=n: _unpermute_rope(x, n))
-                yield _hf_name(t.name), w
+                yield _hf_name(t.name, gemma), hf_layout(
+                    t.name, method.read_gguf(t.data, t.tensor_type.name))
                 continue
             w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
                                           dtype=np.float32))
-            w = w.reshape(tuple(reversed([int(x) for x in t.shape])))
-            if a == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-                n = heads if "attn_q" in t.name else arch.num_kv_heads
-                w = _unpermute_rope(w, n)
-            yield _hf_name(t.name), w
+            w = hf_layout(t.name, w.reshape(tuple(reversed([int(x) for x in t.shape]))))
+            if _is_experts(t.name):
+                layer, proj = t.name.split(".")[1], _GGUF_EXPERTS[t.name.split(".")[2]]
+                for expert, expert_w in enumerate(w):
+                    yield f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight", expert_w
+                continue
+            yield _hf_name(t.name, gemma), w
 
-    return arch, weights(), len(reader.tensors)
+    total = sum(arch.num_experts if _is_experts(t.name) else 1 for t in reader.tensors)
+    return arch, weights(), total
+
+
+def _is_experts(gguf_name: str) -> bool:
+    parts = gguf_name.split(".")
+    return parts[0] == "blk" and len(parts) > 2 and parts[2] in _GGUF_EXPERTS
 
 
 def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -310,12 +369,17 @@ def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, gemma: bool) -> str:
     if gguf_name == "token_embd.weight":
         return "model.embed_tokens.weight"
     if gguf_name == "output_norm.weight":
         return "model.norm.weight"
     if gguf_name == "output.weight":
         return "lm_head.weight"
-    _, layer, op, kind = gguf_name.split(".")
-    return f"model.layers.{layer}.{_GGUF_NAMES[op]}.{kind}"
+    parts = gguf_name.split(".")
+    names = _GEMMA_NAMES if gemma else _GGUF_NAMES
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in names:
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no place in the model as Tessera "
+                         f"builds it")
+    _, layer, op, kind = parts
+    return f"model.layers.{layer}.{names[op]}.{kind}"

@@ -46,7 +46,7 @@ MAX_TOKENS = 24
 
 
 def write_checkpoint(path: Path, config_class: str, overrides: dict) -> Path:
-    config = getattr(transformers, config_class)(**COMMON, **overrides)
+    config = getattr(transformers, config_class)(**(COMMON | overrides))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
