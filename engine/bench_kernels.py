@@ -3,6 +3,9 @@
 The ceilings (device-to-device copy bandwidth, matmul throughput) are measured in the same run
 by `engine.roofline.device_ceilings`, the measurement `tessera bench throughput` computes its
 bound from, so the ratios mean the same on any GPU. Shapes are Llama-3-8B's; pages are shuffled.
+The fused mixture-of-experts row is a Mixtral-8x7B layer at decode (random routing): the bytes
+are the weights of the experts that received a token, and torch's figure is the reference's
+per-expert loop of cuBLAS matmuls.
 The Triton functions are called directly (not through `kernels`' dispatch), so `--tiny` runs
 the same rows on CPU under TRITON_INTERPRET=1: that proves the bench, it measures nothing.
 
@@ -23,6 +26,15 @@ from kernels import reference
 
 
 @dataclass(frozen=True)
+class MoEShapes:
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Shapes:
     heads: int
     kv_heads: int
@@ -36,6 +48,7 @@ class Shapes:
     attention: tuple[tuple[str, int, int, int], ...]
     copy_bytes: int
     matmul_n: int
+    moe: MoEShapes  # the row "fused_moe_decode_64"
 
 
 LLAMA3_8B = Shapes(heads=32, kv_heads=8, head_dim=128, hidden=4096, inter=14336, page=16,
@@ -43,11 +56,13 @@ LLAMA3_8B = Shapes(heads=32, kv_heads=8, head_dim=128, hidden=4096, inter=14336,
                                            ("decode_1x32k", 1, 1, 32768),
                                            ("prefill_2k", 1, 2048, 2048),
                                            ("prefill_8k", 1, 8192, 8192)),
-                   copy_bytes=1 << 30, matmul_n=8192)
+                   copy_bytes=1 << 30, matmul_n=8192,
+                   moe=MoEShapes(hidden=4096, inter=14336, experts=8, top_k=2, tokens=64))
 TINY = Shapes(heads=4, kv_heads=2, head_dim=64, hidden=256, inter=512, page=16, tokens=64,
               attention=(("decode_64x4k", 4, 1, 96), ("decode_1x32k", 1, 1, 160),
                          ("prefill_2k", 1, 32, 32), ("prefill_8k", 1, 48, 48)),
-              copy_bytes=1 << 22, matmul_n=256)
+              copy_bytes=1 << 22, matmul_n=256,
+              moe=MoEShapes(hidden=128, inter=256, experts=4, top_k=2, tokens=16))
 
 
 def _attention(s: Shapes, batch: int, q_len: int, ctx: int, dtype: torch.dtype, dev: str):
@@ -73,6 +88,23 @@ def _attention(s: Shapes, batch: int, q_len: int, ctx: int, dtype: torch.dtype, 
     visible = q_len * ctx - (q_len * (q_len - 1)) // 2  # query-key pairs under the causal mask
     nbytes = q.element_size() * (2 * q.numel() + 2 * batch * ctx * s.kv_heads * s.head_dim)
     return ours, peer, nbytes, 4 * batch * s.heads * s.head_dim * visible
+
+
+def _fused_moe(s: MoEShapes, dtype: torch.dtype, dev: str):
+    """(ours, the reference's per-expert matmuls, weight bytes of the experts used, flops)."""
+    from kernels import triton_moe, triton_ops
+
+    x = torch.randn(s.tokens, s.hidden, dtype=dtype, device=dev)
+    w13 = torch.randn(s.experts, 2 * s.inter, s.hidden, dtype=dtype, device=dev)
+    w2 = torch.randn(s.experts, s.hidden, s.inter, dtype=dtype, device=dev)
+    scores = torch.randn(s.tokens, s.experts, device=dev).softmax(-1)
+    topk_weights, topk_ids = scores.topk(s.top_k, dim=-1)
+    args = (x, w13, w2, topk_weights, topk_ids)
+    per_expert = 3 * s.inter * s.hidden  # gate, up and down
+    return (partial(triton_moe.fused_moe, *args, triton_ops.silu_and_mul),
+            partial(reference.fused_moe, *args, reference.silu_and_mul),
+            topk_ids.unique().numel() * per_expert * x.element_size(),
+            2 * topk_ids.numel() * per_expert)
 
 
 def _ops(s: Shapes, dtype: torch.dtype, dev: str):
@@ -128,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{name}: copy {bandwidth:.0f} GB/s, {args.dtype} matmul {tflops:.0f} TFLOP/s "
               "(measured)")
-        print("torch: SDPA on the same K/V unpaged for attention, the eager reference otherwise")
+        print("torch: SDPA on the same K/V unpaged for attention, the eager reference otherwise "
+              "(fused MoE: per-expert cuBLAS matmuls)")
         print(f"{'kernel':28} {'ms':>8} {'GB/s':>7} {'TFLOP/s':>8} {'of limit':>8} "
               f"{'torch ms':>9} {'speedup':>8}")
 
@@ -152,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     for row_id, op, nbytes in _ops(shapes, dtype, dev):
         row(row_id, f"{shapes.tokens} tok", time_ms(lambda: op(triton_ops), dev),
             time_ms(lambda: op(reference), dev), nbytes)
+    moe = shapes.moe
+    ours, peer, nbytes, flops = _fused_moe(moe, dtype, dev)
+    row("fused_moe_decode_64", f"{moe.tokens}x{moe.top_k}/{moe.experts}",
+        time_ms(ours, dev), time_ms(peer, dev), nbytes, flops)
     return 0
 
 

@@ -46,8 +46,17 @@ def gelu_tanh_and_mul(x):
 # tokens per expert would be a new graph, so the compiled step calls it as it is.
 @torch.compiler.disable
 def fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation):
-    # No Triton kernel yet: the torch reference runs on either device.
+    if _use_triton(x):
+        from kernels import triton_moe
+        return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation)
     return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation)
+
+
+@torch.compiler.disable
+def grouped_experts(x, topk_weights, topk_ids, num_experts, expert_mlp):
+    """Experts of any weight format (`expert_mlp(e, rows)`, quantized ones on CPU): the torch
+    grouping of `fused_moe` around them."""
+    return reference.grouped_experts(x, topk_weights, topk_ids, num_experts, expert_mlp)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):

@@ -44,29 +44,35 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, gated_activation) -> torch.Tensor:
-    """Each token `x[T, H]` through its top-k experts, weighted and summed.
+def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    num_experts: int, expert_mlp) -> torch.Tensor:
+    """Each token `x[T, H]` through its top-k experts, weighted and summed; `expert_mlp(e,
+    rows)` runs expert e on some rows of x.
 
-    Experts are stacked: `w13[E, 2I, H]` (gate|up), `w2[E, H, I]`. The token-expert pairs are
-    sorted by expert, so each expert that has tokens runs one GEMM pair over all of them (a
-    loop over experts, never over tokens); contributions are added expert by expert in
-    ascending order, as transformers adds them.
+    The token-expert pairs are sorted by expert, so each expert that has tokens runs once over
+    all of them (a loop over experts, never over tokens); contributions are added expert by
+    expert in ascending order, as transformers adds them.
     """
     out = torch.zeros_like(x)
     flat = topk_ids.flatten()
     order = flat.argsort(stable=True)
     tokens, weights = order // topk_ids.shape[1], topk_weights.flatten()[order]
     start = 0
-    for expert, count in enumerate(torch.bincount(flat, minlength=w13.shape[0]).tolist()):
+    for expert, count in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
         if count == 0:
             continue
         rows = tokens[start:start + count]
-        h = gated_activation(F.linear(x[rows], w13[expert]))
-        h = F.linear(h, w2[expert]) * weights[start:start + count, None]
+        h = expert_mlp(expert, x[rows]) * weights[start:start + count, None]
         out.index_add_(0, rows, h.to(out.dtype))
         start += count
     return out
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, gated_activation) -> torch.Tensor:
+    """`grouped_experts` over stacked experts: `w13[E, 2I, H]` (gate|up), `w2[E, H, I]`."""
+    return grouped_experts(x, topk_weights, topk_ids, w13.shape[0], lambda e, rows: F.linear(
+        gated_activation(F.linear(rows, w13[e])), w2[e]))
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -134,8 +134,9 @@ def _scales(scale: float, softcap: float | None) -> tuple[float, float]:
     return 2 * LOG2E * scale / softcap, softcap * LOG2E
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """An fp32 cache keeps full fp32 products (TF32 would drop three digits); 16-bit ignores it."""
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` on fp32 operands keeps full fp32 products (TF32 would drop three digits); 16-bit
+    operands ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -163,7 +164,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         *_scales(scale, softcap), head_dim, _window(sliding_window), SOFTCAP=softcap is not None,
         GROUP=num_heads // k_cache.shape[2], PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        PRECISION=_precision(k_cache.dtype), num_warps=4 if head_dim <= 64 else 8)
+        PRECISION=dot_precision(k_cache.dtype), num_warps=4 if head_dim <= 64 else 8)
     return out
 
 
@@ -291,7 +292,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_table.stride(0), *_scales(scale, softcap), head_dim, num_heads, num_splits, window,
         SOFTCAP=softcap is not None, GROUP=group, PAGE_SIZE=k_cache.shape[1], PARTITION=partition,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=_precision(k_cache.dtype), num_warps=4)
+        PRECISION=dot_precision(k_cache.dtype), num_warps=4)
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_out, part_lse, out, query_start_loc, seq_lens, out.stride(0), out.stride(1),
         head_dim, num_heads, num_splits, window, PARTITION=partition, BLOCK_D=block_d)

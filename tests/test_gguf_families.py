@@ -9,6 +9,7 @@ transformers' GGUF config mapping leaves out some fields these files carry (Qwen
 Qwen3-MoE's expert width, Gemma's window pattern), so the oracle gets the config of the
 checkpoint the GGUF was written from; its weights all come through its GGUF reader.
 """
+import re
 from pathlib import Path
 
 import pytest
@@ -33,18 +34,6 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", {"sliding_window": 24, "query_pre_attn_scalar": 16,
                                 "tie_word_embeddings": True}),
 }
-_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
-}
-_GEMMA_NAMES = _NAMES | {"post_attention_layernorm": "post_attention_norm",
-                         "pre_feedforward_layernorm": "ffn_norm",
-                         "post_feedforward_layernorm": "post_ffw_norm"}
-_EXPERTS = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps",
-            "w3": "ffn_up_exps", "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
 
 
 def permute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -83,31 +72,21 @@ def write_gguf(checkpoint: Path, arch: str, config: dict, path: Path) -> Path:
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
 
-    names = _GEMMA_NAMES if arch.startswith("gemma") else _NAMES
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    # llama.cpp's converter's own map from Hugging Face names to GGUF ones
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
+    stacks: dict[str, dict[int, torch.Tensor]] = {}  # experts, per layer and projection
     for name, t in state.items():
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             t = t + 1
-        name = name.replace(".block_sparse_moe.", ".mlp.")
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             t = permute_rope(t, config["num_attention_heads" if "q_proj" in name
                                        else "num_key_value_heads"])
-        if name == "model.embed_tokens.weight":
-            gguf_name = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gguf_name = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gguf_name = "output.weight"
-        elif ".experts." in name:  # model.layers.L.mlp.experts.X.proj.weight
-            _, _, layer, _, _, expert, proj, _ = name.split(".")
-            experts.setdefault((layer, proj), {})[int(expert)] = t
+        if m := re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+\.weight)", name):
+            stacks.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = t
             continue
-        else:
-            _, _, layer, *module, kind = name.split(".")
-            gguf_name = f"blk.{layer}.{names['.'.join(module)]}.{kind}"
-        w.add_tensor(gguf_name, t.float().numpy())
-    for (layer, proj), stack in experts.items():
-        w.add_tensor(f"blk.{layer}.{_EXPERTS[proj]}.weight",
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+    for name, stack in stacks.items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)),
                      torch.stack([stack[i] for i in sorted(stack)]).float().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -135,3 +114,22 @@ def test_gguf_of_a_new_family_matches_transformers_reading_it(arch, tmp_path):
     got = llm.generate([first, *others],
                        SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in got] == want
+
+
+def test_moe_gguf_serves_with_the_default_quantization(tmp_path):
+    """A MoE GGUF under `quantization="auto"` (gguf on CPU): its experts run as int8 linears,
+    and each prompt's first greedy token is transformers' (random weights at 10x scale leave
+    int8's error far from a tie)."""
+    checkpoint = write_checkpoint(tmp_path / "hf", *FAMILIES["qwen3moe"])
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    path = write_gguf(checkpoint, "qwen3moe", config.to_dict(), tmp_path / "moe.gguf")
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, config=config, dtype=torch.float32).eval()
+    llm = LLM(model=str(path), tokenizer=str(write_tiny_tokenizer(tmp_path / "tok")),
+              dtype="float32", page_size=16, num_kv_pages=32, max_model_len=128,
+              enforce_eager=True)
+    experts = llm.engine.runner.model.layers[0].mlp.experts
+    assert experts[0].down_proj.weight.dtype == torch.int8
+    got = llm.generate(prompts(), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    want = [oracle_greedy(oracle, p)[0] for p in prompts()]
+    assert [o.outputs[0].token_ids[0] for o in got] == want

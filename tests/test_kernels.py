@@ -18,7 +18,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import reference, triton_attention, triton_ops  # noqa: E402
+from kernels import reference, triton_attention, triton_moe, triton_ops  # noqa: E402
 
 
 if interpreting():
@@ -135,6 +135,47 @@ def test_gelu_tanh_and_mul_over_several_column_blocks(dtype: torch.dtype):
     x = (torch.randn(4, 2 * 100) * 4).to(dtype)
     out = triton_ops.gelu_tanh_and_mul(x, block=32)
     torch.testing.assert_close(out, reference.gelu_tanh_and_mul(x), **TOLERANCES[dtype])
+
+
+def test_moe_align_gives_each_expert_whole_blocks_and_idle_experts_none():
+    topk_ids = torch.tensor([[2, 0], [2, 5], [0, 2]])  # pair p is token p // 2's choice p % 2
+    sorted_ids, block_experts = triton_moe.align(topk_ids, num_experts=6, block_m=4)
+    # Expert 0's pairs 1 and 4, expert 2's 0, 2 and 5, expert 5's 3, each run padded with id 6;
+    # experts 1, 3 and 4 have no pair and no block.
+    assert sorted_ids[:12].tolist() == [1, 4, 6, 6, 0, 2, 5, 6, 3, 6, 6, 6]
+    assert block_experts[:3].tolist() == [0, 2, 5]
+    # Sized for the worst routing (six experts, three padding slots each); the rest is unused.
+    assert sorted_ids.shape == (24,) and sorted_ids[12:].eq(6).all()
+    assert block_experts[3:].tolist() == [6, 6, 6]
+
+
+# The kernel rounds where the bf16 reference does not (fp32 through each GEMM, the routed weight
+# and the sum over k): emulating both roundings on CPU over 20 seeds of these shapes needed
+# atol 7e-3 beside this rtol.
+MOE_TOLERANCES = {torch.float32: TOLERANCES[torch.float32],
+                  torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
+
+
+@with_dtypes
+@pytest.mark.parametrize("tiles", [None, (16, 32, 32)], ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("activation", ["silu_and_mul", "gelu_tanh_and_mul"])
+@pytest.mark.parametrize("num_tokens,used_experts", [(1, 6), (7, 3), (40, 4)])
+def test_fused_moe_gathers_each_experts_tokens(num_tokens: int, used_experts: int,
+                                               activation: str,
+                                               tiles: tuple[int, int, int] | None,
+                                               dtype: torch.dtype):
+    # Hidden 72 and intermediate 40 leave masked tails in every tile size; small tiles split
+    # the 40-token batch's experts over several blocks of pairs.
+    experts, hidden, inter, top_k = 6, 72, 40, 2
+    x = torch.randn(num_tokens, hidden).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter) / inter**0.5).to(dtype)
+    # Routed among the first `used_experts` only: the others receive no token.
+    topk_weights, topk_ids = torch.randn(num_tokens, used_experts).softmax(-1).topk(top_k)
+    out = triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids,
+                               getattr(triton_ops, activation), tiles)
+    want = reference.fused_moe(x, w13, w2, topk_weights, topk_ids, getattr(reference, activation))
+    torch.testing.assert_close(out, want, **MOE_TOLERANCES[dtype])
 
 
 @with_dtypes

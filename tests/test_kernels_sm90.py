@@ -10,21 +10,21 @@ LLVM IR -> PTX -> cubin, with the ptxas bundled in the triton wheel) for
 The launch configurations are not written here by hand. A subprocess (this file run as a
 script, without TRITON_INTERPRET, so `triton.jit` gives real `JITFunction`s whatever
 tests/test_kernels.py set in this process's environment) replaces every jit function of
-`kernels.triton_attention` and `kernels.triton_ops` with a recorder, calls the public wrappers
-with CPU tensors of the shapes and dtypes the engine passes them (`SCENARIOS`; int64
-metadata, page size 16, an fp32 rope table), and feeds each recorded launch (args, constexpr
-kwargs, num_warps / num_stages) through Triton's own launch binder with an sm_90 backend
-(`create_function_from_signature` and `JITFunction._pack_args`, private: a Triton upgrade
-that moves them breaks this test loudly, not silently). So each kernel is compiled with the
-signature, constexprs and specialization (16-divisible ints and pointers get
-`tt.divisibility`) that launching those tensors on an H100 would compile. The values are the
-small CPU tensors' own: a real engine tensor whose stride or address is not 16-divisible
-specializes differently, which changes vectorization, not what the kernel is made of.
-Identical configurations compile once, in parallel worker processes.
+`MODULES` with a recorder, calls the public wrappers with CPU tensors of the shapes and
+dtypes the engine passes them (`SCENARIOS`; int64 metadata, page size 16, an fp32 rope
+table), and feeds each recorded launch (args, constexpr kwargs, num_warps / num_stages)
+through Triton's own launch binder with an sm_90 backend (`create_function_from_signature`
+and `JITFunction._pack_args`, private: a Triton upgrade that moves them breaks this test
+loudly, not silently). So each kernel is compiled with the signature, constexprs and
+specialization (16-divisible ints and pointers get `tt.divisibility`) that launching those
+tensors on an H100 would compile. The values are the small CPU tensors' own: a real engine
+tensor whose stride or address is not 16-divisible specializes differently, which changes
+vectorization, not what the kernel is made of. Identical configurations compile once, in
+parallel worker processes.
 
 Each configuration must give a cubin whose shared memory (`metadata.shared`, what a launch
 requests) fits Hopper's 227 KiB per block; `pytest -s` prints it per configuration. Every jit
-function of the two modules must be launched by some scenario or called by a launched
+function of the modules must be launched by some scenario or called by a launched
 kernel, so a new kernel cannot go untested. The compile cache is a fresh temporary
 directory: nothing is reused between runs.
 """
@@ -64,7 +64,7 @@ SCENARIOS = [
 ]
 PAGE_SIZE = 16
 MAX_MODEL_LEN = 8192  # decode sizes its split grid by max_model_len (see engine/cuda_graphs.py)
-MODULES = ["kernels.triton_attention", "kernels.triton_ops"]
+MODULES = ["kernels.triton_attention", "kernels.triton_ops", "kernels.triton_moe"]
 
 
 # --------------------------------------------------------------------------- subprocess side
@@ -80,7 +80,7 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
-def _run_wrappers(ta, ops, model, act_name, cache_name):
+def _run_wrappers(ta, ops, moe, model, act_name, cache_name):
     """Call every wrapper the way one prefill step and one decode step of `model` do."""
     import torch
 
@@ -115,6 +115,13 @@ def _run_wrappers(ta, ops, model, act_name, cache_name):
     ta.paged_decode_attention(q[:2], k_cache, v_cache, torch.tensor([0, 1, 2], dtype=i64),
                               torch.tensor([17, 8], dtype=i64), block_table, scale,
                               MAX_MODEL_LEN)
+    # Four experts of the model's widths (never written: no kernel runs). The prefill step's
+    # 18 tokens take the large-batch tiles, the decode step's 2 the small-batch ones.
+    w13 = torch.empty(4, 2 * inter, hidden, dtype=act)
+    w2 = torch.empty(4, hidden, inter, dtype=act)
+    topk_weights, topk_ids = torch.rand(num_tokens, 4).topk(2)
+    for rows in (num_tokens, 2):
+        moe.fused_moe(x[:rows], w13, w2, topk_weights[:rows], topk_ids[:rows], ops.silu_and_mul)
 
 
 def _register_usage(cubin: bytes) -> tuple[int, int]:
@@ -179,10 +186,9 @@ def _compile_all(out_path: str) -> None:
     launches = []
     for (mod_name, name), fn in jit_fns.items():
         setattr(sys.modules[mod_name], name, _Recorder(fn, launches))
-    ta, ops = mods
     try:
         for model, act, cache in SCENARIOS:
-            _run_wrappers(ta, ops, model, act, cache)
+            _run_wrappers(*mods, model, act, cache)
     finally:  # the kernels call the helpers by their global names when compiled
         for (mod_name, name), fn in jit_fns.items():
             setattr(sys.modules[mod_name], name, fn)

@@ -30,7 +30,9 @@ import kernels  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
-from kernels import reference, triton_attention, triton_ops  # noqa: E402
+from kernels import reference, triton_attention, triton_moe, triton_ops  # noqa: E402
+from tests.conftest import write_tiny_tokenizer  # noqa: E402
+from tests.test_model_families import FAMILIES, write_checkpoint  # noqa: E402
 
 
 INTERPRET = interpreting()
@@ -46,10 +48,15 @@ needs_cuda = pytest.mark.skipif(
 TRITON_FUNCS = [(triton_ops, "rms_norm"), (triton_ops, "rotary_embedding"),
                 (triton_ops, "silu_and_mul"), (triton_ops, "write_kv"),
                 (triton_attention, "paged_prefill_attention"),
-                (triton_attention, "paged_decode_attention")]
+                (triton_attention, "paged_decode_attention"), (triton_moe, "fused_moe")]
 REFERENCE_FUNCS = [(reference, "rms_norm"), (reference, "rotary_embedding"),
                    (reference, "silu_and_mul"), (reference, "write_kv"),
-                   (reference, "paged_attention")]
+                   (reference, "paged_attention"), (reference, "fused_moe")]
+
+
+def reached(funcs: list[tuple], moe: bool) -> set[str]:
+    """The names of `funcs` a whole run must reach: all, but fused_moe in MoE models only."""
+    return {name for _, name in funcs if moe or name != "fused_moe"}
 
 
 def write_tiny_llama(path, *, vocab: int = 512, hidden: int = 160, intermediate: int = 352,
@@ -230,12 +237,22 @@ CPU_LENGTHS, CPU_MAX_TOKENS = [45, 5, 23, 13], [6, 9, 4, 7]
 CPU_SHARED = 42  # 5 full pages of the first prompt (the 6th is only partly shared)
 
 
-def _cpu_llm(model: str) -> LLM:
+def _cpu_llm(model: str, **kw) -> LLM:
     # A 24-token budget prefills the 45-token prompt in two chunks over six 8-token pages.
-    return sharpen_attention(LLM(
-        model=model, load_format="dummy", device="cpu", dtype="float32", page_size=CPU_PAGE,
-        max_num_seqs=8, max_num_batched_tokens=24, num_kv_pages=48, max_model_len=128,
-        enable_prefix_caching=True, dummy_weights_seed=0, enforce_eager=True))
+    args = dict(model=model, load_format="dummy", device="cpu", dtype="float32",
+                page_size=CPU_PAGE, max_num_seqs=8, max_num_batched_tokens=24, num_kv_pages=48,
+                max_model_len=128, enable_prefix_caching=True, dummy_weights_seed=0,
+                enforce_eager=True)
+    return sharpen_attention(LLM(**(args | kw)))
+
+
+def _cpu_model(tmp_path, family: str) -> dict:
+    """`_cpu_llm`'s arguments: the tiny Llama on dummy weights, or a family's random checkpoint
+    written by transformers (tests/test_model_families.py) with a tokenizer, as one is served."""
+    if family == "llama":
+        return dict(model=write_tiny_llama(tmp_path / "tiny-llama"))
+    return dict(model=str(write_checkpoint(tmp_path / family, *FAMILIES[family])),
+                load_format="auto", tokenizer=str(write_tiny_tokenizer(tmp_path / "tokenizer")))
 
 
 # The engine's attention tiles (64 keys; one 512-key decode partition) leave these short
@@ -245,24 +262,29 @@ SMALL_TILES = {"paged_prefill_attention": dict(block_m=16, block_n=16),
                "paged_decode_attention": dict(partition=32, block_n=16)}
 
 
+# A dense family at the engine's tiles and at small ones; a mixture of experts (Qwen3-MoE: top 2
+# of 4 experts in its first layer, a dense MLP in its second) at the engine's.
 @needs_interpreter
-@pytest.mark.parametrize("tiles", [None, SMALL_TILES], ids=["engine-tiles", "small-tiles"])
-def test_engine_on_interpreted_triton_matches_reference(tmp_path, monkeypatch, tiles):
-    model = write_tiny_llama(tmp_path / "tiny-llama")
+@pytest.mark.parametrize("family,tiles", [("llama", None), ("llama", SMALL_TILES),
+                                          ("qwen3-moe", None)],
+                         ids=["llama-engine-tiles", "llama-small-tiles", "qwen3-moe"])
+def test_engine_on_interpreted_triton_matches_reference(tmp_path, monkeypatch, family, tiles):
+    model = _cpu_model(tmp_path, family)
     calls = engine_workload(512, CPU_LENGTHS, CPU_MAX_TOKENS, CPU_SHARED, tail=6)
     with monkeypatch.context() as m:
         ref_calls = force_kernels(m, use_triton=False)
-        want = run_calls(_cpu_llm(model), calls)
+        want = run_calls(_cpu_llm(**model), calls)
     with monkeypatch.context() as m:
         triton_calls = force_kernels(m, use_triton=True, tiles=tiles)
-        got = run_calls(_cpu_llm(model), calls)
+        got = run_calls(_cpu_llm(**model), calls)
 
-    assert set(triton_calls) == {name for _, name in TRITON_FUNCS}, triton_calls
-    assert set(ref_calls) == {name for _, name in REFERENCE_FUNCS}, ref_calls
+    moe = family == "qwen3-moe"
+    assert set(triton_calls) == reached(TRITON_FUNCS, moe), triton_calls
+    assert set(ref_calls) == reached(REFERENCE_FUNCS, moe), ref_calls
     assert [len(c.token_ids) for c in want] == CPU_MAX_TOKENS + [6, 5]
     assert all(c.finish_reason == "length" for c in want)
     assert want[len(CPU_LENGTHS)].num_cached_tokens == CPU_SHARED // CPU_PAGE * CPU_PAGE
-    assert_same_completions(got, want, atol=2e-5)  # measured: <= 5e-7
+    assert_same_completions(got, want, atol=2e-5)  # measured: Llama <= 5e-7, Qwen3-MoE 5e-6
 
 
 class EagerReplayGraphs(DecodeGraphs):
@@ -381,8 +403,8 @@ def test_engine_on_triton_matches_torch_reference_on_cuda(tmp_path, monkeypatch,
         got = run_calls(llm, calls)
         release(llm)
 
-    assert set(triton_calls) == {name for _, name in TRITON_FUNCS}, triton_calls
-    assert set(ref_calls) == {name for _, name in REFERENCE_FUNCS}, ref_calls
+    assert set(triton_calls) == reached(TRITON_FUNCS, moe=False), triton_calls
+    assert set(ref_calls) == reached(REFERENCE_FUNCS, moe=False), ref_calls
     assert [len(c.token_ids) for c in want] == GPU_MAX_TOKENS + [6, 5]
     assert want[len(GPU_LENGTHS)].num_cached_tokens == GPU_SHARED // GPU_PAGE * GPU_PAGE
     if dtype == "fp32":

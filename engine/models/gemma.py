@@ -13,7 +13,8 @@ from torch import nn
 
 from engine.layers.quantization import LinearMethod
 from engine.loader import ModelArch, Weights
-from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
+from engine.layers.mlp import GatedMLP
+from engine.models.llama import LlamaAttention, LlamaForCausalLM, RMSNorm
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -24,7 +25,7 @@ class GemmaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(arch, method, layer)
         self.post_attention_layernorm = RMSNorm(size, eps)
         self.pre_feedforward_layernorm = RMSNorm(size, eps)
-        self.mlp = LlamaMLP(arch, method)
+        self.mlp = GatedMLP(size, arch.intermediate_size, arch.hidden_act, method)
         self.post_feedforward_layernorm = RMSNorm(size, eps)
 
     def forward(self, x, residual, positions, cos_sin, kv_cache, meta):

@@ -19,6 +19,7 @@ from torch import nn
 import kernels
 from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.linear import Linear, VocabEmbedding
+from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoEMLP
 from engine.layers.quantization import LinearMethod, plan_layer_kernels
 from engine.layers.rotary import cos_sin_cache
@@ -67,24 +68,6 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
-_GATED_ACTIVATIONS = {"silu": kernels.silu_and_mul,
-                      "gelu_pytorch_tanh": kernels.gelu_tanh_and_mul}
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArch, method: LinearMethod):
-        super().__init__()
-        if arch.hidden_act not in _GATED_ACTIVATIONS:
-            raise ValueError(f"unsupported MLP activation {arch.hidden_act!r}")
-        self.act = _GATED_ACTIVATIONS[arch.hidden_act]
-        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, method=method,
-                                   output_sizes=[arch.intermediate_size] * 2)
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, method=method)
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, method: LinearMethod, layer: int):
         super().__init__()
@@ -92,15 +75,40 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(arch, method, layer)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = (MoEMLP(arch.hidden_size, arch.moe_intermediate_size, arch.num_experts,
-                           arch.num_experts_per_tok, arch.norm_topk_prob,
-                           _GATED_ACTIVATIONS[arch.hidden_act], method)
-                    if arch.moe_layers and arch.moe_layers[layer] else LlamaMLP(arch, method))
+                           arch.num_experts_per_tok, arch.norm_topk_prob, arch.hidden_act,
+                           method)
+                    if arch.moe_layers and arch.moe_layers[layer] else
+                    GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act, method))
 
     def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
         x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, positions, cos_sin, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+
+_EXPERT = re.compile(r"(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                     r"(w1|w3|gate_proj|up_proj|w2|down_proj)\.weight")
+_MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def _parameter_of(name: str, params: dict) -> tuple[str, int | tuple | None]:
+    """The parameter an HF-named tensor loads into, and its shard there: a projection fused
+    with others (q|k|v, gate|up), or an expert of a stacked MoE layer (`(expert, part)`).
+    Experts of a quantized MoE layer are gated MLPs of their own, loaded like any other."""
+    if m := _EXPERT.fullmatch(name):
+        prefix, expert, part = m.groups()
+        part = _MIXTRAL_EXPERT_NAMES.get(part, part)
+        if f"{prefix}.mlp.w13" in params:
+            if part == "down_proj":
+                return f"{prefix}.mlp.w2", (int(expert), None)
+            return f"{prefix}.mlp.w13", (int(expert), int(part == "up_proj"))
+        name = f"{prefix}.mlp.experts.{expert}.{part}.weight"
+    *prefix, module, kind = name.split(".")
+    module, shard = _FUSED.get(module, (module, None))
+    return ".".join([*prefix, module, kind]), shard
 
 
 class LlamaForCausalLM(nn.Module):
@@ -149,25 +157,12 @@ class LlamaForCausalLM(nn.Module):
         projections, then let each linear method repack what it loaded, and choose the
         quantized layers' kernels."""
         params = dict(self.named_parameters())
-        experts = re.compile(r"(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
-                             r"(w1|w3|gate_proj|up_proj|w2|down_proj)\.weight")
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
-                 "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
-                 "up_proj": ("gate_up_proj", 1)}
         loaded = set()
         for name, w in weights:
             name = name.removeprefix("model.").replace(".block_sparse_moe.gate.", ".mlp.gate.")
             if "rotary_emb" in name:
                 continue
-            if m := experts.fullmatch(name):  # one expert's weight: a shard of the stack
-                prefix, expert, part = m.groups()
-                down = part in ("w2", "down_proj")
-                name = f"{prefix}.mlp.{'w2' if down else 'w13'}"
-                shard = (int(expert), None if down else int(part in ("w3", "up_proj")))
-            else:
-                *prefix, module, kind = name.split(".")
-                module, shard = fused.get(module, (module, None))
-                name = ".".join([*prefix, module, kind])
+            name, shard = _parameter_of(name, params)
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in "
                                  f"{self.arch.architecture} as Tessera builds it")

@@ -9,7 +9,7 @@
 # budget, reported as skipped when it runs over:
 #   tests       the CUDA tests (TRITON_INTERPRET=0): kernels, the engine on Triton vs the torch
 #               reference, CUDA-graph decode vs eager; a per-test time cap      -> tests.xml
-#   kernels     tessera bench kernels: ceilings, paged attention beside SDPA    -> kernels.jsonl
+#   kernels     tessera bench kernels: ceilings, attention vs SDPA, MoE vs cuBLAS -> kernels.jsonl
 #   throughput  tessera bench throughput, Llama-3-8B shapes, dummy weights: 512 x 512 -> 128
 #               beside transformers and the bound, the batch-1 decode step, graph capture time
 #                                                                               -> throughput.jsonl
