@@ -52,13 +52,6 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation):
     return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation)
 
 
-@torch.compiler.disable
-def grouped_experts(x, topk_weights, topk_ids, num_experts, expert_mlp):
-    """Experts of any weight format (`expert_mlp(e, rows)`, quantized ones on CPU): the torch
-    grouping of `fused_moe` around them."""
-    return reference.grouped_experts(x, topk_weights, topk_ids, num_experts, expert_mlp)
-
-
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
     if _use_triton(k):
         from kernels import triton_ops
@@ -114,3 +107,11 @@ def int8_weight_linear(x, weight, scales):
 def int8_linear(x, weight, scales):
     _cpu_only("int8_linear", x)
     return reference.int8_linear(x, weight, scales)
+
+
+@torch.compiler.disable  # data-dependent grouping, as fused_moe's
+def int8_moe(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, gated_activation, blocks,
+             int8_activations):
+    _cpu_only("int8_moe", x)
+    return reference.int8_moe(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+                              gated_activation, blocks, int8_activations)

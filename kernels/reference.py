@@ -44,35 +44,79 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                    num_experts: int, expert_mlp) -> torch.Tensor:
-    """Each token `x[T, H]` through its top-k experts, weighted and summed; `expert_mlp(e,
-    rows)` runs expert e on some rows of x.
-
-    The token-expert pairs are sorted by expert, so each expert that has tokens runs once over
-    all of them (a loop over experts, never over tokens); contributions are added expert by
-    expert in ascending order, as transformers adds them.
-    """
-    out = torch.zeros_like(x)
+def _pairs_by_expert(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The token-expert pairs sorted by expert: each pair's token and routed weight, and how
+    many pairs each expert has."""
     flat = topk_ids.flatten()
     order = flat.argsort(stable=True)
-    tokens, weights = order // topk_ids.shape[1], topk_weights.flatten()[order]
+    return (order // topk_ids.shape[1], topk_weights.flatten()[order],
+            torch.bincount(flat, minlength=num_experts).tolist())
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, gated_activation) -> torch.Tensor:
+    """Each token `x[T, H]` through its top-k experts, weighted and summed.
+
+    Experts are stacked: `w13[E, 2I, H]` (gate|up), `w2[E, H, I]`. The token-expert pairs are
+    sorted by expert, so each expert that has tokens runs one GEMM pair over all of them (a
+    loop over experts, never over tokens); contributions are added expert by expert in
+    ascending order, as transformers adds them.
+    """
+    tokens, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
+    out = torch.zeros_like(x)
     start = 0
-    for expert, count in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
+    for expert, count in enumerate(counts):
         if count == 0:
             continue
         rows = tokens[start:start + count]
-        h = expert_mlp(expert, x[rows]) * weights[start:start + count, None]
+        h = gated_activation(F.linear(x[rows], w13[expert]))
+        h = F.linear(h, w2[expert]) * weights[start:start + count, None]
         out.index_add_(0, rows, h.to(out.dtype))
         start += count
     return out
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, gated_activation) -> torch.Tensor:
-    """`grouped_experts` over stacked experts: `w13[E, 2I, H]` (gate|up), `w2[E, H, I]`."""
-    return grouped_experts(x, topk_weights, topk_ids, w13.shape[0], lambda e, rows: F.linear(
-        gated_activation(F.linear(rows, w13[e])), w2[e]))
+def int8_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+             w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             gated_activation, blocks: tuple[int, int], int8_activations: bool) -> torch.Tensor:
+    """`fused_moe` over int8 experts stored as `Int8Method` stores a linear: rows Hadamard-
+    rotated along the input (blocks of `blocks[0]` for `w13`, `blocks[1]` for `w2`), one fp32
+    scale per output channel (`w13_scale[E, 2I]`, `w2_scale[E, H]`).
+
+    What does not depend on the expert runs once over all pairs: the input's rotation (and,
+    with `int8_activations`, its per-token quantization: W8A8, `torch._int_mm`), the gated
+    activation, its rotation and quantization; per expert only its two GEMMs run. Without
+    `int8_activations` (where the integer GEMM is inexact) the GEMMs are W8A16. The pairs' sum
+    is added in fp32, expert by expert.
+    """
+    tokens, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
+
+    def grouped_gemm(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Each expert's pairs' rows of `a` (or of `a[rows]`) times its `w[e]`, in fp32."""
+        if int8_activations:
+            codes, a_scale = quantize_int8_rows(a)
+            if rows is not None:
+                codes, a_scale = codes[rows], a_scale[rows]
+        elif rows is not None:
+            a = a[rows]
+        out = torch.empty(len(tokens), w.shape[1])
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = slice(start, start + count)
+            out[pairs] = (int8_gemm(codes[pairs], a_scale[pairs], w[expert], scale[expert])
+                          if int8_activations else
+                          int8_weight_linear(a[pairs], w[expert], scale[expert].bfloat16()))
+            start += count
+        return out
+
+    gate_up = grouped_gemm(rotate(x, blocks[0]), w13, w13_scale, rows=tokens)
+    h = rotate(gated_activation(gate_up.to(x.dtype)), blocks[1])
+    down = grouped_gemm(h, w2, w2_scale).mul_(weights[:, None])
+    return torch.zeros(x.shape, dtype=down.dtype).index_add_(0, tokens, down).to(x.dtype)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -275,9 +319,14 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
                                               scales).to(x.dtype)
 
 
+def int8_gemm(x_codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+              scales: torch.Tensor) -> torch.Tensor:
+    """fp32 `x @ w.T` for int8 `x_codes[M, K]` (fp32 `x_scale[M, 1]` per token) and int8
+    `weight[N, K]` (fp32 `scales[N]`): an int32 GEMM (integer dot products: VNNI / AMX-INT8),
+    then both scales."""
+    return torch._int_mm(x_codes, weight.t()).float().mul_(x_scale).mul_(scales)
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """W8A8: `x` quantized to int8 per token, an int32 GEMM with int8 `weight[N, K]` (integer
-    dot products: VNNI / AMX-INT8), then both scales (fp32 `scales[N]`)."""
-    xq, x_scale = quantize_int8_rows(x)
-    acc = torch._int_mm(xq, weight.t())
-    return acc.float().mul_(x_scale).mul_(scales).to(x.dtype)
+    """W8A8: `x` quantized to int8 per token, then `int8_gemm`, in x's dtype."""
+    return int8_gemm(*quantize_int8_rows(x), weight, scales).to(x.dtype)

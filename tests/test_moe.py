@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from engine.layers.linear import Linear
 from engine.layers.moe import MoEMLP
-from engine.layers.quantization import get_linear_method, plan_layer_kernels
+from engine.layers.quantization import get_linear_method
 
 
 def per_token_moe(x, w13, w2, topk_weights, topk_ids):
@@ -33,10 +32,12 @@ def test_grouped_experts_equal_a_per_token_loop(num_tokens, used_experts):
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
-def test_quantized_experts_are_int8_linears_close_to_the_dense_experts():
-    """Under a quantized method each expert is a gated MLP of its linears (int8, no float
-    copy), loaded through the same weight loaders, and the layer stays within int8's error of
-    the dense, stacked one."""
+@pytest.mark.parametrize("int8_activations", [True, False])
+def test_quantized_experts_are_int8_and_close_to_the_dense_ones(int8_activations):
+    """Under a quantized method the stacked experts load as rotated int8 per channel (no float
+    copy), through the same weight loaders as dense ones, and the layer stays within int8's
+    error of the dense layer, with int8 activations (W8A8) or bf16 ones (W8A16, where the
+    integer GEMM is inexact)."""
     torch.manual_seed(0)
     experts, hidden, inter = 4, 64, 96
     w13, w2 = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
@@ -45,21 +46,14 @@ def test_quantized_experts_are_int8_linears_close_to_the_dense_experts():
               for name in ("none", "int8")}
     for layer in layers.values():
         layer.gate.weight.weight_loader(layer.gate.weight, router)
+        for e in range(experts):
+            for part in (0, 1):
+                layer.w13.weight_loader(layer.w13, w13[e, part * inter:(part + 1) * inter],
+                                        (e, part))
+            layer.w2.weight_loader(layer.w2, w2[e], (e, None))
     dense, quantized = layers["none"], layers["int8"]
-    for e in range(experts):
-        for part in (0, 1):
-            gate_up = w13[e, part * inter:(part + 1) * inter]
-            dense.w13.weight_loader(dense.w13, gate_up, (e, part))
-            linear = quantized.experts[e].gate_up_proj
-            linear.weight.weight_loader(linear.weight, gate_up, part)
-        dense.w2.weight_loader(dense.w2, w2[e], (e, None))
-        linear = quantized.experts[e].down_proj
-        linear.weight.weight_loader(linear.weight, w2[e])
-    linears = [m for m in quantized.modules() if isinstance(m, Linear)]
-    for linear in linears:
-        linear.method.process_weights_after_loading(linear)
-    plan_layer_kernels(linears)
-    assert all(p.dtype == torch.int8 for n, p in quantized.experts.named_parameters())
+    assert quantized.w13.dtype == quantized.w2.dtype == torch.int8
+    quantized.int8_activations = int8_activations
 
     x = torch.randn(40, hidden)
     want, got = dense(x), quantized(x)

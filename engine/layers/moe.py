@@ -2,19 +2,22 @@
 top k run and their outputs are summed with the router's softmax weights (renormalized over
 the k, or not: Qwen3-MoE's `norm_topk_prob`).
 
-Dense experts are stacked (`w13[E, 2I, H]` gate|up, `w2[E, H, I]`), loaded expert by expert
-through the parameters' weight loaders (shard `(expert, part)`), for the fused kernels
-(`kernels.fused_moe`: Triton on CUDA). Under a quantized linear method each expert is a gated
-MLP of that method's linears instead, with its kernels and their measured plan (one plan per
-shape serves every expert), and the same grouping runs them (`kernels.grouped_experts`).
+The experts' weights are stacked (`w13[E, 2I, H]` gate|up, `w2[E, H, I]`) and load expert by
+expert through the parameters' weight loaders (shard `(expert, part)`). Dense, they run in the
+fused kernels (`kernels.fused_moe`: Triton on CUDA). Under a quantized linear method (`int8`,
+or `gguf`, whose expert tensors are requantized from the file's values) they are stored as
+`Int8Method` stores a linear, Hadamard-rotated int8 per output channel, and run in
+`kernels.int8_moe`, which rotates and quantizes each input once for all its experts.
 """
 import torch
 from torch import nn
 
 import kernels
 from engine.layers.linear import Linear
-from engine.layers.mlp import GatedMLP, gated_activation
+from engine.layers.mlp import gated_activation
 from engine.layers.quantization import LinearMethod, get_linear_method
+from engine.layers.quantization.int8 import rotation_block
+from engine.layers.quantization.kernel_choice import integer_gemm_is_exact
 
 
 class MoEMLP(nn.Module):
@@ -25,17 +28,20 @@ class MoEMLP(nn.Module):
         self.act = gated_activation(hidden_act)
         self.intermediate_size = intermediate_size
         self.gate = Linear(hidden_size, num_experts, method=get_linear_method("none"))
-        self.experts = None
-        if method.name != "none":
-            self.experts = nn.ModuleList(
-                GatedMLP(hidden_size, intermediate_size, hidden_act, method)
-                for _ in range(num_experts))
-            return
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size),
-                               requires_grad=False)
+        self.quantized = method.name != "none"
+        dtype = torch.int8 if self.quantized else None
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size,
+                                            dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
+                                           dtype=dtype), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self._load_expert
+        if self.quantized:
+            self.register_buffer("w13_scale", torch.empty(num_experts, 2 * intermediate_size,
+                                                          dtype=torch.float32), persistent=False)
+            self.register_buffer("w2_scale", torch.empty(num_experts, hidden_size,
+                                                         dtype=torch.float32), persistent=False)
+            self.blocks = (rotation_block(hidden_size), rotation_block(intermediate_size))
+            self.int8_activations = integer_gemm_is_exact()
 
     def _load_expert(self, param: nn.Parameter, loaded: torch.Tensor,
                      shard: tuple[int, int | None]) -> None:
@@ -44,14 +50,25 @@ class MoEMLP(nn.Module):
         rows = param.data[expert]
         if part is not None:
             rows = rows.narrow(0, part * self.intermediate_size, self.intermediate_size)
-        rows.copy_(loaded)
+        if not self.quantized:
+            rows.copy_(loaded)
+            return
+        down = param is self.w2
+        codes, scale = kernels.quantize_int8_rows(
+            kernels.rotate(loaded.float(), self.blocks[1 if down else 0]))
+        rows.copy_(codes)
+        scales = (self.w2_scale if down else self.w13_scale)[expert]
+        if part is not None:
+            scales = scales.narrow(0, part * self.intermediate_size, self.intermediate_size)
+        scales.copy_(scale[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = self.gate(x).float().softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        if self.experts is None:
-            return kernels.fused_moe(x, self.w13, self.w2, weights, experts, self.act)
-        return kernels.grouped_experts(x, weights, experts, len(self.experts),
-                                       lambda expert, rows: self.experts[expert](rows))
+        if self.quantized:
+            return kernels.int8_moe(x, self.w13, self.w13_scale, self.w2, self.w2_scale,
+                                    weights, experts, self.act, self.blocks,
+                                    self.int8_activations)
+        return kernels.fused_moe(x, self.w13, self.w2, weights, experts, self.act)

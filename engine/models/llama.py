@@ -94,18 +94,15 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
-def _parameter_of(name: str, params: dict) -> tuple[str, int | tuple | None]:
+def _parameter_of(name: str) -> tuple[str, int | tuple | None]:
     """The parameter an HF-named tensor loads into, and its shard there: a projection fused
-    with others (q|k|v, gate|up), or an expert of a stacked MoE layer (`(expert, part)`).
-    Experts of a quantized MoE layer are gated MLPs of their own, loaded like any other."""
+    with others (q|k|v, gate|up), or an expert of a stacked MoE layer (`(expert, part)`)."""
     if m := _EXPERT.fullmatch(name):
         prefix, expert, part = m.groups()
         part = _MIXTRAL_EXPERT_NAMES.get(part, part)
-        if f"{prefix}.mlp.w13" in params:
-            if part == "down_proj":
-                return f"{prefix}.mlp.w2", (int(expert), None)
-            return f"{prefix}.mlp.w13", (int(expert), int(part == "up_proj"))
-        name = f"{prefix}.mlp.experts.{expert}.{part}.weight"
+        if part == "down_proj":
+            return f"{prefix}.mlp.w2", (int(expert), None)
+        return f"{prefix}.mlp.w13", (int(expert), int(part == "up_proj"))
     *prefix, module, kind = name.split(".")
     module, shard = _FUSED.get(module, (module, None))
     return ".".join([*prefix, module, kind]), shard
@@ -162,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.").replace(".block_sparse_moe.gate.", ".mlp.gate.")
             if "rotary_emb" in name:
                 continue
-            name, shard = _parameter_of(name, params)
+            name, shard = _parameter_of(name)
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in "
                                  f"{self.arch.architecture} as Tessera builds it")

@@ -11,6 +11,7 @@ model and its flags, torch's CPU capability (which `ATEN_CPU_CAPABILITY` lowers)
 together share one measurement, so they also compute alike.
 """
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -177,3 +178,17 @@ def _time(kernels: list[Kernel], x: torch.Tensor) -> float:
             kernel(x)
         samples.append(time.perf_counter() - start)
     return min(samples[1:])
+
+
+@functools.cache
+def integer_gemm_is_exact() -> bool:
+    """Whether `torch._int_mm` sums int8 products exactly on this CPU: oneDNN's int8 GEMM
+    capped at AVX2 (no VNNI) does not. For int8 layers whose kernel is not measured per shape
+    (mixture-of-experts layers)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (16, 256), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=gen)
+    exact = torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
+    logger.info("int8 GEMM (torch._int_mm) is %s on this CPU", "exact" if exact else
+                "inexact: int8 experts take bf16 activations")
+    return exact
