@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 # Part of the cache key: bump it when a kernel or the way it is timed changes.
-MEASUREMENT_VERSION = 4
+MEASUREMENT_VERSION = 5
 MAX_MEASURED_TOKENS = 512  # larger steps use the winner at this size
 _REPEATS = 5
 # From this many tokens on, a candidate `_GIVE_UP` times slower than the best is no longer
