@@ -284,8 +284,10 @@ def _gguf_arch(reader, a: str) -> ModelArch:
     attn_scale = local_theta = None
     gemma = a.startswith("gemma")
     if gemma:
-        every = field("attention.sliding_window_pattern", _GEMMA_GLOBAL_EVERY[a])
-        windows = [None if (i + 1) % every == 0 else window for i in range(layers)]
+        pattern = field("attention.sliding_window_pattern", _GEMMA_GLOBAL_EVERY[a])
+        slides = ([bool(f) for f in pattern] if isinstance(pattern, list) else  # per layer
+                  [(i + 1) % pattern != 0 for i in range(layers)])  # every n-th is global
+        windows = [window if slide else None for slide in slides]
         attn_scale = (hidden // heads if layers == _GEMMA_27B_LAYERS[a] else head_dim) ** -0.5
         local_theta = _GEMMA3_LOCAL_ROPE_THETA if a == "gemma3" else None
     eos = [_gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]

@@ -33,6 +33,10 @@ FAMILIES = {
     # (query_pre_attn_scalar) below 27B
     "gemma2": ("Gemma2Config", {"sliding_window": 24, "query_pre_attn_scalar": 16,
                                 "tie_word_embeddings": True}),
+    # q/k norms (stored as 1 + w too), a local rope base; the layer pattern written per layer
+    "gemma3": ("Gemma3TextConfig", {"sliding_window": 24, "query_pre_attn_scalar": 16,
+                                    "tie_word_embeddings": True,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
 }
 
 
@@ -57,16 +61,20 @@ def write_gguf(checkpoint: Path, arch: str, config: dict, path: Path) -> Path:
     w.add_key_length(config["head_dim"])
     w.add_value_length(config["head_dim"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    rope = config["rope_parameters"]
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
     if experts := config.get("num_local_experts"):
         w.add_expert_count(experts)
         w.add_expert_used_count(config["num_experts_per_tok"])
         if "moe_intermediate_size" in config:  # Mixtral's experts are feed_forward_length wide
             w.add_expert_feed_forward_length(config["moe_intermediate_size"])
-    if arch == "gemma2":
+    if arch.startswith("gemma"):
         w.add_sliding_window(config["sliding_window"])
+    if arch == "gemma2":
         w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         w.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if arch == "gemma3":
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in config["layer_types"]])
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(config["vocab_size"])])
     w.add_bos_token_id(0)
