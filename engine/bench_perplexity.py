@@ -22,7 +22,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.bench_throughput import load_transformers
-from engine.config import QUANTIZATIONS, byte_size
+from engine.config import KV_CACHE_DTYPES, QUANTIZATIONS, byte_size
 from engine.tokenizer import DEFAULT_MODEL_NAME
 
 DEFAULT_FILE = "/usr/share/common-licenses/GPL-3"
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS)
-    p.add_argument("--kv-cache-dtype", default="auto", help="KV page dtype (auto = model dtype)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV page dtype (auto = model dtype)")
     p.add_argument("--max-model-len", type=int, default=1024,
                    help="engine context; windows hold one token less (default %(default)s)")
     p.add_argument("--stride", type=int, default=None,

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 # engine/layers/quantization (whose registry is tested against this list); kept here so
 # listing them does not import torch.
 QUANTIZATIONS = ("auto", "none", "int8", "gguf")
+# KV page formats: "auto" is the model's dtype; quantized pages (fp8, int8, int4) are not built
+# yet, and are refused here rather than at start-up in the engine.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                type(None): "null"}
@@ -119,7 +122,9 @@ class CacheConfig:
         check_types(self)
         _check(self, _positive(self, "page_size", "num_kv_pages", "kv_cache_memory") + [
             ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1,
-             "must be in (0, 1]")])
+             "must be in (0, 1]"),
+            ("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"must be one of {', '.join(KV_CACHE_DTYPES)}")])
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import QUANTIZATIONS, EngineConfig, check_types
+from engine.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig, check_types
 from engine.config import byte_size as parse_byte_size
 from engine.tokenizer import DEFAULT_MODEL_NAME, model_format, resolve_model_path
 
@@ -128,7 +128,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--enforce-eager", action="store_const", const=True,
         help="run decode steps eagerly: CUDA without captured CUDA graphs, CPU without the "
              "torch.compile'd one-request decode step")
-    add("--kv-cache-dtype", choices=_DTYPES,
+    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
         help="KV page storage dtype (default auto = model dtype)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
         help="share pages of identical prompt prefixes (default on)")

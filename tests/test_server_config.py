@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import SchedulerConfig
+from engine.config import CacheConfig, SchedulerConfig
 from server.config import add_serve_flags, parse_serve_args, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +130,13 @@ def test_a_preset_value_of_a_compatible_type_is_accepted(line, field, value, tmp
 def test_the_engine_config_checks_types_for_the_offline_api_too():
     with pytest.raises(ValueError, match="max_num_seqs must be an integer, got 'lots'"):
         SchedulerConfig(max_num_seqs="lots")
+
+
+def test_an_unknown_kv_cache_dtype_is_refused_with_the_list():
+    """Not a KeyError when the engine builds its cache: quantized pages do not exist yet."""
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, "
+                                         "bfloat16, float16, got 'fp8'"):
+        CacheConfig(kv_cache_dtype="fp8")
 
 
 def test_the_model_is_positional_as_in_vllm():
