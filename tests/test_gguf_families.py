@@ -124,10 +124,16 @@ def test_gguf_of_a_new_family_matches_transformers_reading_it(arch, tmp_path):
     assert [o.outputs[0].token_ids for o in got] == want
 
 
+# int8 weights and activations move these random models' log-probs by about a tenth of a nat,
+# and their top two choices are often closer than that (0.06-0.16 nats apart here); a broken
+# expert path puts its tokens several nats below the top.
+MARGIN_NATS = 0.5
+
+
 def test_moe_gguf_serves_with_the_default_quantization(tmp_path):
-    """A MoE GGUF under `quantization="auto"` (gguf on CPU): its experts run in int8,
-    and each prompt's first greedy token is transformers' (random weights at 10x scale leave
-    int8's error far from a tie)."""
+    """A MoE GGUF under `quantization="auto"` (gguf on CPU) runs its experts in int8, and every
+    greedy token is, teacher-forced, within `MARGIN_NATS` of the top choice of transformers
+    reading the same file."""
     checkpoint = write_checkpoint(tmp_path / "hf", *FAMILIES["qwen3moe"])
     config = transformers.AutoConfig.from_pretrained(checkpoint)
     path = write_gguf(checkpoint, "qwen3moe", config.to_dict(), tmp_path / "moe.gguf")
@@ -137,6 +143,11 @@ def test_moe_gguf_serves_with_the_default_quantization(tmp_path):
               dtype="float32", page_size=16, num_kv_pages=32, max_model_len=128,
               enforce_eager=True)
     assert llm.engine.runner.model.layers[0].mlp.w2.dtype == torch.int8
-    got = llm.generate(prompts(), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    want = [oracle_greedy(oracle, p)[0] for p in prompts()]
-    assert [o.outputs[0].token_ids[0] for o in got] == want
+    got = llm.generate(prompts(), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for prompt, out in zip(prompts(), got):
+        ours = out.outputs[0].token_ids
+        with torch.no_grad():
+            logits = oracle(torch.tensor([prompt + ours[:-1]])).logits[0, len(prompt) - 1:]
+        logprobs = logits.log_softmax(-1)
+        chosen = logprobs.gather(1, torch.tensor(ours)[:, None])[:, 0]
+        assert (chosen >= logprobs.max(-1).values - MARGIN_NATS).all(), (prompt, ours)
