@@ -280,7 +280,7 @@ def _gguf_arch(reader, a: str) -> ModelArch:
     rope_type = field("rope.scaling.type")
     experts = field("expert_count", 0)
     window = field("attention.sliding_window")
-    windows = [window] * layers if window else [None] * layers
+    windows = [window or None] * layers
     attn_scale = local_theta = None
     gemma = a.startswith("gemma")
     if gemma:

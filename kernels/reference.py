@@ -291,7 +291,8 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     linear's input and its weight alike leaves `x W^T` as it was, and spreads an outlier
     channel over the block, so that int8 per token rounds it no worse than the rest (QuaRot).
 
-    Computed in fp32 and returned in x's dtype. A 512-block as `H_8 X H_64` does 7x fewer
+    Computed and returned in fp32, as the int8 quantizer takes it (a 16-bit result would be
+    converted back before quantizing). A 512-block as `H_8 X H_64` does 7x fewer
     flops than one `[512, 512]` matmul; with fp32 (whose small batched matmuls run several times
     faster than bf16's on CPU) a `[8, 2048]` input took 35 us instead of 91 on two Zen 4 cores,
     `[512, 2048]` 1.7 ms instead of 2.9."""
@@ -299,7 +300,7 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     y = x.float().unflatten(-1, (-1, block // inner, inner)) @ hadamard(inner, torch.float32)
     if block > inner:
         y = hadamard(block // inner, torch.float32) @ y
-    return y.flatten(-3).to(x.dtype)
+    return y.flatten(-3)
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,9 +315,8 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
                        ) -> torch.Tensor:
     """W8A16: `x[M, K] @ (weight * scales).T` for int8 `weight[N, K]` and bf16 `scales[N]`,
-    dequantizing in the kernel (bf16 activations)."""
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight,
-                                              scales).to(x.dtype)
+    dequantizing in the kernel (bf16 activations and output)."""
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales)
 
 
 def int8_gemm(x_codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
@@ -328,5 +328,5 @@ def int8_gemm(x_codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """W8A8: `x` quantized to int8 per token, then `int8_gemm`, in x's dtype."""
-    return int8_gemm(*quantize_int8_rows(x), weight, scales).to(x.dtype)
+    """W8A8: `x` quantized to int8 per token, then `int8_gemm` (fp32)."""
+    return int8_gemm(*quantize_int8_rows(x), weight, scales)

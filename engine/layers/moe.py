@@ -16,7 +16,7 @@ import kernels
 from engine.layers.linear import Linear
 from engine.layers.mlp import gated_activation
 from engine.layers.quantization import LinearMethod, get_linear_method
-from engine.layers.quantization.int8 import rotation_block
+from engine.layers.quantization.int8 import quantize_rotated, rotation_block
 from engine.layers.quantization.kernel_choice import integer_gemm_is_exact
 
 
@@ -46,21 +46,19 @@ class MoEMLP(nn.Module):
     def _load_expert(self, param: nn.Parameter, loaded: torch.Tensor,
                      shard: tuple[int, int | None]) -> None:
         """Expert `shard[0]`'s weight; `shard[1]` is 0 (gate) or 1 (up) within `w13`."""
+        if self.quantized:
+            down = param is self.w2
+            loaded, scale = quantize_rotated(loaded, self.blocks[down])
+            self._rows(self.w2_scale if down else self.w13_scale, shard).copy_(scale[:, 0])
+        self._rows(param.data, shard).copy_(loaded)
+
+    def _rows(self, stacked: torch.Tensor, shard: tuple[int, int | None]) -> torch.Tensor:
+        """The rows of `stacked` (a weight or its scales) that shard `(expert, part)` fills."""
         expert, part = shard
-        rows = param.data[expert]
-        if part is not None:
-            rows = rows.narrow(0, part * self.intermediate_size, self.intermediate_size)
-        if not self.quantized:
-            rows.copy_(loaded)
-            return
-        down = param is self.w2
-        codes, scale = kernels.quantize_int8_rows(
-            kernels.rotate(loaded.float(), self.blocks[1 if down else 0]))
-        rows.copy_(codes)
-        scales = (self.w2_scale if down else self.w13_scale)[expert]
-        if part is not None:
-            scales = scales.narrow(0, part * self.intermediate_size, self.intermediate_size)
-        scales.copy_(scale[:, 0])
+        rows = stacked[expert]
+        if part is None:
+            return rows
+        return rows.narrow(0, part * self.intermediate_size, self.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = self.gate(x).float().softmax(-1)

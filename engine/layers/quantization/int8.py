@@ -35,6 +35,12 @@ def rotation_block(in_features: int) -> int:
     return block
 
 
+def quantize_rotated(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight `[N, K]` as this format stores it: rotated along K in blocks of `block`,
+    then int8 codes and an fp32 scale `[N, 1]` per row."""
+    return kernels.quantize_int8_rows(kernels.rotate(w.float(), block))
+
+
 class Int8Method(LinearMethod):
     name = "int8"
 
@@ -48,8 +54,7 @@ class Int8Method(LinearMethod):
         layer.kernel_plan = None  # set by plan_layer_kernels once every layer is loaded
 
     def _load(self, layer, param, loaded: torch.Tensor, shard_id: int | None = None) -> None:
-        codes, scale = kernels.quantize_int8_rows(
-            kernels.rotate(loaded.float(), layer.rotation_block))
+        codes, scale = quantize_rotated(loaded, layer.rotation_block)
         layer.load_rows(param, codes, shard_id)
         layer.load_rows(layer.weight_scale, scale[:, 0], shard_id)
 
@@ -69,16 +74,18 @@ class Int8Method(LinearMethod):
         block, scale_bf16 = layer.rotation_block, layer.weight_scale.to(torch.bfloat16)
 
         def w8a16(x):
-            return kernels.int8_weight_linear(kernels.rotate(x, block), layer.weight, scale_bf16)
+            return kernels.int8_weight_linear(kernels.rotate(x, block), layer.weight,
+                                              scale_bf16).to(x.dtype)
 
         def w8a8(x):
-            return kernels.int8_linear(kernels.rotate(x, block), layer.weight, layer.weight_scale)
+            return kernels.int8_linear(kernels.rotate(x, block), layer.weight,
+                                       layer.weight_scale).to(x.dtype)
 
         return {"w8a16": w8a16, "w8a8": w8a8}
 
     def reference(self, layer, x):
         """fp32 `x W^T` on the dequantized weight (rotated, with x rotated alike)."""
-        return F.linear(kernels.rotate(x.float(), layer.rotation_block),
+        return F.linear(kernels.rotate(x, layer.rotation_block),
                         layer.weight.float() * layer.weight_scale[:, None])
 
     def apply(self, layer, x, bias):
