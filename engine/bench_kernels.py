@@ -3,6 +3,9 @@
 The ceilings (device-to-device copy bandwidth, matmul throughput) are measured in the same run
 by `engine.roofline.device_ceilings`, the measurement `tessera bench throughput` computes its
 bound from, so the ratios mean the same on any GPU. Shapes are Llama-3-8B's; pages are shuffled.
+The `decode_64x4k_int8` row reads int8 KV pages (`kernels.kv_format`): its bytes are the codes and
+scales it reads, so its share of bandwidth compares with the plain row's; torch's figure is the
+same SDPA over unquantized K/V.
 The fused mixture-of-experts row is a Mixtral-8x7B layer at decode (random routing): the bytes
 are the weights of the experts that received a token, and torch's figure is the reference's
 per-expert loop of cuBLAS matmuls.
@@ -22,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.roofline import device_ceilings, time_ms
-from kernels import reference
+from kernels import kv_format, reference
+from kernels.kv_format import QuantizedPages
 
 
 @dataclass(frozen=True)
@@ -43,35 +47,46 @@ class Shapes:
     inter: int
     page: int
     tokens: int  # for the per-token ops
-    # (row id, batch, new tokens per request, context): the ids stay put across shape sets, so
-    # a dry run's JSON has a real run's keys.
-    attention: tuple[tuple[str, int, int, int], ...]
+    # (row id, batch, new tokens per request, context, KV pages: None for the activation dtype
+    # or a `kv_format` name): the ids stay put across shape sets, so a dry run's JSON has a real
+    # run's keys.
+    attention: tuple[tuple[str, int, int, int, str | None], ...]
     copy_bytes: int
     matmul_n: int
     moe: MoEShapes  # the row "fused_moe_decode_64"
 
 
 LLAMA3_8B = Shapes(heads=32, kv_heads=8, head_dim=128, hidden=4096, inter=14336, page=16,
-                   tokens=4096, attention=(("decode_64x4k", 64, 1, 4096),
-                                           ("decode_1x32k", 1, 1, 32768),
-                                           ("prefill_2k", 1, 2048, 2048),
-                                           ("prefill_8k", 1, 8192, 8192)),
+                   tokens=4096, attention=(("decode_64x4k", 64, 1, 4096, None),
+                                           ("decode_64x4k_int8", 64, 1, 4096, "int8"),
+                                           ("decode_1x32k", 1, 1, 32768, None),
+                                           ("prefill_2k", 1, 2048, 2048, None),
+                                           ("prefill_8k", 1, 8192, 8192, None)),
                    copy_bytes=1 << 30, matmul_n=8192,
                    moe=MoEShapes(hidden=4096, inter=14336, experts=8, top_k=2, tokens=64))
 TINY = Shapes(heads=4, kv_heads=2, head_dim=64, hidden=256, inter=512, page=16, tokens=64,
-              attention=(("decode_64x4k", 4, 1, 96), ("decode_1x32k", 1, 1, 160),
-                         ("prefill_2k", 1, 32, 32), ("prefill_8k", 1, 48, 48)),
+              attention=(("decode_64x4k", 4, 1, 96, None),
+                         ("decode_64x4k_int8", 4, 1, 96, "int8"),
+                         ("decode_1x32k", 1, 1, 160, None), ("prefill_2k", 1, 32, 32, None),
+                         ("prefill_8k", 1, 48, 48, None)),
               copy_bytes=1 << 22, matmul_n=256,
               moe=MoEShapes(hidden=128, inter=256, experts=4, top_k=2, tokens=16))
 
 
-def _attention(s: Shapes, batch: int, q_len: int, ctx: int, dtype: torch.dtype, dev: str):
-    """(ours, SDPA on the same tokens unpaged, bytes, flops) for `batch` x `q_len` new tokens."""
+def _attention(s: Shapes, batch: int, q_len: int, ctx: int, kv: str | None, dtype: torch.dtype,
+               dev: str):
+    """(ours, SDPA on the same tokens unpaged, bytes, flops) for `batch` x `q_len` new tokens
+    over pages in `dtype` or, given `kv`, in that `kv_format`."""
     from kernels import triton_attention
 
     num_pages = batch * -(-ctx // s.page)
     k_cache, v_cache = (torch.randn(num_pages, s.page, s.kv_heads, s.head_dim, dtype=dtype,
                                     device=dev) for _ in range(2))
+    token_head_bytes = s.head_dim * k_cache.element_size()
+    if kv is not None:
+        fmt = kv_format.FORMATS[kv]
+        k_cache, v_cache = (QuantizedPages(*kv_format.quantize(c, fmt)) for c in (k_cache, v_cache))
+        token_head_bytes = fmt.token_head_bytes(s.head_dim)
     block_table = torch.randperm(num_pages, device=dev).int().view(batch, -1)
     q = torch.randn(batch * q_len, s.heads, s.head_dim, dtype=dtype, device=dev)
     query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=dev) * q_len
@@ -86,7 +101,7 @@ def _attention(s: Shapes, batch: int, q_len: int, ctx: int, dtype: torch.dtype, 
     peer = partial(F.scaled_dot_product_attention, qp, kp, vp, is_causal=q_len > 1, scale=scale,
                    enable_gqa=True)
     visible = q_len * ctx - (q_len * (q_len - 1)) // 2  # query-key pairs under the causal mask
-    nbytes = q.element_size() * (2 * q.numel() + 2 * batch * ctx * s.kv_heads * s.head_dim)
+    nbytes = q.element_size() * 2 * q.numel() + 2 * batch * ctx * s.kv_heads * token_head_bytes
     return ours, peer, nbytes, 4 * batch * s.heads * s.head_dim * visible
 
 
@@ -177,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row_id + ' ' + shape:28} {ms:8.3f} {gbs:7.0f} {tfs:8.1f} {max(of_bw, of_mm):8.0%} "
               f"{peer_ms:9.3f} {peer_ms / ms:7.2f}x")
 
-    for row_id, batch, q_len, ctx in shapes.attention:
-        ours, peer, nbytes, flops = _attention(shapes, batch, q_len, ctx, dtype, dev)
+    for row_id, batch, q_len, ctx, kv in shapes.attention:
+        ours, peer, nbytes, flops = _attention(shapes, batch, q_len, ctx, kv, dtype, dev)
         row(row_id, f"{batch}x{q_len}x{ctx}", time_ms(ours, dev), time_ms(peer, dev), nbytes,
             flops)
     from kernels import triton_ops

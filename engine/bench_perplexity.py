@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens_per_s": sum(e - b for b, e, _ in plan) / seconds,
         "model": args.model or DEFAULT_MODEL_NAME, "device": args.device,
         "dtype": str(runner.dtype).removeprefix("torch."),
-        "kv_cache_dtype": str(runner.kv_spec.dtype).removeprefix("torch."),
+        "kv_cache_dtype": runner.kv_spec.storage,
         "quantization": args.quantization, "max_model_len": args.max_model_len,
         "window": window, "stride": args.stride,
         "max_num_batched_tokens": args.max_num_batched_tokens,

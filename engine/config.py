@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 # engine/layers/quantization (whose registry is tested against this list); kept here so
 # listing them does not import torch.
 QUANTIZATIONS = ("auto", "none", "int8", "gguf")
-# KV page formats: "auto" is the model's dtype; quantized pages (fp8, int8, int4) are not built
-# yet, and are refused here rather than at start-up in the engine.
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# KV page formats: "auto" is the model's dtype; fp8 (e4m3), int8 and int4 are quantized pages
+# (kernels/kv_format.py), refused here when misspelled rather than at start-up in the engine.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "int8", "int4")
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                type(None): "null"}

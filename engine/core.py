@@ -65,8 +65,8 @@ class EngineCore:
             *([f"  compiled  one-request decode steps (torch.compile, "
                f"{r.compiled.compile_s:.1f} s)"] if r.compiled else []),
             f"  KV cache  {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
-            f"{_size(pages * r.kv_spec.page_bytes)} "
-            f"({str(r.kv_spec.dtype).removeprefix('torch.')}), prefix caching "
+            f"{_size(pages * r.kv_spec.page_bytes)} ({r.kv_spec.storage}, "
+            f"{r.kv_spec.token_bytes:,} bytes per token), prefix caching "
             f"{'on' if c.cache.enable_prefix_caching else 'off'}",
             f"  limits    max_model_len {self.max_model_len}, max_num_seqs "
             f"{c.scheduler.max_num_seqs}, max_num_batched_tokens "
@@ -164,7 +164,7 @@ class EngineCore:
         r = self.runner
         return EngineReady(model_name, self.max_model_len, str(r.dtype).removeprefix("torch."),
                            self.config.device, r.kv_spec.page_size,
-                           str(r.kv_spec.dtype).removeprefix("torch."), r.kv_cache.num_pages,
+                           r.kv_spec.storage, r.kv_cache.num_pages,
                            r.arch.vocab_size, r.linear_method.name, r.kernels_chosen())
 
     def idle_stats(self) -> EngineStep:

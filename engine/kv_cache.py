@@ -1,12 +1,15 @@
 """The physical KV cache: per layer one K pool and one V pool of pages.
 
-A page is `[page_size, num_kv_heads, head_dim]`. `KVCacheSpec.dtype` is the storage format of
-a page; only native float formats exist today, and quantized formats (int8/fp8/int4) will add
-per-page scale tensors next to the pools without changing page ids or the block table.
+A page is `[page_size, num_kv_heads, head_dim]` in `KVCacheSpec.dtype`, or, with a `quant`
+format (fp8, int8, int4), codes plus scales per token-head (`kernels.kv_format`) addressed by
+the same page ids and slots; attention then dequantizes to `dtype`, the model's.
 """
 from dataclasses import dataclass
 
 import torch
+
+from kernels import kv_format
+from kernels.kv_format import QuantFormat
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30
 
@@ -17,13 +20,25 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     page_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # of plain pages; of what quantized ones dequantize to
+    quant: QuantFormat | None = None
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's K and V across all layers, codes and scales counted."""
+        per_head = (self.quant.token_head_bytes(self.head_dim) if self.quant else
+                    self.head_dim * self.dtype.itemsize)
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
     @property
     def page_bytes(self) -> int:
         """Bytes of one page across all layers, K and V."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+        return self.page_size * self.token_bytes
+
+    @property
+    def storage(self) -> str:
+        """The pages' format as `--kv-cache-dtype` names it (`auto` resolved)."""
+        return self.quant.name if self.quant else str(self.dtype).removeprefix("torch.")
 
     def num_pages_for(self, memory_bytes: int) -> int:
         return max(memory_bytes, 0) // self.page_bytes
@@ -58,7 +73,12 @@ class KVCache:
         if num_pages < 1:
             raise ValueError("the KV cache needs at least one page")
         self.spec, self.num_pages = spec, num_pages
-        shape = (num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
-        self.layers = [(torch.zeros(shape, dtype=spec.dtype, device=device),
-                        torch.zeros(shape, dtype=spec.dtype, device=device))
-                       for _ in range(spec.num_layers)]
+        self.layers = [(self._pool(device), self._pool(device)) for _ in range(spec.num_layers)]
+
+    def _pool(self, device: torch.device | str) -> "torch.Tensor | kv_format.QuantizedPages":
+        s = self.spec
+        if s.quant:
+            return kv_format.allocate(s.quant, self.num_pages, s.page_size, s.num_kv_heads,
+                                      s.head_dim, device)
+        return torch.zeros(self.num_pages, s.page_size, s.num_kv_heads, s.head_dim,
+                           dtype=s.dtype, device=device)

@@ -4,12 +4,13 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from engine import loader
 from engine.config import EngineConfig
+from engine.cpu_info import cpu_flags
+from engine.cpu_memory import retain_freed_memory
 from engine.cpu_compile import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits, gpu_kv_budget
@@ -21,6 +22,7 @@ from engine.models import model_class
 from engine.sampler import SamplingBatch, gather_logprobs, sample
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import model_format, resolve_model_path
+from kernels import kv_format
 from scheduler.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -31,8 +33,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def cpu_bf16_feature() -> str | None:
     """The CPU feature that makes bf16 matmuls fast (AVX-512 BF16 or AMX), if any; without one
     bf16 is several times slower than fp32."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    for flag, name in ((" avx512_bf16", "AVX-512 BF16"), (" amx_bf16", "AMX")):
+    flags = cpu_flags()
+    for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")):
         if flag in flags:
             return name
     return None
@@ -76,6 +78,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(len(os.sched_getaffinity(0)))
+            retain_freed_memory()
         elif self.device.index is not None:  # Triton and graph capture use the current device
             torch.cuda.set_device(self.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device)
@@ -93,10 +96,10 @@ class ModelRunner:
         model.load_weights(weights)
         self.model = model.eval()
         self.load_s = time.monotonic() - start
-        kv_dtype = self.dtype if config.cache.kv_cache_dtype == "auto" else _DTYPES[
-            config.cache.kv_cache_dtype]
+        kv = config.cache.kv_cache_dtype
         self.kv_spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim,
-                                   config.cache.page_size, kv_dtype)
+                                   config.cache.page_size, _DTYPES.get(kv, self.dtype),
+                                   kv_format.FORMATS.get(kv))
         num_pages = self._num_kv_pages()
         check_fits(num_pages, config.cache.page_size, self.max_model_len)
         self.kv_cache = KVCache(self.kv_spec, num_pages, self.device)

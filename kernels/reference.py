@@ -8,6 +8,11 @@ pages holding that context. KV caches are `[num_pages, page_size, num_kv_heads, 
 import torch
 import torch.nn.functional as F
 
+from kernels import kv_format
+from kernels.kv_format import QuantizedPages
+
+KVPool = torch.Tensor | QuantizedPages  # one layer's K or V pages, plain or quantized
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +124,10 @@ def int8_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: to
     return torch.zeros(x.shape, dtype=down.dtype).index_add_(0, tokens, down).to(x.dtype)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
              slot_mapping: torch.Tensor) -> None:
-    """Store new K/V `[T, KvH, D]` at flat slots `page * page_size + offset`.
+    """Store new K/V `[T, KvH, D]` at flat slots `page * page_size + offset`, quantized on the
+    way in when the pool is (`kernels.kv_format`).
 
     Slots < 0 mark padding tokens that own no slot; indexing with -1 would overwrite the last
     slot of the last page. Only CUDA graphs pad; torch.compile'd CPU steps never do, and the
@@ -130,24 +136,36 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if not torch.compiler.is_compiling() and (slot_mapping < 0).any():
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, *k.shape[1:])[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v.shape[1:])[slot_mapping] = v.to(v_cache.dtype)
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        if isinstance(cache, QuantizedPages):
+            for part, pool in zip(kv_format.quantize(x, cache.format), cache):
+                if pool is not None:
+                    pool.view(-1, *pool.shape[2:])[slot_mapping] = part
+        else:
+            cache.view(-1, *x.shape[1:])[slot_mapping] = x.to(cache.dtype)
 
 
-def _gather_context(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """`pages[..., P]` -> that context's tokens `[..., P * page_size, KvH, D]`.
+def _context_by_head(cache: KVPool, pages: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`pages[..., P]` -> that context's tokens by KV head, `[..., KvH, P * page_size, D]`: a
+    plain pool's as a transposed view, a quantized pool's dequantized to `dtype` straight into
+    that layout (contiguous: one pass from the codes to the matmuls' operand).
 
     `index_select` on the flattened ids is a plain row copy, several times faster on CPU than
     advanced indexing with a 2-D index.
     """
-    gathered = cache.index_select(0, pages.flatten())
-    return gathered.view(*pages.shape[:-1], -1, *cache.shape[2:])
+    def gather(pool: torch.Tensor) -> torch.Tensor:
+        gathered = pool.index_select(0, pages.flatten())
+        return gathered.view(*pages.shape[:-1], -1, *pool.shape[2:]).transpose(-3, -2)
+
+    if isinstance(cache, QuantizedPages):
+        return kv_format.dequantize(*(None if p is None else gather(p) for p in cache), dtype)
+    return gather(cache)
 
 
 _SDPA_MAX_ROWS = 4
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                       seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
                       max_seq_len: int, sliding_window: int | None = None,
                       softcap: float | None = None) -> torch.Tensor:
@@ -164,9 +182,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     SDPA at 47% of a batch-32 decode step). Soft-capped scores (SDPA has no soft cap) always
     take the matmuls.
     """
-    pages = block_table[:, : -(-max_seq_len // k_cache.shape[1])]
-    k = _gather_context(k_cache, pages).transpose(1, 2)  # [B, KvH, pages * page_size, D]
-    v = _gather_context(v_cache, pages).transpose(1, 2)
+    pages = block_table[:, : -(-max_seq_len // kv_format.page_size(k_cache))]
+    k = _context_by_head(k_cache, pages, q.dtype)  # [B, KvH, pages * page_size, D]
+    v = _context_by_head(v_cache, pages, q.dtype)
     keys = torch.arange(k.shape[2], device=q.device)
     beyond = keys >= seq_lens[:, None]
     if sliding_window is not None:
@@ -199,7 +217,7 @@ def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return torch.matmul(probs, v)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_table: torch.Tensor, scale: float, max_query_len: int,
                     max_seq_len: int, sliding_window: int | None = None,
@@ -216,7 +234,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if max_query_len == 1:  # a decode-only step: rows are requests, in order
         return _decode_attention(q, k_cache, v_cache, seq_lens, block_table, scale,
                                  max_seq_len, sliding_window, softcap)
-    page_size = k_cache.shape[1]
+    page_size = kv_format.page_size(k_cache)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     out = torch.empty_like(q)
@@ -232,8 +250,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if n == 1:
             continue
         pages = block_table[i, : -(-s // page_size)]
-        k = _gather_context(k_cache, pages)[:s].transpose(0, 1)  # [KvH, s, D]
-        v = _gather_context(v_cache, pages)[:s].transpose(0, 1)
+        k = _context_by_head(k_cache, pages, q.dtype)[:, :s]  # [KvH, s, D]
+        v = _context_by_head(v_cache, pages, q.dtype)[:, :s]
         qi = q[starts[i]:starts[i + 1]].transpose(0, 1).to(k.dtype)  # [H, n, D]
         mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
         if sliding_window is not None:

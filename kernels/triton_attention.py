@@ -7,20 +7,73 @@ by a prefix hit. Layouts and semantics are those of `reference.paged_attention`.
 A sliding window is a runtime int (`NO_WINDOW` when there is none), so every window shares one
 compiled kernel; the key loops start at the window's first tile, so a window reads fewer keys.
 A soft cap (Gemma 2) is a runtime float behind a constexpr flag: uncapped scores pay nothing.
+
+A K or V pool reaches the kernels as a tuple `(codes, scales, zeros)`: a plain pool is
+`(cache, None, None)` and compiles as it always did (q cast to the cache's dtype); quantized
+pages (`kernels.kv_format`) are dequantized tile by tile in registers to q's dtype, with the
+same roundings as `kv_format.dequantize`, so the dots see the reference's values.
 """
 import torch
 import triton
 import triton.language as tl
+
+from kernels.kv_format import QuantizedPages
+from kernels.reference import KVPool
+from kernels.triton_ops import pool_tuples
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 2**31 - 1  # the largest int32: every key is in the window, and p - W cannot overflow
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start_n,
-                 kv_end, q_pos, window, stride_cp, stride_cs, stride_ch, head_dim, qk_scale, cap,
+def _group_params(ptr, row_off, valid, d, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """The scale (or zero) of each channel of a tile's rows: `[BLOCK_N, 1]` for one group per
+    head, else `[BLOCK_N, BLOCK_D]`, selecting each group's value over its channels (a gather
+    would hold an address per channel in registers, and spilled at head dim 128)."""
+    params = tl.load(ptr + row_off, mask=valid, other=0.0)[:, None]
+    for g in tl.static_range(1, GROUPS):
+        group_params = tl.load(ptr + row_off + g, mask=valid, other=0.0)[:, None]
+        params = tl.where((d // GROUP_SIZE == g)[None, :], group_params, params)
+    return params
+
+
+@triton.jit
+def _load_kv(pool, page, slot, kv_head, valid, d, head_dim, stride_cp, stride_cs, stride_ch,
+             scale_strides, dtype: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """A `[BLOCK_N, BLOCK_D]` tile of K or V, zeros past the context: a plain pool's values, or
+    quantized codes dequantized to `dtype` as `kv_format.dequantize` does (`code * scale`, then
+    `+ zero`, each rounded to `dtype`). Channels past the head are never stored, so an int4
+    tile may leave its zero point there."""
+    codes_ptr, scales_ptr, zeros_ptr = pool
+    mask = valid[:, None] & (d[None, :] < head_dim)
+    off = page * stride_cp + slot * stride_cs + kv_head * stride_ch
+    if scales_ptr is None:
+        x = tl.load(codes_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
+    else:
+        if codes_ptr.dtype.element_ty == tl.uint8:  # int4: the low nibble first
+            j = tl.arange(0, BLOCK_D // 2)
+            packed = tl.load(codes_ptr + off[:, None] + j[None, :],
+                             mask=valid[:, None] & (j[None, :] < head_dim // 2), other=0)
+            codes = tl.interleave(packed & 0xF, packed >> 4)
+        else:
+            codes = tl.load(codes_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
+        row_off = page * scale_strides[0] + slot * scale_strides[1] + kv_head * scale_strides[2]
+        scale = _group_params(scales_ptr, row_off, valid, d, GROUPS, GROUP_SIZE)
+        x = codes.to(tl.float32) * scale.to(dtype).to(tl.float32)
+        if zeros_ptr is not None:
+            zero = _group_params(zeros_ptr, row_off, valid, d, GROUPS, GROUP_SIZE)
+            x = x.to(dtype).to(tl.float32) + zero.to(dtype).to(tl.float32)
+        x = x.to(dtype)
+    return x
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_pool, v_pool, bt_row_ptr, kv_head, start_n, kv_end, q_pos,
+                 window, stride_cp, stride_cs, stride_ch, scale_strides, head_dim, qk_scale, cap,
                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                 GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Fold keys `start_n .. start_n + BLOCK_N` into the online softmax of the rows of `q`;
     row i sees keys `q_pos[i] - window < n <= q_pos[i]` below `kv_end`. Scores are in log2
     units (`_scales` gives `qk_scale` and `cap`), soft-capped before the mask when SOFTCAP.
@@ -31,10 +84,10 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head
     d = tl.arange(0, BLOCK_D)
     valid = n < kv_end
     page = tl.load(bt_row_ptr + n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-    kv_off = page * stride_cp + (n % PAGE_SIZE) * stride_cs + kv_head * stride_ch
-    kv_mask = valid[:, None] & (d[None, :] < head_dim)
-    k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    k = _load_kv(k_pool, page, n % PAGE_SIZE, kv_head, valid, d, head_dim, stride_cp, stride_cs,
+                 stride_ch, scale_strides, q.dtype, GROUPS, GROUP_SIZE, BLOCK_D)
+    v = _load_kv(v_pool, page, n % PAGE_SIZE, kv_head, valid, d, head_dim, stride_cp, stride_cs,
+                 stride_ch, scale_strides, q.dtype, GROUPS, GROUP_SIZE, BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if SOFTCAP:
         # c * tanh(x / c) with tanh(z) = 1 - 2 / (1 + e^2z), as tl has no tanh on every version:
@@ -62,10 +115,11 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head
 
 # The table's width changes each step; a window of 1 or of 16k would each compile anew.
 @triton.jit(do_not_specialize=["stride_bt", "window"])
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
+def _prefill_kernel(q_ptr, k_pool, v_pool, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cp, stride_cs, stride_ch,
-                    stride_bt, qk_scale, cap, head_dim, window, SOFTCAP: tl.constexpr,
-                    GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    scale_strides, stride_bt, qk_scale, cap, head_dim, window,
+                    SOFTCAP: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
@@ -81,7 +135,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     q_mask = (rows < q_len)[:, None] & (d < head_dim)[None, :]
     q_rows = (q_start + rows).to(tl.int64)[:, None]
     q = tl.load(q_ptr + q_rows * stride_qt + head * stride_qh + d[None, :], mask=q_mask,
-                other=0.0).to(k_cache_ptr.dtype.element_ty)
+                other=0.0)
+    if k_pool[1] is None:  # a plain pool: attend in its dtype
+        q = q.to(k_pool[0].dtype.element_ty)
     # Bottom-right aligned causal mask: row i sees keys <= q_pos[i]. Rows past the last query
     # copy its position, so a narrow window leaves them a key to see (no 0 / 0 to discard).
     q_pos = ctx_len + tl.minimum(rows, q_len - 1)
@@ -99,20 +155,20 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     full_lo = tl.minimum(tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N, kv_end)
     full_hi = tl.maximum((first_pos + 1) // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, kv_end, q_pos, window, stride_cp,
-                                     stride_cs, stride_ch, head_dim, qk_scale, cap, True, SOFTCAP,
-                                     PAGE_SIZE, BLOCK_N, BLOCK_D, PRECISION)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_pool, v_pool, bt_row, kv_head, start_n,
+                                     kv_end, q_pos, window, stride_cp, stride_cs, stride_ch,
+                                     scale_strides, head_dim, qk_scale, cap, True, SOFTCAP,
+                                     PAGE_SIZE, GROUPS, GROUP_SIZE, BLOCK_N, BLOCK_D, PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, kv_end, q_pos, window, stride_cp,
-                                     stride_cs, stride_ch, head_dim, qk_scale, cap, False, SOFTCAP,
-                                     PAGE_SIZE, BLOCK_N, BLOCK_D, PRECISION)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_pool, v_pool, bt_row, kv_head, start_n,
+                                     kv_end, q_pos, window, stride_cp, stride_cs, stride_ch,
+                                     scale_strides, head_dim, qk_scale, cap, False, SOFTCAP,
+                                     PAGE_SIZE, GROUPS, GROUP_SIZE, BLOCK_N, BLOCK_D, PRECISION)
     for start_n in range(full_hi, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, kv_end, q_pos, window, stride_cp,
-                                     stride_cs, stride_ch, head_dim, qk_scale, cap, True, SOFTCAP,
-                                     PAGE_SIZE, BLOCK_N, BLOCK_D, PRECISION)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_pool, v_pool, bt_row, kv_head, start_n,
+                                     kv_end, q_pos, window, stride_cp, stride_cs, stride_ch,
+                                     scale_strides, head_dim, qk_scale, cap, True, SOFTCAP,
+                                     PAGE_SIZE, GROUPS, GROUP_SIZE, BLOCK_N, BLOCK_D, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -140,7 +196,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _pool_args(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool) -> tuple[tuple, tuple, dict]:
+    """The kernels' pool arguments: (K, V) as `pool_tuples`, (the codes' strides of page, slot
+    and head, the scales' or None), and the pools' constexprs. Quantized pages attend in q's
+    dtype, a plain pool in its own."""
+    pools = pool_tuples(k_cache, v_cache)
+    codes, scales, _ = pools[0]
+    head_dim = q.shape[-1]
+    if isinstance(k_cache, QuantizedPages):
+        groups, scale_strides, dtype = k_cache.format.groups(head_dim), scales.stride()[:3], q.dtype
+    else:
+        groups, scale_strides, dtype = 1, None, codes.dtype
+    return pools, (*codes.stride()[:3], scale_strides), dict(
+        PAGE_SIZE=codes.shape[1], GROUPS=groups, GROUP_SIZE=head_dim // groups,
+        PRECISION=dot_precision(dtype))
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                             block_table: torch.Tensor, scale: float, max_query_len: int,
                             block_m: int = 64, block_n: int = 64,
@@ -153,28 +225,28 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     One program per (query tile, head, request); tiles past a request's query length exit.
     """
     num_tokens, num_heads, head_dim = q.shape
-    assert q.stride(-1) == k_cache.stride(-1) == block_table.stride(-1) == 1
-    assert k_cache.stride() == v_cache.stride()
+    assert q.stride(-1) == block_table.stride(-1) == 1
+    pools, strides, pool_constexprs = _pool_args(q, k_cache, v_cache)
     out = torch.empty_like(q)
     grid = (triton.cdiv(max_query_len, block_m), num_heads, seq_lens.shape[0])
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_table,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        q, *pools, out, query_start_loc, seq_lens, block_table,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *strides, block_table.stride(0),
         *_scales(scale, softcap), head_dim, _window(sliding_window), SOFTCAP=softcap is not None,
-        GROUP=num_heads // k_cache.shape[2], PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        PRECISION=dot_precision(k_cache.dtype), num_warps=4 if head_dim <= 64 else 8)
+        GROUP=num_heads // pools[0][0].shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4 if head_dim <= 64 else 8,
+        **pool_constexprs)
     return out
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_splits", "window"])  # change with the batch
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
-                         part_out_ptr, part_lse_ptr, stride_qt, stride_qh, stride_cp, stride_cs,
-                         stride_ch, stride_bt, qk_scale, cap, head_dim, num_heads, num_splits,
+def _decode_split_kernel(q_ptr, k_pool, v_pool, qsl_ptr, seq_lens_ptr, bt_ptr, part_out_ptr,
+                         part_lse_ptr, stride_qt, stride_qh, stride_cp, stride_cs, stride_ch,
+                         scale_strides, stride_bt, qk_scale, cap, head_dim, num_heads, num_splits,
                          window, SOFTCAP: tl.constexpr, GROUP: tl.constexpr,
-                         PAGE_SIZE: tl.constexpr, PARTITION: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                         PAGE_SIZE: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                         PARTITION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Attend all query heads of one KV head to one partition of the context.
 
     The GQA group is the tile's row dimension, so each K/V page is read once per group.
@@ -195,7 +267,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr,
     q_mask = (g < GROUP)[:, None] & (d < head_dim)[None, :]
     tok = tl.load(qsl_ptr + r).to(tl.int64)
     q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=q_mask,
-                other=0.0).to(k_cache_ptr.dtype.element_ty)
+                other=0.0)
+    if k_pool[1] is None:  # a plain pool: attend in its dtype
+        q = q.to(k_pool[0].dtype.element_ty)
     q_pos = tl.full([BLOCK_G], 0, tl.int32) + seq_len - 1
     bt_row = bt_ptr + r.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -207,20 +281,20 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr,
     full_lo = tl.minimum(tl.maximum(start, tl.cdiv(first, BLOCK_N) * BLOCK_N), end)
     full_hi = tl.maximum(end // BLOCK_N * BLOCK_N, full_lo)
     for start_n in range(lo, full_lo, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, end, q_pos, window, stride_cp, stride_cs,
-                                     stride_ch, head_dim, qk_scale, cap, True, SOFTCAP, PAGE_SIZE,
-                                     BLOCK_N, BLOCK_D, PRECISION)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_pool, v_pool, bt_row, kv_head, start_n,
+                                     end, q_pos, window, stride_cp, stride_cs, stride_ch,
+                                     scale_strides, head_dim, qk_scale, cap, True, SOFTCAP,
+                                     PAGE_SIZE, GROUPS, GROUP_SIZE, BLOCK_N, BLOCK_D, PRECISION)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, end, q_pos, window, stride_cp, stride_cs,
-                                     stride_ch, head_dim, qk_scale, cap, False, SOFTCAP, PAGE_SIZE,
-                                     BLOCK_N, BLOCK_D, PRECISION)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_pool, v_pool, bt_row, kv_head, start_n,
+                                     end, q_pos, window, stride_cp, stride_cs, stride_ch,
+                                     scale_strides, head_dim, qk_scale, cap, False, SOFTCAP,
+                                     PAGE_SIZE, GROUPS, GROUP_SIZE, BLOCK_N, BLOCK_D, PRECISION)
     for start_n in range(full_hi, end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head, start_n, end, q_pos, window, stride_cp, stride_cs,
-                                     stride_ch, head_dim, qk_scale, cap, True, SOFTCAP, PAGE_SIZE,
-                                     BLOCK_N, BLOCK_D, PRECISION)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_pool, v_pool, bt_row, kv_head, start_n,
+                                     end, q_pos, window, stride_cp, stride_cs, stride_ch,
+                                     scale_strides, head_dim, qk_scale, cap, True, SOFTCAP,
+                                     PAGE_SIZE, GROUPS, GROUP_SIZE, BLOCK_N, BLOCK_D, PRECISION)
     # Partial results: the normalized output and its log2-sum-exp, merged by the reduce pass.
     part = (r.to(tl.int64) * num_heads + heads) * num_splits + split
     tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc / l_i[:, None],
@@ -260,7 +334,7 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens
              (acc / l_sum).to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                            block_table: torch.Tensor, scale: float, max_seq_len: int,
                            partition: int = 512, block_n: int = 64,
@@ -274,10 +348,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     and the window are runtime arguments: a growing context never triggers a recompile.
     """
     num_tokens, num_heads, head_dim = q.shape
-    assert q.stride(-1) == k_cache.stride(-1) == block_table.stride(-1) == 1
-    assert k_cache.stride() == v_cache.stride()
+    assert q.stride(-1) == block_table.stride(-1) == 1
     assert partition % block_n == 0
-    num_reqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
+    pools, strides, pool_constexprs = _pool_args(q, k_cache, v_cache)
+    num_reqs, num_kv_heads = seq_lens.shape[0], pools[0][0].shape[2]
     group = num_heads // num_kv_heads
     num_splits = triton.cdiv(max_seq_len, partition)
     part_out = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32,
@@ -287,12 +361,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_d = triton.next_power_of_2(head_dim)
     window = _window(sliding_window)
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, query_start_loc, seq_lens, block_table, part_out, part_lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_table.stride(0), *_scales(scale, softcap), head_dim, num_heads, num_splits, window,
-        SOFTCAP=softcap is not None, GROUP=group, PAGE_SIZE=k_cache.shape[1], PARTITION=partition,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=dot_precision(k_cache.dtype), num_warps=4)
+        q, *pools, query_start_loc, seq_lens, block_table, part_out, part_lse, q.stride(0),
+        q.stride(1), *strides, block_table.stride(0), *_scales(scale, softcap), head_dim,
+        num_heads, num_splits, window, SOFTCAP=softcap is not None, GROUP=group,
+        PARTITION=partition, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=block_d, num_warps=4, **pool_constexprs)
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_out, part_lse, out, query_start_loc, seq_lens, out.stride(0), out.stride(1),
         head_dim, num_heads, num_splits, window, PARTITION=partition, BLOCK_D=block_d)

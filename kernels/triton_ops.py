@@ -7,6 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_format import QuantizedPages
+from kernels.reference import KVPool
+
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -27,12 +30,110 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+@triton.jit
+def _round_half_even(x):
+    """fp32 `|x| < 2^22` to the nearest integer, ties to even (torch.round): past 1.5 * 2^23 an
+    fp32 has no fraction bits, and its addition rounds to nearest even. (libdevice's rint is not
+    in the interpreter.)"""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quantize_store(x_ptr, stride_h, pool, code_row, scale_row, code_strides, scale_strides,
+                    num_kv_heads, QMAX: tl.constexpr, GROUPS: tl.constexpr,
+                    GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Quantize one token's `[KvH, D]` K or V into `pool` (codes, scales, zeros) as
+    `kv_format.quantize` does: the scale (and zero) rounded to bf16 first, the codes computed
+    from the rounded values. A pool with zeros is int4 (asymmetric, two codes per byte); fp8
+    codes are cast, int8 codes rounded."""
+    codes_ptr, scales_ptr, zeros_ptr = pool
+    heads = tl.arange(0, BLOCK_H)
+    h = heads[:, None]
+    codes_ptr += code_row + h * code_strides[2]
+    group_off = scale_row + heads * scale_strides[2]
+    for g in tl.static_range(GROUPS):
+        if zeros_ptr is not None:  # int4: channel 2j in the low nibble of byte j, 2j + 1 high
+            j = tl.arange(0, BLOCK_G // 2)[None, :]
+            mask = (h < num_kv_heads) & (j < GROUP_SIZE // 2)
+            src = x_ptr + h * stride_h + g * GROUP_SIZE + 2 * j
+            lo = tl.load(src, mask=mask).to(tl.float32)
+            hi = tl.load(src + 1, mask=mask).to(tl.float32)
+            x_min = tl.minimum(tl.min(tl.where(mask, lo, float("inf")), 1),
+                               tl.min(tl.where(mask, hi, float("inf")), 1))
+            x_max = tl.maximum(tl.max(tl.where(mask, lo, float("-inf")), 1),
+                               tl.max(tl.where(mask, hi, float("-inf")), 1))
+            zero = x_min.to(tl.bfloat16)
+            scale = tl.maximum(tl.math.div_rn(x_max - zero.to(tl.float32), QMAX), 1e-30)
+            scale = scale.to(tl.bfloat16)
+            z, s = zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None]
+            lo = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo - z, s)), 0), QMAX)
+            hi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi - z, s)), 0), QMAX)
+            tl.store(codes_ptr + g * GROUP_SIZE // 2 + j,
+                     lo.to(tl.uint8) | (hi.to(tl.uint8) << 4), mask=mask)
+            tl.store(zeros_ptr + group_off + g, zero, mask=heads < num_kv_heads)
+        else:
+            c = tl.arange(0, BLOCK_G)[None, :]
+            mask = (h < num_kv_heads) & (c < GROUP_SIZE)
+            x = tl.load(x_ptr + h * stride_h + g * GROUP_SIZE + c, mask=mask,
+                        other=0.0).to(tl.float32)
+            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 1), QMAX), 1e-30)
+            scale = scale.to(tl.bfloat16)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale.to(tl.float32)[:, None]), -QMAX),
+                           QMAX)
+            if not codes_ptr.dtype.element_ty.is_fp8():
+                q = _round_half_even(q)
+            tl.store(codes_ptr + g * GROUP_SIZE + c, q.to(codes_ptr.dtype.element_ty), mask=mask)
+        tl.store(scales_ptr + group_off + g, scale, mask=heads < num_kv_heads)
+
+
+@triton.jit
+def _write_kv_quantized_kernel(k_ptr, v_ptr, k_pool, v_pool, slot_ptr, stride_kt, stride_kh,
+                               stride_vt, stride_vh, code_strides, scale_strides, num_kv_heads,
+                               QMAX: tl.constexpr, GROUPS: tl.constexpr,
+                               GROUP_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                               BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # padding token: owns no slot
+        return
+    page, offset = slot // PAGE_SIZE, slot % PAGE_SIZE
+    code_row = page * code_strides[0] + offset * code_strides[1]
+    scale_row = page * scale_strides[0] + offset * scale_strides[1]
+    _quantize_store(k_ptr + t * stride_kt, stride_kh, k_pool, code_row, scale_row, code_strides,
+                    scale_strides, num_kv_heads, QMAX, GROUPS, GROUP_SIZE, BLOCK_H, BLOCK_G)
+    _quantize_store(v_ptr + t * stride_vt, stride_vh, v_pool, code_row, scale_row, code_strides,
+                    scale_strides, num_kv_heads, QMAX, GROUPS, GROUP_SIZE, BLOCK_H, BLOCK_G)
+
+
+def pool_tuples(k_cache: KVPool, v_cache: KVPool) -> tuple[tuple, tuple]:
+    """K and V as the kernels take them, `(codes, scales, zeros)`, a plain pool as `(cache,
+    None, None)`. The kernels take one set of strides for K and V, and the scales' for the
+    zeros."""
+    k, v = (tuple(c) if isinstance(c, QuantizedPages) else (c, None, None)
+            for c in (k_cache, v_cache))
+    assert all(a is None or (a.stride() == b.stride() and a.stride(-1) == 1)
+               for a, b in zip(k, v))
+    assert k[2] is None or k[2].stride() == k[1].stride()
+    return k, v
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
              slot_mapping: torch.Tensor) -> None:
-    """Store new K/V `[T, KvH, D]` at flat slots; slots < 0 (padding) are skipped."""
-    assert k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == 1
-    assert k_cache.stride() == v_cache.stride()
+    """Store new K/V `[T, KvH, D]` at flat slots, quantized on the way in when the pools are
+    `QuantizedPages`; slots < 0 (padding) are skipped."""
+    assert k.stride(-1) == v.stride(-1) == 1
     num_tokens, num_kv_heads, head_dim = k.shape
+    k_pool, v_pool = pool_tuples(k_cache, v_cache)
+    if isinstance(k_cache, QuantizedPages):
+        fmt = k_cache.format
+        groups = fmt.groups(head_dim)
+        _write_kv_quantized_kernel[(num_tokens,)](
+            k, v, k_pool, v_pool, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), k_cache.codes.stride()[:3], k_cache.scales.stride()[:3], num_kv_heads,
+            QMAX=fmt.qmax, GROUPS=groups, GROUP_SIZE=head_dim // groups,
+            PAGE_SIZE=k_cache.codes.shape[1], BLOCK_H=triton.next_power_of_2(num_kv_heads),
+            BLOCK_G=triton.next_power_of_2(head_dim // groups))
+        return
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_kv_heads, head_dim,

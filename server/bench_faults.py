@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from engine.cpu_info import reported_cpu_flags
 from server.local_server import Server, start_server, stop_server
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -139,13 +140,6 @@ def engine_kill(server: Server, load_s: float) -> tuple[float | None, float | No
     return down, back
 
 
-def cpu_flags() -> str:
-    flags = next((line.split(":", 1)[1].split() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tessera bench faults", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args(argv)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"flags {cpu_flags()}")
+          f"flags {reported_cpu_flags()}")
     with tempfile.TemporaryDirectory(prefix="tessera-faults-") as tmp:
         start = time.monotonic()
         server = start_server(shlex.split(args.server_args), Path(tmp) / "server.log")

@@ -1,4 +1,5 @@
-"""`tessera serve` and `tessera bench serve|throughput|kernels|perplexity|fuzz|soak|faults`.
+"""`tessera serve` and `tessera bench serve|throughput|kernels|perplexity|kv-quality|fuzz|soak|
+faults`.
 
 `serve` checks its flags and the model path before it imports the HTTP stack, so a usage
 error comes at once; benchmarks are imported only when asked for.
@@ -14,6 +15,7 @@ _BENCHES = {
     "throughput": "engine.bench_throughput",
     "kernels": "engine.bench_kernels",
     "perplexity": "engine.bench_perplexity",
+    "kv-quality": "engine.bench_kv_quality",
     "fuzz": "server.bench_fuzz",
     "soak": "server.bench_soak",
     "faults": "server.bench_faults",
@@ -22,6 +24,8 @@ _BENCH_HELP = """benchmarks (each has its own --help):
   serve       load a running OpenAI-compatible server: TTFT, TPOT, ITL, E2E, output tok/s
   throughput  offline engine beside transformers `generate` on the same weights and prompts
   kernels     the Triton kernels against the GPU's copy bandwidth, matmul peak and torch
+  perplexity  perplexity of a long text, windowed (optionally beside transformers)
+  kv-quality  each KV page format beside auto: perplexity, passkey, bytes/token, decode step
   fuzz        schemathesis over the server's /openapi.json: no 5xx, only OpenAI error objects
   soak        thousands of streams dropped after their first chunks: pages freed, RSS per 1,000
   faults      /health latency under a 5 MB tokenization and 600 calls; a SIGKILLed engine's

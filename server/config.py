@@ -129,7 +129,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="run decode steps eagerly: CUDA without captured CUDA graphs, CPU without the "
              "torch.compile'd one-request decode step")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
-        help="KV page storage dtype (default auto = model dtype)")
+        help="KV page format: a float dtype (default auto = the model's) or quantized pages, "
+             "fp8 (e4m3), int8 or int4, with a scale per token and KV head")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
         help="share pages of identical prompt prefixes (default on)")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,

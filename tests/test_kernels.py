@@ -12,13 +12,17 @@ import contextlib
 
 from tests.triton_mode import interpreting  # first: it sets TRITON_INTERPRET
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 import kernels  # noqa: E402
-from kernels import reference, triton_attention, triton_moe, triton_ops  # noqa: E402
+from kernels import kv_format, reference, triton_attention, triton_moe, triton_ops  # noqa: E402
+from kernels.kv_format import QuantizedPages  # noqa: E402
 
 
 if interpreting():
@@ -95,6 +99,54 @@ def test_write_kv_stores_at_slots_and_skips_padding(dtype: torch.dtype):
     torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
     torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
     assert k_cache.view(-1, 3, 64)[[1, 3, 4, 7]].abs().sum() == 0
+
+
+@pytest.fixture
+def round_to_nearest_even(monkeypatch):
+    """The interpreter narrows fp32 to bf16 by truncation and to fp8 rounding half up (with a
+    carry bug); a GPU rounds both to nearest even, as torch does. Under the interpreter, this
+    gives the kernels torch's conversions, so quantizing kernels can be held to the bit."""
+    if not interpreting():
+        return
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+    torch_types = {tl.bfloat16: (torch.bfloat16, torch.int16),
+                   tl.float8e4nv: (torch.float8_e4m3fn, torch.uint8)}
+
+    def rounded(data, src, dst, rounding_mode):
+        if src != tl.float32 or dst not in torch_types:
+            return convert(data, src, dst, rounding_mode)
+        dtype, bits = torch_types[dst]
+        return torch.from_numpy(np.ascontiguousarray(data, np.float32)).to(dtype).view(bits).numpy()
+
+    monkeypatch.setattr(interpreter, "_convert_float", rounded)
+
+
+KV_FORMATS = list(kv_format.FORMATS)
+
+
+@with_dtypes
+@pytest.mark.parametrize("name", KV_FORMATS)
+def test_write_kv_quantizes_as_kv_format(name: str, dtype: torch.dtype, round_to_nearest_even):
+    """Codes, scales and zeros to the bit of `kv_format.quantize` (reference.write_kv)."""
+    fmt = kv_format.FORMATS[name]
+    # Three requests of 5, 1 and 8 tokens on 16-slot pages, padding between (slot -1 must not
+    # wrap to the last slot, 63): the first crosses from page 0 into page 1, the last from
+    # page 3 into page 2. Head dim 128: int4's two groups.
+    slots = torch.tensor([12, 13, 14, 15, 16, -1, 40, -1, -1, 57, 58, 59, 60, 61, 62, 32, 33])
+    _, k, v = _qkv_views(len(slots), 2, 3, 128, dtype)
+    # A token-head of rounding ties at scale 1 (zero 0: its minimum is 0) and an all-zero group.
+    k[0, 1] = 0
+    k[0, 1, :6] = torch.tensor([fmt.qmax, 0.0, 0.5, 1.5, 2.5, 1.0625])
+    got, want = ([kv_format.allocate(fmt, 4, 16, 3, 128, k.device) for _ in range(2)]
+                 for _ in range(2))
+    triton_ops.write_kv(k, v, *got, slots)
+    reference.write_kv(k, v, *want, slots)
+    for got_pool, want_pool in zip(got, want):
+        for got_part, want_part in zip(got_pool, want_pool):
+            if want_part is not None:  # as bits: fp8 has no equality op
+                assert torch.equal(got_part.view(torch.uint8), want_part.view(torch.uint8))
 
 
 @with_dtypes
@@ -321,6 +373,56 @@ def test_attention_at_head_dim_256(window: int | None, softcap: float | None,
     out = triton_attention.paged_decode_attention(*batch, 0.0625, max_seq_len=70, partition=32,
                                                   block_n=16, **kw)
     want = reference.paged_attention(*batch, 0.0625, max_query_len=1, max_seq_len=70, **kw)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+
+
+def _quantized_pages(batch, name: str):
+    """`batch` with its K and V pools quantized to the format `name`."""
+    q, k_cache, v_cache, *rest = batch
+    fmt = kv_format.FORMATS[name]
+    return (q, *(QuantizedPages(*kv_format.quantize(c, fmt)) for c in (k_cache, v_cache)),
+            *rest)
+
+
+# GQA 3 at head dim 64 on 16-slot pages (int4: one group per head), GQA 2 at head dim 128 on
+# 8-slot pages (int4: two groups).
+QUANTIZED_SHAPES = [(6, 2, 64, 16), (4, 2, 128, 8)]
+
+
+@with_dtypes
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", QUANTIZED_SHAPES)
+@pytest.mark.parametrize("name", KV_FORMATS)
+def test_attention_over_quantized_pages(name: str, num_heads: int, num_kv_heads: int,
+                                        head_dim: int, page_size: int, dtype: torch.dtype):
+    """Both kernels dequantize to q's dtype as the reference does, so they differ from it in
+    summation order only. The batches of the prefill and decode tests above."""
+    shape = (num_heads, num_kv_heads, head_dim, page_size)
+    batch = _quantized_pages(_paged_batch([1, 17, 35, 5], [40, 30, 35, 61], *shape, dtype), name)
+    out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=35, block_m=16,
+                                                   block_n=16)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=35, max_seq_len=61)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+    batch = _quantized_pages(_paged_batch([1] * 4, [1, 23, 32, 100], *shape, dtype), name)
+    out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=100, partition=32,
+                                                  block_n=16)
+    want = reference.paged_attention(*batch, 0.125, max_query_len=1, max_seq_len=100)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+
+
+@with_dtypes
+def test_quantized_attention_with_sliding_window_and_softcap(dtype: torch.dtype):
+    """int4 pages (scales and zeros) under a window and a soft cap, as Gemma 2's local layers."""
+    kw = dict(sliding_window=20, softcap=SOFTCAP)
+    batch = _quantized_pages(_paged_batch([1, 17, 35, 5], [40, 30, 35, 61], 6, 2, 64, 16, dtype),
+                             "int4")
+    want = _assert_cap_matters(batch, 35, 61, sliding_window=20)
+    out = triton_attention.paged_prefill_attention(*batch, 0.125, max_query_len=35, block_m=16,
+                                                   block_n=16, **kw)
+    torch.testing.assert_close(out, want, **TOLERANCES[dtype])
+    batch = _quantized_pages(_paged_batch([1] * 4, [1, 23, 32, 100], 6, 2, 64, 16, dtype), "int4")
+    want = _assert_cap_matters(batch, 1, 100, sliding_window=20)
+    out = triton_attention.paged_decode_attention(*batch, 0.125, max_seq_len=100, partition=32,
+                                                  block_n=16, **kw)
     torch.testing.assert_close(out, want, **TOLERANCES[dtype])
 
 

@@ -50,17 +50,22 @@ SMOLLM2 = ("smollm2-135m", 576, 9, 3, 64, 1536)
 LLAMA3_8B = ("llama3-8b", 4096, 32, 8, 128, 14336)
 LLAMA2_7B = ("llama2-7b", 4096, 32, 32, 128, 11008)
 TINYLLAMA = ("tinyllama-1.1b", 2048, 32, 4, 64, 5632)
-# (model, activation dtype, KV cache dtype). bf16, the GPU dtype, for every model; fp16 once;
-# an fp32 model (kv_cache_dtype "auto") and a bf16 model with a "float32" KV cache, whose
-# fp32 attention takes the ieee-precision dot path: bf16 queries cast to the cache dtype, and
-# at head dim 128 the largest shared-memory footprint. Not the whole cross product: each
-# fp32-dot attention kernel takes 5-10 s to compile, and the group size only changes index
-# arithmetic.
+# (model, activation dtype, KV cache dtype: a torch dtype or a `kv_format` name). bf16, the GPU
+# dtype, for every model; fp16 once; an fp32 model (kv_cache_dtype "auto") and a bf16 model
+# with a "float32" KV cache, whose fp32 attention takes the ieee-precision dot path: bf16
+# queries cast to the cache dtype, and at head dim 128 the largest shared-memory footprint.
+# Every quantized KV format with bf16 activations (int4 at head dim 128 too: two scale groups
+# per head), and int8 under an fp32 model (dequantized to fp32, ieee dots). Not the whole cross
+# product: each fp32-dot attention kernel takes 5-10 s to compile, and the group size only
+# changes index arithmetic.
 SCENARIOS = [
     *[(m, "bfloat16", "bfloat16") for m in (SMOLLM2, LLAMA3_8B, LLAMA2_7B, TINYLLAMA)],
     (LLAMA3_8B, "float16", "float16"),
     (SMOLLM2, "float32", "float32"),
     (LLAMA3_8B, "bfloat16", "float32"),
+    *[(SMOLLM2, "bfloat16", fmt) for fmt in ("int8", "fp8", "int4")],
+    (LLAMA3_8B, "bfloat16", "int4"),
+    (SMOLLM2, "float32", "int8"),
 ]
 PAGE_SIZE = 16
 MAX_MODEL_LEN = 8192  # decode sizes its split grid by max_model_len (see engine/cuda_graphs.py)
@@ -84,8 +89,10 @@ def _run_wrappers(ta, ops, moe, model, act_name, cache_name):
     """Call every wrapper the way one prefill step and one decode step of `model` do."""
     import torch
 
+    from kernels import kv_format
+
     _, hidden, heads, kv_heads, head_dim, inter = model
-    act, cache = getattr(torch, act_name), getattr(torch, cache_name)
+    act = getattr(torch, act_name)
     i64 = torch.int64
     # Two requests: one with 5 cached tokens and an 11-token chunk, one new 7-token prompt.
     num_tokens, num_pages = 18, 8
@@ -94,8 +101,13 @@ def _run_wrappers(ta, ops, moe, model, act_name, cache_name):
     q = q.reshape(-1, heads, head_dim)
     k = k.reshape(-1, kv_heads, head_dim)
     v = v.reshape(-1, kv_heads, head_dim)
-    k_cache = torch.zeros(num_pages, PAGE_SIZE, kv_heads, head_dim, dtype=cache)
-    v_cache = torch.zeros_like(k_cache)
+    if cache_name in kv_format.FORMATS:
+        k_cache, v_cache = (kv_format.allocate(kv_format.FORMATS[cache_name], num_pages,
+                                               PAGE_SIZE, kv_heads, head_dim, "cpu")
+                            for _ in range(2))
+    else:
+        k_cache, v_cache = (torch.zeros(num_pages, PAGE_SIZE, kv_heads, head_dim,
+                                        dtype=getattr(torch, cache_name)) for _ in range(2))
     block_table = torch.tensor([[3, 1, 0], [2, 0, 0]], dtype=i64)
     positions = torch.cat([torch.arange(5, 16), torch.arange(7)]).to(i64)
     slot_mapping = torch.arange(num_tokens, dtype=i64)
@@ -149,12 +161,21 @@ def _compile_one(job) -> dict:
 
     mod_name, name, signature, constexprs, attrs, options = job
     fn = getattr(importlib.import_module(mod_name), name)
-    names = fn.arg_names
+
+    def arg(path: tuple[int, ...]) -> str:  # a tuple argument's items are `pool[1]`
+        return fn.arg_names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+
+    def flat(label: str, ty) -> list[tuple[str, str]]:
+        if isinstance(ty, tuple):
+            return [item for i, t in enumerate(ty) for item in flat(f"{label}[{i}]", t)]
+        return [(label, ty)]
+
     entry = {
         "kernel": f"{mod_name}.{name}",
-        "signature": {k: v for k, v in signature.items() if v != "constexpr"},
-        "constexprs": {names[path[0]]: value for path, value in constexprs.items()},
-        "divisible_by_16": [names[path[0]] for path in attrs],
+        "signature": {k: v for label, ty in signature.items() for k, v in flat(label, ty)
+                      if v != "constexpr"},
+        "constexprs": {arg(path): value for path, value in constexprs.items()},
+        "divisible_by_16": [arg(path) for path, values in attrs.items() if values],
         "num_warps": options["num_warps"], "num_stages": options["num_stages"],
     }
     start = time.perf_counter()

@@ -132,11 +132,18 @@ def test_the_engine_config_checks_types_for_the_offline_api_too():
         SchedulerConfig(max_num_seqs="lots")
 
 
-def test_an_unknown_kv_cache_dtype_is_refused_with_the_list():
-    """Not a KeyError when the engine builds its cache: quantized pages do not exist yet."""
+def test_an_unknown_kv_cache_dtype_is_refused_with_the_list(capsys):
+    """At the CLI and in the offline API alike, never a KeyError when the engine builds its
+    cache; the quantized formats are accepted."""
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--kv-cache-dtype", "fp4"])
+    assert ("invalid choice: 'fp4' (choose from 'auto', 'float32', 'bfloat16', 'float16', "
+            "'fp8', 'int8', 'int4')") in capsys.readouterr().err
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, "
-                                         "bfloat16, float16, got 'fp8'"):
-        CacheConfig(kv_cache_dtype="fp8")
+                                         "bfloat16, float16, fp8, int8, int4, got 'q4_0'"):
+        CacheConfig(kv_cache_dtype="q4_0")
+    for name in ("fp8", "int8", "int4"):
+        assert configs(["--kv-cache-dtype", name])[0].cache.kv_cache_dtype == name
 
 
 def test_the_model_is_positional_as_in_vllm():

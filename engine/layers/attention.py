@@ -4,6 +4,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import kernels
+from kernels.kv_format import QuantizedPages
 
 
 @dataclass
@@ -44,6 +45,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Each query attends to its request's keys up to its own position, or to the last
     `sliding_window` of them; `softcap` caps the scores (kernels.reference.paged_attention)."""
     k_cache, v_cache = kv_cache
+    if isinstance(k_cache, QuantizedPages) and k_cache.format.rotates_keys(k.shape[-1]):
+        # (q H)(k H)^T = q k^T for the orthonormal Hadamard H: the keys are quantized in a
+        # basis where no channel's outliers set every channel's step
+        q, k = (kernels.rotate(x, x.shape[-1]).to(x.dtype) for x in (q, k))
     kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     return kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
                                    meta.block_table, scale, meta.max_query_len,

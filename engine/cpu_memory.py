@@ -1,0 +1,34 @@
+"""Keep the memory freed by one CPU step for the next, instead of handing it back to the OS.
+
+glibc serves an allocation over its mmap threshold (128 KiB at first, adapting up to 32 MiB)
+with a fresh mmap, and returns freed heap above its trim threshold to the OS. A CPU decode
+step at batch 32 allocates tens of MB per layer (gathered KV context, scores) and frees them
+again; fresh pages cost a page fault each on first touch, so glibc's defaults spent about half
+of a decode attention's time faulting in zeroed pages (SmolLM2, 32 x 2k context, 2 Zen 4
+cores: 36 ms per layer with the defaults, 19 ms with both limits raised). The process's
+resident memory then stays at its peak instead of breathing with each step.
+"""
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_RETAIN_BELOW = 1 << 30  # allocations below 1 GiB come from, and go back to, the heap
+
+
+def retain_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process; False where the C library is
+    not glibc (nothing changes)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    ok = (mallopt(_M_MMAP_THRESHOLD, _RETAIN_BELOW) == 1
+          and mallopt(_M_TRIM_THRESHOLD, _RETAIN_BELOW) == 1)
+    if not ok:
+        log.warning("mallopt refused the thresholds; CPU steps keep glibc's defaults")
+    return ok

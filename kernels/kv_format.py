@@ -1,0 +1,146 @@
+"""Quantized KV pages: how a page stores K or V as codes and scales, and their torch twins.
+
+A plain pool is one tensor `[num_pages, page_size, num_kv_heads, head_dim]` in a float dtype.
+A quantized pool is a `QuantizedPages`: codes with the same page and slot addressing, plus a
+scale (and, asymmetric, a zero point) per token, KV head and group of `group_size` channels.
+Every token-head has its own scales, so appending a token never requantizes a page, and a
+page's bytes are those of its tokens alone.
+
+| format | codes                              | per group            | x ~                  |
+|--------|------------------------------------|----------------------|----------------------|
+| fp8    | float8_e4m3fn, one per channel     | bf16 scale           | code * scale         |
+| int8   | int8 in [-127, 127]                | bf16 scale           | code * scale         |
+| int4   | uint8, two per byte (channel 2i in | bf16 scale and zero  | code * scale + zero  |
+|        | the low nibble, 2i+1 in the high)  | point, codes 0..15   |                      |
+
+fp8 and int8 have one group per token-head; int4 groups of 64 channels (the whole head when
+`head_dim` is not a multiple of 64), and its keys are stored Hadamard-rotated: a key's few
+large channels would otherwise set the step of all 64 (on SmolLM2, keys carry nearly all of
+int4's loss: int4 keys alone +17% perplexity, int4 values alone +1.4%; rotated keys +8%). At head_dim 64 against bf16's 128 bytes per token-head:
+int8 66 bytes (1.94x), int4 36 (3.56x). Scales and zeros are rounded to bf16 before the codes
+are computed from them, so the codes absorb that rounding: each value is off by at most half a
+step (int8, int4) or fp8's own rounding of `x / scale`. bf16 rather than fp16 for the scales:
+its range is fp32's, and a bf16 scale times a code is one bf16 rounding, as the model's own K
+and V are.
+"""
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+SCALE_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    code_dtype: torch.dtype
+    qmax: float  # the largest code magnitude (symmetric) or code (asymmetric: codes 0..qmax)
+    asymmetric: bool
+    group_size: int | None  # channels sharing a scale; None = the whole head
+    rotate_keys: bool = False  # see `rotates_keys`
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 2 if self.name == "int4" else 1
+
+    def groups(self, head_dim: int) -> int:
+        if self.group_size is None or head_dim % self.group_size:
+            return 1
+        return head_dim // self.group_size
+
+    def rotates_keys(self, head_dim: int) -> bool:
+        """Whether keys are stored Hadamard-rotated, queries rotated alike by the attention
+        layer (a power-of-two head only)."""
+        return self.rotate_keys and head_dim & (head_dim - 1) == 0
+
+    def token_head_bytes(self, head_dim: int) -> int:
+        """Bytes one token-head of K (or of V) takes: codes, scales and zeros."""
+        per_group = SCALE_DTYPE.itemsize * (2 if self.asymmetric else 1)
+        return head_dim // self.codes_per_byte + self.groups(head_dim) * per_group
+
+
+FORMATS = {f.name: f for f in (
+    QuantFormat("fp8", torch.float8_e4m3fn, 448.0, False, None),
+    QuantFormat("int8", torch.int8, 127.0, False, None),
+    QuantFormat("int4", torch.uint8, 15.0, True, 64, rotate_keys=True),
+)}
+_BY_CODE_DTYPE = {f.code_dtype: f for f in FORMATS.values()}
+
+
+class QuantizedPages(NamedTuple):
+    """One layer's K (or V) pool in a quantized format: `codes[P, S, KvH, D / codes_per_byte]`,
+    `scales[P, S, KvH, G]` and, asymmetric, `zeros[P, S, KvH, G]` (else None)."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+    @property
+    def format(self) -> QuantFormat:
+        return _BY_CODE_DTYPE[self.codes.dtype]
+
+
+def page_size(pool: "torch.Tensor | QuantizedPages") -> int:
+    """Tokens per page of a plain or quantized pool."""
+    return (pool.codes if isinstance(pool, QuantizedPages) else pool).shape[1]
+
+
+def allocate(fmt: QuantFormat, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+             device: torch.device | str) -> QuantizedPages:
+    lead = (num_pages, page_size, num_kv_heads)
+    codes = torch.zeros(*lead, head_dim // fmt.codes_per_byte, dtype=fmt.code_dtype,
+                        device=device)
+    groups = (*lead, fmt.groups(head_dim))
+    scales = torch.zeros(groups, dtype=SCALE_DTYPE, device=device)
+    zeros = torch.zeros(groups, dtype=SCALE_DTYPE, device=device) if fmt.asymmetric else None
+    return QuantizedPages(codes, scales, zeros)
+
+
+def quantize(x: torch.Tensor, fmt: QuantFormat
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`x[..., D]` -> (codes `[..., D / codes_per_byte]`, scales `[..., G]`, zeros or None)."""
+    groups = fmt.groups(x.shape[-1])
+    xg = x.float().unflatten(-1, (groups, -1))
+    if fmt.asymmetric:
+        lo, hi = xg.amin(-1), xg.amax(-1)
+        zeros = lo.to(SCALE_DTYPE)
+        scales = ((hi - zeros.float()) / fmt.qmax).clamp_(min=1e-30).to(SCALE_DTYPE)
+        xg = xg - zeros.float()[..., None]
+    else:
+        zeros = None
+        scales = (xg.abs().amax(-1) / fmt.qmax).clamp_(min=1e-30).to(SCALE_DTYPE)
+    # a bf16 scale can round below amax / qmax: clamp the one code that would overflow
+    q = (xg / scales.float()[..., None]).flatten(-2)
+    if fmt.name == "fp8":
+        codes = q.clamp_(-fmt.qmax, fmt.qmax).to(fmt.code_dtype)
+    elif fmt.asymmetric:
+        q = q.round_().clamp_(0, fmt.qmax).to(torch.uint8)
+        codes = q[..., 0::2] | (q[..., 1::2] << 4)
+    else:
+        codes = q.round_().clamp_(-fmt.qmax, fmt.qmax).to(fmt.code_dtype)
+    return codes, scales, zeros
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize`, in `dtype`: `[..., D]`, contiguous whatever the views given
+    (the codes times the scale rounded to `dtype`, then plus the zero, rounded again).
+
+    Codes are converted into the result, then scaled in place: on CPU a pass over the context
+    costs as much as the attention's matmuls over it, and a mixed-dtype multiply (int8 by bf16)
+    runs 3x slower than a conversion and a bf16 multiply together."""
+    int4 = codes.dtype == torch.uint8
+    out = torch.empty(*codes.shape[:-1], codes.shape[-1] * (2 if int4 else 1), dtype=dtype,
+                      device=codes.device)
+    if int4:  # the low nibble is the even channel
+        pairs = out.unflatten(-1, (-1, 2))
+        pairs[..., 0].copy_(codes & 0xF)
+        pairs[..., 1].copy_(codes >> 4)
+    else:
+        out.copy_(codes)
+    grouped = out.unflatten(-1, (scales.shape[-1], -1))
+    grouped.mul_(scales.to(dtype)[..., None])
+    if zeros is not None:
+        grouped.add_(zeros.to(dtype)[..., None])
+    return out
+

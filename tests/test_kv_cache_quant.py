@@ -1,0 +1,153 @@
+"""Quantized KV pages (fp8, int8, int4) on the CPU path: write-then-read round trips, exact
+byte accounting, greedy decoding against the `auto` cache teacher-forced, and page accounting
+and prefix caching on quantized pages. (The Triton kernels are held to the same torch
+reference in tests/test_kernels.py.)"""
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.kv_cache import KVCache, KVCacheSpec
+from engine.messages import AddRequest
+from kernels import kv_format, reference
+from tests.test_engine import PROMPTS
+
+FORMATS = tuple(kv_format.FORMATS)
+PAGE, KV_HEADS, HEAD_DIM = 16, 3, 64
+
+
+def _slots(lengths: list[int], pages: list[list[int]]) -> torch.Tensor:
+    """Flat slots of requests of these lengths on these (scattered) pages."""
+    return torch.tensor([pages[r][i // PAGE] * PAGE + i % PAGE
+                         for r, n in enumerate(lengths) for i in range(n)])
+
+
+def _max_error(x: torch.Tensor, fmt: kv_format.QuantFormat) -> torch.Tensor:
+    """Per value, the most a round trip may be off: half a step (the step of a group with a
+    bf16-rounded scale, and for int4 the bf16 rounding of its zero point), or for fp8 half its
+    3-bit mantissa's spacing at the value's magnitude, down to the subnormal spacing."""
+    groups = x.float().unflatten(-1, (fmt.groups(x.shape[-1]), -1))
+    if fmt.asymmetric:
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        bound = (hi - lo) / fmt.qmax * 0.51 + (lo - lo.bfloat16().float()).abs()
+    else:
+        scale = groups.abs().amax(-1, keepdim=True) / fmt.qmax * 1.01
+        bound = (scale / 2 if fmt.name == "int8" else
+                 groups.abs() * 2.0 ** -4 + scale * 2.0 ** -10)
+    return bound.expand_as(groups).flatten(-2)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_write_then_read_is_within_the_formats_step(name):
+    """A ragged batch (1, 17 and 40 tokens on scattered pages, so writes cross page
+    boundaries) with token-heads of very different magnitudes and an outlier channel; a
+    padding slot writes nothing, and no slot outside the batch changes."""
+    fmt = kv_format.FORMATS[name]
+    torch.manual_seed(0)
+    lengths, pages = [1, 17, 40], [[5], [2, 0], [7, 3, 1]]
+    slots = _slots(lengths, pages)
+    k, v = (torch.randn(len(slots), KV_HEADS, HEAD_DIM) * torch.rand(len(slots), KV_HEADS, 1) * 8
+            for _ in range(2))
+    k[:, :, 5] *= 20
+    pools = [kv_format.allocate(fmt, 8, PAGE, KV_HEADS, HEAD_DIM, "cpu") for _ in range(2)]
+    padded = torch.cat([slots, torch.tensor([-1])])
+    reference.write_kv(torch.cat([k, k[:1]]), torch.cat([v, v[:1]]), *pools, padded)
+    for x, pool in ((k, pools[0]), (v, pools[1])):
+        flat = [None if p is None else p.view(-1, *p.shape[2:]) for p in pool]
+        got = kv_format.dequantize(*(None if p is None else p[slots] for p in flat),
+                                   torch.float32)
+        assert ((got - x).abs() <= _max_error(x, fmt)).all()
+        untouched = torch.ones(flat[0].shape[0], dtype=torch.bool)
+        untouched[slots] = False
+        assert all((p[untouched] == 0).all() for p in flat if p is not None)
+
+
+@pytest.mark.parametrize("name, head_bytes", [("int8", 66), ("fp8", 66), ("int4", 36)])
+def test_page_bytes_count_codes_and_scales_exactly(name, head_bytes):
+    """SmolLM2's cache: bf16 `auto` takes 128 bytes per token-head; int8 66 (codes and a
+    2-byte scale), int4 36 (32 bytes of codes, a 2-byte scale and zero). The same byte budget
+    buys that many more pages, and the allocated tensors hold exactly `page_bytes` per page."""
+    plain = KVCacheSpec(30, KV_HEADS, HEAD_DIM, PAGE, torch.bfloat16)
+    spec = KVCacheSpec(30, KV_HEADS, HEAD_DIM, PAGE, torch.bfloat16, kv_format.FORMATS[name])
+    assert plain.token_bytes == 2 * 30 * KV_HEADS * 128
+    assert spec.token_bytes == 2 * 30 * KV_HEADS * head_bytes  # 1.94x and 3.56x as many
+    budget = 1 << 26
+    assert spec.num_pages_for(budget) == budget // spec.page_bytes
+    cache = KVCache(spec, 5, "cpu")
+    allocated = sum(t.numel() * t.element_size() for pair in cache.layers for pool in pair
+                    for t in pool if t is not None)
+    assert allocated == 5 * spec.page_bytes
+
+
+# The largest gap (nats) between `auto`'s top choice and the quantized run's token, both fed
+# the quantized run's history, over these prompts (fp32, 32 tokens each), about twice the worst
+# measured: int8 rounds each value by at most 1/254 of its head's largest and measured 0.005
+# (0.018 over 48 tokens); fp8 keeps 3 mantissa bits (up to 1/16 off) and measured 0.44; int4
+# has 16 levels per head (rotated keys) and measured 1.80: its runs follow `auto` only while no
+# near tie comes up, and this bounds how far its choices stray (a token at most e^3.5 = 33x
+# less likely than `auto`'s). A wider gap is a broken format, not rounding.
+MARGINS = {"int8": 0.05, "fp8": 1.0, "int4": 3.5}
+
+
+@pytest.fixture(scope="module")
+def auto():
+    return LLM(dtype="float32", quantization="none", max_model_len=512, num_kv_pages=256,
+               enforce_eager=True)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_greedy_decoding_stays_within_a_margin_of_auto_teacher_forced(name, auto):
+    llm = LLM(dtype="float32", quantization="none", max_model_len=512, num_kv_pages=256,
+              enforce_eager=True, kv_cache_dtype=name)
+    assert llm.engine.runner.kv_spec.storage == name
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    probe = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params)):
+        ids = auto.tokenizer.encode(prompt)
+        tokens = out.outputs[0].token_ids
+        scored = auto.generate([ids + tokens], probe)[0].prompt_logprobs[len(ids):]
+        for lp in scored:
+            assert lp.top[0][1] - lp.logprob <= MARGINS[name], prompt
+    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+
+
+def test_quantized_pages_return_to_free_after_finish_abort_and_preemption(caplog):
+    """int4 pages, too few of them for 16 requests at once: preempted requests recompute onto
+    quantized pages and finish whole; every page is free at the end, and after aborts.
+
+    (Not the tokens they give alone: a recomputed prefill's keys differ from the decode
+    steps' in the last bits, which can move an int4 code and then a greedy choice.)"""
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    small = LLM(dtype="float32", quantization="none", page_size=16, num_kv_pages=40,
+                max_model_len=256, enable_prefix_caching=False, enforce_eager=True,
+                kv_cache_dtype="int4")
+    with caplog.at_level("WARNING", logger="scheduler.scheduler"):
+        squeezed = small.generate(prompts, params)
+    assert any("preempted request" in r.message for r in caplog.records)
+    assert all(len(o.outputs[0].token_ids) == 24 and o.outputs[0].finish_reason == "length"
+               for o in squeezed)
+    engine, bm = small.engine, small.engine.block_manager
+    assert bm.num_free_pages == bm.num_pages
+    for i in range(4):
+        engine.add_request(AddRequest(f"abort-{i}", small.tokenizer.encode(PROMPTS[i]) * 3,
+                                      SamplingParams(max_tokens=50), 0.0))
+    engine.step()
+    engine.step()
+    assert bm.num_free_pages < bm.num_pages
+    assert [o.finish_reason for o in engine.abort([f"abort-{i}" for i in range(4)])] == \
+        ["abort"] * 4
+    assert bm.num_free_pages == bm.num_pages
+
+
+def test_a_prefix_hit_on_quantized_pages_gives_the_cold_runs_tokens():
+    kwargs = dict(dtype="float32", quantization="none", page_size=16, max_model_len=512,
+                  num_kv_pages=128, enforce_eager=True, kv_cache_dtype="int8")
+    warm, cold = LLM(**kwargs), LLM(**kwargs, enable_prefix_caching=False)
+    prefix = warm.tokenizer.encode(PROMPTS[5])[:100]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    warm.generate([prefix + [28, 253, 1345]], params)
+    hit = warm.generate([prefix + [42, 1012, 30, 335, 3]], params)[0]
+    assert hit.num_cached_tokens == 96
+    expected = cold.generate([prefix + [42, 1012, 30, 335, 3]], params)[0]
+    assert hit.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert warm.engine.block_manager.num_free_pages == warm.engine.block_manager.num_pages
