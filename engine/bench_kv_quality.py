@@ -126,7 +126,9 @@ def measure(args: argparse.Namespace, fmt: str) -> dict:
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype,
               quantization=args.quantization, kv_cache_dtype=fmt,
               max_model_len=args.max_model_len, page_size=page, max_num_batched_tokens=2048,
-              num_kv_pages=args.decode_batch * -(-args.decode_context // page))
+              num_kv_pages=max(args.decode_batch * -(-args.decode_context // page),
+                               -(-(args.max_model_len or 0) // page)),
+              enforce_eager=True)  # the compiled one-request step times nothing here
     runner = llm.engine.runner
     lengths = sorted({runner.max_model_len if n == "max" else int(n)
                       for n in args.lengths.split(",")})

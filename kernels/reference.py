@@ -284,19 +284,21 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                                                       scales_and_zeros).to(x.dtype)
 
 
-_HADAMARDS: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+_HADAMARDS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def hadamard(block: int, dtype: torch.dtype) -> torch.Tensor:
+def hadamard(block: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+             ) -> torch.Tensor:
     """The orthonormal Sylvester Hadamard matrix `[block, block]` (a power of two); it is
     symmetric, so it is its own inverse. Kept in a plain dict, not `functools.cache`: a
     torch.compile'd forward reads the dict, where it would trace through a cache wrapper."""
-    if (block, dtype) not in _HADAMARDS:
+    key = (block, dtype, torch.device(device))
+    if key not in _HADAMARDS:
         h = torch.ones(1, 1)
         while h.shape[0] < block:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-        _HADAMARDS[block, dtype] = (h / block ** 0.5).to(dtype)
-    return _HADAMARDS[block, dtype]
+        _HADAMARDS[key] = (h / block ** 0.5).to(dtype=dtype, device=device)
+    return _HADAMARDS[key]
 
 
 # A Sylvester Hadamard matrix of 2^(a+b) is the Kronecker product of those of 2^a and 2^b, so
@@ -315,9 +317,10 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     faster than bf16's on CPU) a `[8, 2048]` input took 35 us instead of 91 on two Zen 4 cores,
     `[512, 2048]` 1.7 ms instead of 2.9."""
     inner = min(block, _KRONECKER_INNER)
-    y = x.float().unflatten(-1, (-1, block // inner, inner)) @ hadamard(inner, torch.float32)
+    y = x.float().unflatten(-1, (-1, block // inner, inner)) @ hadamard(inner, torch.float32,
+                                                                         x.device)
     if block > inner:
-        y = hadamard(block // inner, torch.float32) @ y
+        y = hadamard(block // inner, torch.float32, x.device) @ y
     return y.flatten(-3)
 
 

@@ -2,6 +2,8 @@
 byte accounting, greedy decoding against the `auto` cache teacher-forced, and page accounting
 and prefix caching on quantized pages. (The Triton kernels are held to the same torch
 reference in tests/test_kernels.py.)"""
+import json
+
 import pytest
 import torch
 
@@ -151,3 +153,20 @@ def test_a_prefix_hit_on_quantized_pages_gives_the_cold_runs_tokens():
     expected = cold.generate([prefix + [42, 1012, 30, 335, 3]], params)[0]
     assert hit.outputs[0].token_ids == expected.outputs[0].token_ids
     assert warm.engine.block_manager.num_free_pages == warm.engine.block_manager.num_pages
+
+
+def test_bench_kv_quality_puts_each_format_beside_auto(capsys):
+    """A bounded `tessera bench kv-quality`: every figure per format, the baseline first."""
+    from engine import bench_kv_quality
+
+    bench_kv_quality.main([
+        "--kv-cache-dtypes", "auto,int4", "--ppl-tokens", "96", "--ppl-window", "64",
+        "--lengths", "128", "--depths", "0.5", "--trials", "2", "--max-model-len", "256",
+        "--decode-batch", "2", "--decode-context", "64", "--decode-steps", "1", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    auto, int4 = result["rows"]
+    assert [auto["kv_cache_dtype"], int4["kv_cache_dtype"]] == ["bfloat16", "int4"]
+    assert int4["kv_bytes_per_token"] == 2 * 30 * 3 * 36
+    assert int4["tokens_per_byte_vs_baseline"] > 3.5
+    assert list(int4["passkey"]) == ["128@0.5"] and 0 <= int4["passkey_mean"] <= 1
+    assert 1 < auto["perplexity"] < 1000 and int4["decode_step_ms"] > 0

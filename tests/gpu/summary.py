@@ -28,6 +28,8 @@ class Target:
 TARGETS = [
     Target("decode attention 64 x 4k, share of copy bandwidth", "kernels:decode_64x4k",
            "fraction_of_bandwidth", 0.80),
+    Target("decode attention 64 x 4k on int8 KV pages, share of copy bandwidth",
+           "kernels:decode_64x4k_int8", "fraction_of_bandwidth", 0.75),
     Target("decode attention 1 x 32k, speed vs SDPA", "kernels:decode_1x32k",
            "speedup_vs_torch", 1.0),
     Target("prefill attention 2k, speed vs SDPA", "kernels:prefill_2k", "speedup_vs_torch", 0.70),
