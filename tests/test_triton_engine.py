@@ -262,19 +262,14 @@ SMALL_TILES = {"paged_prefill_attention": dict(block_m=16, block_n=16),
                "paged_decode_attention": dict(partition=32, block_n=16)}
 
 
-# A dense family at the engine's tiles and at small ones, and on int4 KV pages (rotated keys,
-# quantized in the KV write, dequantized in the attention tiles); a mixture of experts (Qwen3-MoE:
-# top 2 of 4 experts in its first layer, a dense MLP in its second) at the engine's.
+# A dense family at the engine's tiles and at small ones; a mixture of experts (Qwen3-MoE: top 2
+# of 4 experts in its first layer, a dense MLP in its second) at the engine's.
 @needs_interpreter
-@pytest.mark.parametrize("family,tiles,kv", [("llama", None, "auto"),
-                                             ("llama", SMALL_TILES, "auto"),
-                                             ("llama", SMALL_TILES, "int4"),
-                                             ("qwen3-moe", None, "auto")],
-                         ids=["llama-engine-tiles", "llama-small-tiles", "llama-int4-kv",
-                              "qwen3-moe"])
-def test_engine_on_interpreted_triton_matches_reference(tmp_path, monkeypatch, family, tiles,
-                                                        kv):
-    model = _cpu_model(tmp_path, family) | dict(kv_cache_dtype=kv)
+@pytest.mark.parametrize("family,tiles", [("llama", None), ("llama", SMALL_TILES),
+                                          ("qwen3-moe", None)],
+                         ids=["llama-engine-tiles", "llama-small-tiles", "qwen3-moe"])
+def test_engine_on_interpreted_triton_matches_reference(tmp_path, monkeypatch, family, tiles):
+    model = _cpu_model(tmp_path, family)
     calls = engine_workload(512, CPU_LENGTHS, CPU_MAX_TOKENS, CPU_SHARED, tail=6)
     with monkeypatch.context() as m:
         ref_calls = force_kernels(m, use_triton=False)
