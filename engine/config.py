@@ -10,6 +10,8 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
+from scheduler.kv_policy import parse_kv_policy
+
 # The names of `--quantization`: "auto", then one per linear method in
 # engine/layers/quantization (whose registry is tested against this list); kept here so
 # listing them does not import torch.
@@ -117,6 +119,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"  # "auto" = the model dtype
     enable_prefix_caching: bool = True
+    # KV eviction for requests that name none (scheduler/kv_policy.py): "none", or
+    # "streaming:sinks=S,window=W"
+    kv_policy: str = "none"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -125,6 +130,7 @@ class CacheConfig:
              "must be in (0, 1]"),
             ("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"must be one of {', '.join(KV_CACHE_DTYPES)}")])
+        parse_kv_policy(self.kv_policy)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from engine.model_runner import ModelRunner, RunnerOutput
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import load_tokenizer, model_format, resolve_model_path
 from scheduler.block_manager import BlockManager
+from scheduler.kv_policy import KVPolicy, parse_kv_policy
 from scheduler.request import Request
 from scheduler.scheduler import Scheduler, SchedulerOutput
 
@@ -42,6 +43,7 @@ class EngineCore:
         self.seeds = random.Random(config.model.seed)
         # Prompt logprobs gathered chunk by chunk, sent whole with the request's first token.
         self.prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+        self._kv_policy(None)  # a default the model cannot take stops the start
         logger.info("%s", self.startup_summary(time.monotonic() - start))
 
     def startup_summary(self, started_s: float) -> str:
@@ -104,7 +106,16 @@ class EngineCore:
         self.scheduler.add_request(Request(
             req.request_id, list(req.prompt_token_ids), params, req.arrival_time,
             eos_token_ids=tuple(self.runner.arch.eos_token_ids),
-            max_tokens=params.max_tokens or room))
+            max_tokens=params.max_tokens or room,
+            kv_policy=self._kv_policy(params.kv_policy)))
+
+    def _kv_policy(self, spec: str | None) -> KVPolicy | None:
+        """The request's policy, else the engine's. Sliding-window layers mask by KV slot,
+        which is no longer the position once tokens are evicted: such models refuse one."""
+        policy = parse_kv_policy(self.config.cache.kv_policy if spec is None else spec)
+        if policy is not None and any(self.runner.arch.layer_windows):
+            raise ValueError("kv_policy is not supported on models with sliding-window layers")
+        return policy
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = []
@@ -144,7 +155,8 @@ class EngineCore:
                 r.request_id, [r.output_token_ids[-1]], r.finish_reason,
                 None if r.sampling_params.logprobs is None else [lp],
                 r.num_prompt_tokens, r.num_cached_tokens, r.scheduled_time,
-                r.first_token_time, self.prompt_logprobs.pop(r.request_id, None)))
+                r.first_token_time, self.prompt_logprobs.pop(r.request_id, None),
+                r.num_evicted_tokens if r.kv_policy else None))
         num_prompt = sum(max(0, min(s.request.num_computed_tokens, s.request.num_prompt_tokens)
                              - (s.request.num_computed_tokens - s.num_new_tokens))
                          for s in sched.scheduled)

@@ -2,7 +2,8 @@
 
 A page is `[page_size, num_kv_heads, head_dim]` in `KVCacheSpec.dtype`, or, with a `quant`
 format (fp8, int8, int4), codes plus scales per token-head (`kernels.kv_format`) addressed by
-the same page ids and slots; attention then dequantizes to `dtype`, the model's.
+the same page ids and slots; attention then dequantizes to `dtype`, the model's. Evictions
+(scheduler/kv_policy.py) reach it as compaction plans: page copies and token moves between slots.
 """
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 
 from kernels import kv_format
 from kernels.kv_format import QuantFormat
+from scheduler.block_manager import KVCompaction
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30
 
@@ -72,7 +74,7 @@ class KVCache:
     def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device | str):
         if num_pages < 1:
             raise ValueError("the KV cache needs at least one page")
-        self.spec, self.num_pages = spec, num_pages
+        self.spec, self.num_pages, self.device = spec, num_pages, torch.device(device)
         self.layers = [(self._pool(device), self._pool(device)) for _ in range(spec.num_layers)]
 
     def _pool(self, device: torch.device | str) -> "torch.Tensor | kv_format.QuantizedPages":
@@ -82,3 +84,24 @@ class KVCache:
                                       s.head_dim, device)
         return torch.zeros(self.num_pages, s.page_size, s.num_kv_heads, s.head_dim,
                            dtype=s.dtype, device=device)
+
+    def _tensors(self):
+        """Every tensor of every pool: K and V, codes, scales and zeros alike, as all are
+        `[num_pages, page_size, num_kv_heads, ...]`."""
+        for pools in self.layers:
+            for pool in pools:
+                parts = pool if isinstance(pool, kv_format.QuantizedPages) else (pool,)
+                yield from (t for t in parts if t is not None)
+
+    def compact(self, plan: KVCompaction) -> None:
+        """Carry out the step's evictions: the page copies, then the token moves."""
+        if not (plan.page_copies or plan.moves):
+            return
+        pages = torch.tensor(plan.page_copies, device=self.device).view(-1, 2)
+        moves = torch.tensor(plan.moves, device=self.device).view(-1, 2)
+        for t in self._tensors():
+            if len(pages):
+                t[pages[:, 1]] = t[pages[:, 0]]
+            if len(moves):
+                flat = t.view(-1, *t.shape[2:])
+                flat[moves[:, 1]] = flat[moves[:, 0]]

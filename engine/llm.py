@@ -30,6 +30,7 @@ class RequestOutput:
     finished: bool = True
     # With `SamplingParams(prompt_logprobs=N)`: one entry per prompt token, None for the first.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    kv_evicted_tokens: int | None = None  # under a kv_policy: tokens evicted from its KV
 
 
 @dataclass
@@ -42,6 +43,7 @@ class _Pending:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    kv_evicted_tokens: int | None = None
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStringChecker | None = None
 
@@ -54,7 +56,8 @@ class LLM:
                  enable_prefix_caching: bool = True, seed: int = 0,
                  quantization: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, tokenizer: str | None = None,
-                 dummy_weights_seed: int = 0, kv_cache_dtype: str = "auto"):
+                 dummy_weights_seed: int = 0, kv_cache_dtype: str = "auto",
+                 kv_policy: str = "none"):
         self.config = EngineConfig(
             ModelConfig(model=model, load_format=load_format, dtype=dtype,
                         max_model_len=max_model_len, seed=seed,
@@ -64,7 +67,7 @@ class LLM:
                         kv_cache_memory=kv_cache_memory,
                         gpu_memory_utilization=gpu_memory_utilization,
                         kv_cache_dtype=kv_cache_dtype,
-                        enable_prefix_caching=enable_prefix_caching),
+                        enable_prefix_caching=enable_prefix_caching, kv_policy=kv_policy),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens), device)
         self.engine = EngineCore(self.config)
         self.tokenizer = (None if load_format == "dummy" and tokenizer is None
@@ -107,10 +110,12 @@ class LLM:
                 progress(sum(p.finish_reason is not None for p in pending.values()))
         return [RequestOutput(rid, p.prompt_ids, [CompletionOutput(
             0, p.text, p.token_ids, p.finish_reason, p.logprobs or None)], p.num_cached_tokens,
-            prompt_logprobs=p.prompt_logprobs) for rid, p in pending.items()]
+            prompt_logprobs=p.prompt_logprobs, kv_evicted_tokens=p.kv_evicted_tokens)
+            for rid, p in pending.items()]
 
     def _absorb(self, p: _Pending, out) -> None:
         p.num_cached_tokens = out.num_cached_tokens
+        p.kv_evicted_tokens = out.num_evicted_tokens
         if out.prompt_logprobs is not None:
             p.prompt_logprobs = [None, *out.prompt_logprobs]
         if p.finish_reason:

@@ -48,6 +48,8 @@ class RequestOutput:
     # On the first output of a request that asked for prompt logprobs: those of prompt tokens
     # 1, 2, ... (token 0 has no context, so none).
     prompt_logprobs: list[TokenLogprobs] | None = None
+    # Under a kv_policy: the tokens it has evicted from the request's KV so far.
+    num_evicted_tokens: int | None = None
 
 
 @dataclass

@@ -183,18 +183,20 @@ class ModelRunner:
 
     def _prepare(self, out: SchedulerOutput):
         """The flat batch: token ids, positions, slots and per-request attention metadata."""
-        ids, starts, num_new = [], [], []
+        ids, starts, kv_starts, num_new = [], [], [], []
         for s in out.scheduled:
             r, start = s.request, s.request.num_computed_tokens
             ids.extend(r.token_ids(start, start + s.num_new_tokens))
             starts.append(start)
+            kv_starts.append(r.num_kv_tokens)
             num_new.append(s.num_new_tokens)
         max_pages = max(len(s.request.page_ids) for s in out.scheduled)
         block_table = torch.tensor([s.request.page_ids + [0] * (max_pages - len(s.request.page_ids))
                                     for s in out.scheduled], dtype=torch.int64)
         positions, meta = AttentionMetadata.for_batch(
             torch.tensor(starts), torch.tensor(num_new), block_table, self.kv_spec.page_size,
-            max(num_new), max(a + n for a, n in zip(starts, num_new)))
+            max(num_new), max(a + n for a, n in zip(kv_starts, num_new)),
+            torch.tensor(kv_starts))
         return (torch.tensor(ids, device=self.device), positions.to(self.device),
                 meta.to(self.device), meta.query_start_loc[1:] - 1)
 
@@ -202,6 +204,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, structured: StructuredOutputManager | None = None
                 ) -> RunnerOutput:
         """Run one step: forward the flat batch, sample, and gather the prompt logprobs."""
+        self.kv_cache.compact(out.kv_compaction)
         input_ids, positions, meta, last_rows = self._prepare(out)
         if (self.graphs is not None and meta.max_query_len == 1
                 and len(out.scheduled) <= self.graphs.max_batch):

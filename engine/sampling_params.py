@@ -1,6 +1,8 @@
 """Per-request sampling parameters, validated at construction with errors that name the field."""
 from dataclasses import dataclass, field
 
+from scheduler.kv_policy import parse_kv_policy
+
 
 @dataclass(frozen=True)
 class StructuredOutput:
@@ -33,6 +35,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token's
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     structured_output: StructuredOutput | None = None
+    # KV eviction for this request (scheduler/kv_policy.py), e.g. "streaming:sinks=4,window=1020";
+    # None = the engine's --kv-policy, "none" = no eviction
+    kv_policy: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +64,7 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        parse_kv_policy(self.kv_policy)
 
     @property
     def greedy(self) -> bool:

@@ -6,7 +6,7 @@ goes to the back of the free queue but keeps its hash: until it is handed out ag
 first, LRU), a later request with that prefix takes it back without recomputing it.
 """
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduler.request import Request
 
@@ -17,6 +17,18 @@ class Page:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()  # checked on a hit, so a hash collision cannot alias
+
+
+@dataclass
+class KVCompaction:
+    """What the engine does to carry out an eviction, before the step writes: copy whole pages
+    (`(src, dst)` page ids, every layer), then move single tokens (`(src, dst)` flat slots)."""
+    page_copies: list[tuple[int, int]] = field(default_factory=list)
+    moves: list[tuple[int, int]] = field(default_factory=list)
+
+    def extend(self, other: "KVCompaction") -> None:
+        self.page_copies += other.page_copies
+        self.moves += other.moves
 
 
 class BlockManager:
@@ -52,12 +64,17 @@ class BlockManager:
 
         At most `num_tokens - 1` tokens are matched: the last one is always recomputed so the
         step has a position to sample from. A request that skips reading the cache (it needs
-        every prompt position's logits) matches nothing, but its pages are still cached.
+        every prompt position's logits) matches nothing, but its pages are still cached. Under
+        a kv_policy at most what the policy keeps is matched, so nothing is evicted before the
+        first step.
         """
         if not self.enable_prefix_caching or request.skip_reading_prefix_cache:
             return []
         hits = []
-        max_pages = (request.num_tokens - 1) // self.page_size
+        limit = request.num_tokens - 1
+        if request.kv_policy:
+            limit = min(limit, request.kv_policy.max_kept_tokens)
+        max_pages = limit // self.page_size
         for h, chunk in self._page_hashes(request.all_token_ids, max_pages):
             page_id = self.cached.get(h)
             if page_id is None or self.pages[page_id].token_ids != chunk:
@@ -72,7 +89,7 @@ class BlockManager:
         All or nothing: returns False and changes nothing when the free pages do not suffice.
         """
         total = len(request.page_ids) + len(hit_pages)
-        needed = -(-(request.num_computed_tokens + num_new_tokens) // self.page_size) - total
+        needed = -(-(request.num_kv_tokens + num_new_tokens) // self.page_size) - total
         free_hits = sum(1 for p in hit_pages if self.pages[p].ref_count == 0)
         if max(needed, 0) + free_hits > self.num_free_pages:
             return False
@@ -81,13 +98,68 @@ class BlockManager:
         request.page_ids.extend(hit_pages)
         for _ in range(needed):
             page_id = next(iter(self.free_queue))
-            page = self.pages[page_id]
-            if page.hash is not None:
-                del self.cached[page.hash]
-                page.hash, page.token_ids = None, ()
+            self._forget(page_id)
             self._take(page_id)
             request.page_ids.append(page_id)
         return True
+
+    def evict(self, request: Request, slots: list[int]) -> KVCompaction | None:
+        """Drop the tokens in KV `slots` (indices into the request's held tokens).
+
+        The last kept tokens move into the emptied slots below the new length and the pages
+        past it are released, so only as many tokens move as are evicted from below it. A
+        page that receives a token while other requests hold it too (a prefix hit, `n > 1`) is
+        copied first and the request takes the copy; a page it alone holds that receives one
+        leaves the prefix cache, its hash no longer naming what it holds. Returns the copies
+        and moves for the engine, to run before the step's writes, or None (nothing changed)
+        when no free page is left for a copy.
+        """
+        ps, old_len = self.page_size, request.num_kv_tokens
+        new_len = old_len - len(slots)
+        evicted = set(slots)
+        holes = sorted(s for s in evicted if s < new_len)
+        sources = [s for s in range(new_len, old_len) if s not in evicted]
+        shared = sorted({h // ps for h in holes
+                         if self.pages[request.page_ids[h // ps]].ref_count > 1})
+        if len(shared) > self.num_free_pages:
+            return None
+        plan = KVCompaction()
+        for index in shared:
+            old = request.page_ids[index]
+            new = next(iter(self.free_queue))
+            self._forget(new)
+            self._take(new)
+            self._release(old)
+            request.page_ids[index] = new
+            plan.page_copies.append((old, new))
+        for index in {h // ps for h in holes} - set(shared):
+            self._forget(request.page_ids[index])
+
+        def slot(s: int) -> int:
+            return request.page_ids[s // ps] * ps + s % ps
+
+        plan.moves = [(slot(src), slot(dst)) for src, dst in zip(sources, holes)]
+        for src, dst in zip(sources, holes):
+            request.kv_positions[dst] = request.kv_positions[src]
+        del request.kv_positions[new_len:]
+        for page_id in request.page_ids[-(-new_len // ps):]:
+            self._release(page_id)
+        del request.page_ids[-(-new_len // ps):]
+        request.num_kv_tokens = new_len
+        return plan
+
+    def _forget(self, page_id: int) -> None:
+        """The page leaves the prefix cache."""
+        page = self.pages[page_id]
+        if page.hash is not None:
+            del self.cached[page.hash]
+            page.hash, page.token_ids = None, ()
+
+    def _release(self, page_id: int) -> None:
+        page = self.pages[page_id]
+        page.ref_count -= 1
+        if page.ref_count == 0:
+            self.free_queue[page_id] = None
 
     def _take(self, page_id: int) -> None:
         page = self.pages[page_id]
@@ -96,8 +168,9 @@ class BlockManager:
         page.ref_count += 1
 
     def cache_full_pages(self, request: Request) -> None:
-        """Name the request's pages that its computed tokens have filled, for later hits."""
-        if not self.enable_prefix_caching:
+        """Name the request's pages that its computed tokens have filled, for later hits; once
+        it has evicted tokens, its pages no longer hold a prefix and none is named."""
+        if not self.enable_prefix_caching or request.num_evicted_tokens:
             return
         hashes = self.page_hashes.setdefault(request.request_id, [])
         num_full = request.num_computed_tokens // self.page_size
@@ -116,9 +189,6 @@ class BlockManager:
     def free(self, request: Request) -> None:
         """Release the request's pages; pages left unreferenced join the free queue's tail."""
         for page_id in reversed(request.page_ids):
-            page = self.pages[page_id]
-            page.ref_count -= 1
-            if page.ref_count == 0:
-                self.free_queue[page_id] = None
+            self._release(page_id)
         request.page_ids = []
         self.page_hashes.pop(request.request_id, None)

@@ -3,6 +3,7 @@ import enum
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+from scheduler.kv_policy import KVPolicy
 
 
 class RequestStatus(enum.Enum):
@@ -22,7 +23,14 @@ class Request:
     max_tokens: int = 16  # resolved against the model length at admission
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # tokens whose K/V were computed: the next one's position
+    # Tokens held in KV slots (the first `num_kv_tokens` slots of `page_ids`): fewer than
+    # the computed ones once a `kv_policy` evicts, equal otherwise.
+    num_kv_tokens: int = 0
+    kv_policy: KVPolicy | None = None
+    # Under a kv_policy, the position each KV slot holds: eviction moves tokens into the slots
+    # it empties, so slot order is not position order (attention does not depend on it).
+    kv_positions: list[int] = field(default_factory=list)
     page_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prompt tokens hit in the prefix cache; -1 until first admitted
     # Prompt positions < this have had their next token's logprob computed (prompt_logprobs);
@@ -31,6 +39,23 @@ class Request:
     finish_reason: str | None = None
     scheduled_time: float | None = None
     first_token_time: float | None = None
+
+    @property
+    def num_evicted_tokens(self) -> int:
+        return self.num_computed_tokens - self.num_kv_tokens
+
+    def set_computed(self, num_tokens: int) -> None:
+        """Start over from `num_tokens` computed and held tokens (admission, preemption)."""
+        self.num_computed_tokens = self.num_kv_tokens = num_tokens
+        self.kv_positions = list(range(num_tokens)) if self.kv_policy else []
+
+    def advance(self, num_tokens: int) -> None:
+        """`num_tokens` more were computed and written after the held ones."""
+        if self.kv_policy:
+            self.kv_positions.extend(range(self.num_computed_tokens,
+                                           self.num_computed_tokens + num_tokens))
+        self.num_computed_tokens += num_tokens
+        self.num_kv_tokens += num_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -11,6 +11,10 @@ positions whose logits the runner turns into logprobs.
 
 When pages run out, the most recently admitted running request is preempted: its pages are
 freed and it goes back to the front of the queue to recompute its tokens later.
+
+A request under a KV policy (scheduler/kv_policy.py) first evicts what the policy names, before
+its pages for the step are counted; the step plan carries the page copies and token moves that
+the engine runs before the step writes.
 """
 import logging
 import time
@@ -18,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
-from scheduler.block_manager import BlockManager
+from scheduler.block_manager import BlockManager, KVCompaction
 from scheduler.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class SchedulerOutput:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up at first admission
     prefix_cache_hits: int = 0
+    kv_compaction: KVCompaction = field(default_factory=KVCompaction)
 
     @property
     def num_tokens(self) -> int:
@@ -74,7 +79,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.block_manager.allocate(request, n):
+            while not (self._evict(request, out) and self.block_manager.allocate(request, n)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.num_preemptions += 1
@@ -90,9 +95,9 @@ class Scheduler:
             hits = self.block_manager.match_prefix(request)
             num_cached = len(hits) * self.block_manager.page_size
             n = min(request.num_tokens - num_cached, budget)
-            request.num_computed_tokens = num_cached
+            request.set_computed(num_cached)
             if not self.block_manager.allocate(request, n, hits):
-                request.num_computed_tokens = 0
+                request.set_computed(0)
                 break
             self.waiting.popleft()
             if first_admission:
@@ -106,12 +111,27 @@ class Scheduler:
             budget -= n
         return out
 
+    def _evict(self, request: Request, out: SchedulerOutput) -> bool:
+        """Evict what the request's policy names; False when a page it must copy first finds
+        no free page (nothing changed)."""
+        if request.kv_policy is None:
+            return True
+        slots = request.kv_policy.slots_to_evict(request.kv_positions,
+                                                 request.num_computed_tokens)
+        if not slots:
+            return True
+        plan = self.block_manager.evict(request, slots)
+        if plan is None:
+            return False
+        out.kv_compaction.extend(plan)
+        return True
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         logger.warning("preempted request %s: %d computed tokens lost, will recompute",
                        request.request_id, request.num_computed_tokens)
         self.block_manager.free(request)
-        request.num_computed_tokens = 0
+        request.set_computed(0)
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
 
@@ -120,7 +140,7 @@ class Scheduler:
         finished = []
         for s in out.scheduled:
             request = s.request
-            request.num_computed_tokens += s.num_new_tokens
+            request.advance(s.num_new_tokens)
             if s.prompt_logprob_positions:
                 request.num_prompt_logprobs = s.prompt_logprob_positions.stop
             self.block_manager.cache_full_pages(request)

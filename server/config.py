@@ -131,6 +131,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
         help="KV page format: a float dtype (default auto = the model's) or quantized pages, "
              "fp8 (e4m3), int8 or int4, with a scale per token and KV head")
+    add("--kv-policy", metavar="NAME:key=value,...",
+        help="KV eviction for requests that name none (kv_policy in the body): none (default) "
+             "or streaming:sinks=S,window=W (the first S tokens and the last W)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
         help="share pages of identical prompt prefixes (default on)")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,

@@ -81,6 +81,7 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
+    kv_policy: str | None = None  # Tessera's: KV eviction, e.g. "streaming:sinks=4,window=1020"
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                         structured: StructuredOutput | None) -> SamplingParams:
@@ -93,6 +94,7 @@ class SamplingRequest(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias or {}),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured_output=structured,
+            kv_policy=self.kv_policy,
         )
 
 
@@ -183,6 +185,7 @@ class UsageInfo(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: dict[str, int] | None = None
+    kv_evicted_tokens: int | None = None  # Tessera's: tokens a kv_policy evicted (else null)
 
 
 class AssistantMessage(BaseModel):

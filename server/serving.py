@@ -282,6 +282,8 @@ async def generate(ctx: ServingContext, request_id: str, prompt_ids: list[int],
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 if output.num_prompt_tokens:
                     usage.prompt_tokens_details = {"cached_tokens": output.num_cached_tokens}
+                if output.num_evicted_tokens is not None:
+                    usage.kv_evicted_tokens = output.num_evicted_tokens
                 finished = output.finish_reason is not None
                 match = stops.add(detok.add(output.new_token_ids, finished), finished)
                 if match.stopped or finished:
@@ -321,4 +323,6 @@ def total_usage(usages: list[UsageInfo], n: int) -> UsageInfo:
     if any(u.prompt_tokens_details for u in prompts):
         total.prompt_tokens_details = {"cached_tokens": sum(
             (u.prompt_tokens_details or {}).get("cached_tokens", 0) for u in prompts)}
+    if any(u.kv_evicted_tokens is not None for u in usages):
+        total.kv_evicted_tokens = sum(u.kv_evicted_tokens or 0 for u in usages)
     return total

@@ -30,3 +30,12 @@ def greedy_tokens(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 def logits(token_ids: list[int]) -> torch.Tensor:
     """Logits `[len, vocab]` of the HF model over a full token sequence."""
     return hf_model()(torch.tensor([token_ids])).logits[0].float()
+
+
+@torch.inference_mode()
+def masked_logits(token_ids: list[int], visible: torch.Tensor) -> torch.Tensor:
+    """Logits `[len, vocab]` when query i attends to key j only where `visible[i, j]` (a bool
+    `[len, len]` mask, at the tokens' original positions): the reference for KV eviction."""
+    ids = torch.tensor([token_ids])
+    return hf_model()(ids, attention_mask=visible[None, None],
+                      position_ids=torch.arange(len(token_ids))[None]).logits[0].float()

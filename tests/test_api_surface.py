@@ -366,6 +366,16 @@ def test_min_tokens_defers_the_end_of_sequence(client):
     assert longer.usage.completion_tokens >= n + 5
 
 
+def test_kv_policy_via_extra_body_reports_the_evicted_tokens_in_usage(client):
+    prompt = "Count from one to thirty in words, separated by commas: one, two, three,"
+    out = ask(client, prompt, max_tokens=24,
+              extra_body={"kv_policy": "streaming:sinks=4,window=16"})
+    usage = out.usage.model_dump()
+    # every computed token but the sinks, the window and the last one
+    assert usage["kv_evicted_tokens"] == usage["total_tokens"] - 1 - 4 - 16 - 1
+    assert ask(client, prompt, max_tokens=2).usage.model_dump()["kv_evicted_tokens"] is None
+
+
 def test_include_usage_adds_a_final_usage_chunk_only_when_asked(client):
     def chunks(**kw):
         return list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=3,
@@ -396,6 +406,7 @@ BAD = {
     "modalities": {"modalities": ["text", "audio"]},
     "n": {"n": 0},
     "tool_choice": {"tool_choice": "required"},
+    "kv_policy": {"kv_policy": "streaming:window=0"},
 }
 
 

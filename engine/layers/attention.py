@@ -19,18 +19,24 @@ class AttentionMetadata:
 
     @classmethod
     def for_batch(cls, starts: torch.Tensor, num_new: torch.Tensor, block_table: torch.Tensor,
-                  page_size: int, max_query_len: int, max_seq_len: int
+                  page_size: int, max_query_len: int, max_seq_len: int,
+                  kv_starts: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, "AttentionMetadata"]:
         """Positions and metadata of a flat batch in which request i brings `num_new[i]` tokens
-        after its first `starts[i]`, on the pages of row i of `block_table`."""
+        after its first `starts[i]`, on the pages of row i of `block_table`. Its new K/V go
+        after the `kv_starts[i]` tokens it holds in KV (fewer than `starts[i]` once tokens
+        were evicted; by default as many): positions count every token, slots and
+        `seq_lens` only the held ones."""
         dev = num_new.device
+        kv_starts = starts if kv_starts is None else kv_starts
         row = torch.repeat_interleave(torch.arange(len(num_new), device=dev), num_new)
         query_start_loc = torch.zeros(len(num_new) + 1, dtype=torch.int64, device=dev)
         torch.cumsum(num_new, 0, out=query_start_loc[1:])
-        positions = starts[row] + torch.arange(len(row), device=dev) - query_start_loc[row]
-        slots = block_table[row, positions // page_size] * page_size + positions % page_size
-        return positions, cls(slots, query_start_loc, starts + num_new, block_table,
-                              max_query_len, max_seq_len)
+        offsets = torch.arange(len(row), device=dev) - query_start_loc[row]
+        held = kv_starts[row] + offsets
+        slots = block_table[row, held // page_size] * page_size + held % page_size
+        return starts[row] + offsets, cls(slots, query_start_loc, kv_starts + num_new,
+                                          block_table, max_query_len, max_seq_len)
 
     def to(self, device: torch.device) -> "AttentionMetadata":
         return replace(self, slot_mapping=self.slot_mapping.to(device),

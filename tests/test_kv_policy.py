@@ -1,0 +1,108 @@
+"""KV eviction decisions without a model: the policy rule, the block manager's compaction
+(moves, copies on write, released pages, the prefix cache) and the scheduler driving them."""
+import pytest
+
+from scheduler.block_manager import BlockManager
+from scheduler.kv_policy import StreamingPolicy, parse_kv_policy
+from tests.test_scheduler import fake_step, make, request
+
+
+def test_parse_kv_policy():
+    assert parse_kv_policy(None) is None and parse_kv_policy("none") is None
+    assert parse_kv_policy("streaming") == StreamingPolicy()
+    assert parse_kv_policy("streaming:sinks=0,window=64") == StreamingPolicy(0, 64)
+    for bad, words in [("h3o", "one of streaming"), ("streaming:sink=4", "takes sinks, window"),
+                       ("streaming:window=x", "window must be an integer"),
+                       ("streaming:window=0", "window must be >= 1"),
+                       ("streaming:sinks=-1", "sinks must be >= 0")]:
+        with pytest.raises(ValueError, match=words):
+            parse_kv_policy(bad)
+
+
+def test_streaming_evicts_all_but_the_sinks_and_the_window():
+    policy = StreamingPolicy(sinks=2, window=3)
+    positions = [0, 1, 9, 3, 4, 5, 6, 7, 8]  # slot order need not be position order
+    assert policy.slots_to_evict(positions, 10) == [3, 4, 5, 6]  # positions 3..6
+    assert policy.slots_to_evict(list(range(5)), 5) == []
+
+
+def test_evict_fills_holes_from_the_tail_and_releases_pages():
+    sched, bm = make(num_pages=16, page_size=4, budget=64)
+    r = request("a", 14)
+    r.kv_policy = StreamingPolicy(sinks=2, window=4)
+    sched.add_request(r)
+    fake_step(sched)  # the whole prompt in one step: 14 tokens held on 4 pages
+    assert r.num_kv_tokens == 14 and len(r.page_ids) == 4 and bm.num_free_pages == 12
+    pages_before = list(r.page_ids)
+    plan = bm.evict(r, r.kv_policy.slots_to_evict(r.kv_positions, r.num_computed_tokens))
+    # Positions 2..9 go: slots 2..5 are holes below the new length 6, and the tail's positions
+    # 10..13 (slots 10..13) move into them; pages 2 and 3 are released.
+    assert r.num_kv_tokens == 6 and r.kv_positions == [0, 1, 10, 11, 12, 13]
+    slot = lambda s: pages_before[s // 4] * 4 + s % 4  # noqa: E731
+    assert plan.moves == [(slot(10), slot(2)), (slot(11), slot(3)), (slot(12), slot(4)),
+                          (slot(13), slot(5))]
+    assert plan.page_copies == [] and r.page_ids == pages_before[:2]
+    assert bm.num_free_pages == 14 and r.num_evicted_tokens == 8
+
+
+def test_evict_copies_a_shared_page_before_writing_and_forgets_rewritten_hashes():
+    bm = BlockManager(16, 4)
+    a, b = request("a", 12, first_token=0), request("b", 12, first_token=0)
+    for r in (a, b):
+        r.kv_policy = StreamingPolicy(sinks=1, window=8) if r is b else None
+        hits = bm.match_prefix(r)
+        r.set_computed(len(hits) * 4)
+        assert bm.allocate(r, 12 - r.num_computed_tokens, hits)
+        r.advance(12 - r.num_computed_tokens)
+        bm.cache_full_pages(r)
+    shared = list(b.page_ids[:2])  # b hit a's first two pages (its policy keeps 9 tokens)
+    assert a.page_ids[:2] == shared and all(bm.pages[p].ref_count == 2 for p in shared)
+    b_tail = b.page_ids[2]
+    plan = bm.evict(b, b.kv_policy.slots_to_evict(b.kv_positions, 12))  # keep 0 and 4..11
+    assert b.num_kv_tokens == 9 and b.kv_positions == [0, 9, 10, 11, 4, 5, 6, 7, 8]
+    # Page 0 receives positions 9..11: b takes a copy; page 1 is only read and stays shared.
+    copy = b.page_ids[0]
+    assert plan.page_copies == [(shared[0], copy)] and b.page_ids[1:] == [shared[1], b_tail]
+    assert plan.moves == [(b_tail * 4 + i, copy * 4 + i) for i in (1, 2, 3)]
+    assert [bm.pages[p].ref_count for p in a.page_ids[:2]] == [1, 2]
+    assert bm.pages[shared[0]].hash is not None  # a's page still holds what its hash names
+    assert bm.pages[copy].hash is None and bm.pages[b_tail].hash is None
+    bm.cache_full_pages(b)  # an evicting request names no page
+    assert bm.pages[copy].hash is None and bm.pages[b_tail].hash is None
+    bm.free(a)
+    bm.free(b)
+    assert bm.num_free_pages == bm.num_pages
+
+
+def test_evict_fails_without_a_page_for_the_copy_and_changes_nothing():
+    bm = BlockManager(3, 4)
+    a, b = request("a", 8, first_token=0), request("b", 8, first_token=0)
+    for r in (a, b):
+        hits = bm.match_prefix(r)
+        r.set_computed(len(hits) * 4)
+        assert bm.allocate(r, 8 - r.num_computed_tokens, hits)
+        r.advance(8 - r.num_computed_tokens)
+        bm.cache_full_pages(r)
+    b.kv_policy = StreamingPolicy(sinks=1, window=2)
+    b.kv_positions = list(range(8))
+    bm.allocate(request("c", 4), 4)  # the last free page
+    before = (list(b.page_ids), b.num_kv_tokens, list(b.kv_positions))
+    assert bm.evict(b, [1, 2, 3, 4, 5]) is None
+    assert (b.page_ids, b.num_kv_tokens, b.kv_positions) == before
+
+
+def test_scheduler_keeps_an_evicting_request_within_its_budget():
+    sched, bm = make(num_pages=64, page_size=4, budget=8)
+    r = request("a", 30, max_tokens=40)
+    r.kv_policy = StreamingPolicy(sinks=2, window=6)
+    sched.add_request(r)
+    while sched.has_unfinished():
+        out, _ = fake_step(sched)
+        if r.status.value == "running":
+            # after the step: what the policy keeps plus this step's tokens
+            assert r.num_kv_tokens <= 2 + 6 + out.scheduled[0].num_new_tokens
+            assert len(r.page_ids) == -(-r.num_kv_tokens // 4)
+            recent = set(range(r.num_computed_tokens - out.scheduled[0].num_new_tokens - 6,
+                               r.num_computed_tokens))
+            assert set(r.kv_positions) <= {0, 1} | recent
+    assert bm.num_free_pages == bm.num_pages and r.num_evicted_tokens > 0
