@@ -1,15 +1,22 @@
-"""`tessera bench kv-quality`: what each KV page format costs in quality, memory and speed.
+"""`tessera bench kv-quality`: what each KV page format and eviction policy costs in quality,
+memory and speed.
 
-For each `--kv-cache-dtype` (the first, `auto` by default, is the baseline of the same run):
+For each `--kv-cache-dtype` (the first, `auto` by default, is the baseline of the same run),
+then each of `--kv-policies` (on the first format):
 
 - perplexity on a long text, windows of `--ppl-window` tokens scored as `tessera bench
   perplexity` scores them;
 - passkey retrieval: a five-digit number planted at `--depths` of a filler text at each of
   `--lengths` (tokens; `max` is the model's context), `--trials` numbers per cell, greedy,
   exact match of the first number answered;
-- KV bytes per token (codes and scales, all layers, K and V);
-- one decode step at `--decode-batch` requests of `--decode-context` tokens each (the model's
-  forward and its logits, the pages filled without a prefill, as timing needs no content).
+- KV bytes per token (codes and scales, all layers, K and V) and, under a policy, the share of
+  the perplexity run's computed tokens still held when each window ended;
+- one decode step at `--decode-batch` requests of `--decode-context` tokens each, or as many as
+  a policy keeps if fewer (the model's forward and its logits, the pages filled without a
+  prefill, as timing needs no content).
+
+Prompts run in chunks of `--chunk` tokens: a policy evicts between steps, so a query sees up to
+one chunk more than it keeps.
 
 Each format runs in a fresh process. A table, `--json` (one line), `--plot FILE.png` (quality
 against KV bytes per token).
@@ -27,12 +34,13 @@ from pathlib import Path
 
 import torch
 
-from engine.bench_perplexity import DEFAULT_FILE, tessera_nll, windows
+from engine.bench_perplexity import DEFAULT_FILE, scored_nll, window_outputs, windows
 from engine.config import KV_CACHE_DTYPES
 from engine.cpu_info import reported_cpu_flags
 from engine.layers.attention import AttentionMetadata
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from scheduler.kv_policy import parse_kv_policy
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
           "again. ")
@@ -49,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantization", default="auto")
     p.add_argument("--kv-cache-dtypes", default="auto,fp8,int8,int4",
                    help="comma-separated formats, the first the baseline (default %(default)s)")
+    p.add_argument("--kv-policies", default="",
+                   help="semicolon-separated kv_policy specs, each a row on the first format, "
+                        "e.g. 'streaming:sinks=4,window=2044;streaming:sinks=0,window=2048'")
+    p.add_argument("--chunk", type=int, default=256, help="prompt tokens per step")
     p.add_argument("--file", default=DEFAULT_FILE, help="text for perplexity")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="score the text's first N")
     p.add_argument("--ppl-window", type=int, default=1024)
@@ -68,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.formats = args.kv_cache_dtypes.split(",")
     if bad := [f for f in args.formats if f not in KV_CACHE_DTYPES]:
         p.error(f"unknown KV cache dtype {bad[0]!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
+    args.policies = [spec for spec in args.kv_policies.split(";") if spec.strip()]
+    for spec in args.policies:
+        try:
+            parse_kv_policy(spec)
+        except ValueError as e:
+            p.error(str(e))
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error("--plot needs matplotlib: pip install matplotlib")
     return args
@@ -121,11 +139,12 @@ def decode_step_seconds(llm: LLM, batch: int, context: int, steps: int) -> float
     return statistics.median(times[1:])
 
 
-def measure(args: argparse.Namespace, fmt: str) -> dict:
+def measure(args: argparse.Namespace, fmt: str, policy: str | None) -> dict:
     page = 16
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype,
-              quantization=args.quantization, kv_cache_dtype=fmt,
-              max_model_len=args.max_model_len, page_size=page, max_num_batched_tokens=2048,
+              quantization=args.quantization, kv_cache_dtype=fmt, kv_policy=policy or "none",
+              max_model_len=args.max_model_len, page_size=page,
+              max_num_batched_tokens=args.chunk,
               num_kv_pages=max(args.decode_batch * -(-args.decode_context // page),
                                -(-(args.max_model_len or 0) // page)),
               enforce_eager=True)  # the compiled one-request step times nothing here
@@ -133,16 +152,22 @@ def measure(args: argparse.Namespace, fmt: str) -> dict:
     lengths = sorted({runner.max_model_len if n == "max" else int(n)
                       for n in args.lengths.split(",")})
     text_ids = llm.tokenizer.encode(Path(args.file).read_text())[:args.ppl_tokens + 1]
-    nll = tessera_nll(llm, text_ids,
-                      windows(len(text_ids), args.ppl_window - 1, args.ppl_window - 1))
+    plan = windows(len(text_ids), args.ppl_window - 1, args.ppl_window - 1)
+    outs = window_outputs(llm, text_ids, plan)
+    nll, evicted = scored_nll(plan, outs), [o.kv_evicted_tokens or 0 for o in outs]
     depths = [float(d) for d in args.depths.split(",")]
+    kept = parse_kv_policy(policy)
+    context = min(args.decode_context, kept.max_kept_tokens + 1 if kept else args.decode_context)
     return {
         "kv_cache_dtype": runner.kv_spec.storage,
+        "kv_policy": policy,
         "kv_bytes_per_token": runner.kv_spec.token_bytes,
+        "kv_held": 1 - sum(evicted) / sum(end - begin for begin, end, _ in plan),
         "perplexity": math.exp(math.fsum(nll) / len(nll)),
         "passkey": passkey(llm, lengths, depths, args.trials, args.seed),
-        "decode_step_ms": 1000 * decode_step_seconds(llm, args.decode_batch,
-                                                     args.decode_context, args.decode_steps)}
+        "decode_context": context,
+        "decode_step_ms": 1000 * decode_step_seconds(llm, args.decode_batch, context,
+                                                     args.decode_steps)}
 
 
 def compare(rows: list[dict]) -> None:
@@ -152,7 +177,8 @@ def compare(rows: list[dict]) -> None:
     judged = [c for c, acc in base["passkey"].items() if acc >= 0.5]
     for r in rows:
         r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
-        r["tokens_per_byte_vs_baseline"] = base["kv_bytes_per_token"] / r["kv_bytes_per_token"]
+        r["tokens_per_byte_vs_baseline"] = (base["kv_bytes_per_token"] * base["kv_held"]
+                                            / (r["kv_bytes_per_token"] * r["kv_held"]))
         r["decode_step_vs_baseline"] = r["decode_step_ms"] / base["decode_step_ms"]
         r["passkey_mean"] = statistics.mean(r["passkey"].values())
         r["passkey_vs_baseline"] = (
@@ -165,20 +191,26 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
           f"({torch.get_num_threads()} threads, CPU flags {reported_cpu_flags()}), "
           f"dtype {args.dtype}; perplexity of {args.file} (first {args.ppl_tokens} tokens, "
           f"windows of {args.ppl_window}); passkey {args.trials} trials per cell; decode "
-          f"step {args.decode_batch} x {args.decode_context} tokens")
+          f"step {args.decode_batch} x {args.decode_context} tokens (or what a policy keeps); "
+          f"prompt chunks of {args.chunk}")
     cells = list(rows[0]["passkey"])
-    head = (f"{'format':<9}{'B/token':>9}{'x tokens':>9}{'ppl':>9}{'Δppl':>8}"
+    width = max(9, *(len(label(r)) + 1 for r in rows))
+    head = (f"{'format':<{width}}{'B/token':>9}{'held':>7}{'x tokens':>9}{'ppl':>9}{'Δppl':>8}"
             f"{'decode ms':>11}{'x step':>8}{'passkey':>9}{'vs base':>9}")
     print(head)
     for r in rows:
         vs = r["passkey_vs_baseline"]
-        print(f"{r['kv_cache_dtype']:<9}{r['kv_bytes_per_token']:>9,}"
+        print(f"{label(r):<{width}}{r['kv_bytes_per_token']:>9,}{100 * r['kv_held']:>6.0f}%"
               f"{r['tokens_per_byte_vs_baseline']:>9.2f}{r['perplexity']:>9.3f}"
               f"{100 * r['perplexity_change']:>+7.2f}%{r['decode_step_ms']:>11.1f}"
               f"{r['decode_step_vs_baseline']:>8.2f}{100 * r['passkey_mean']:>8.0f}%"
               f"{'-' if vs is None else f'{100 * vs:.0f}%':>9}")
     print("passkey per cell (length@depth): " + "  ".join(
         f"{c}: " + "/".join(f"{100 * r['passkey'][c]:.0f}" for r in rows) for c in cells))
+
+
+def label(row: dict) -> str:
+    return row["kv_cache_dtype"] + (f" {row['kv_policy']}" if row["kv_policy"] else "")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -189,11 +221,13 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, (ppl, key) = plt.subplots(1, 2, figsize=(10, 4))
     for r in rows:
+        held = r["kv_bytes_per_token"] * r["kv_held"]
         for ax, y in ((ppl, r["perplexity"]), (key, 100 * r["passkey_mean"])):
-            ax.scatter(r["kv_bytes_per_token"], y)
-            ax.annotate(r["kv_cache_dtype"], (r["kv_bytes_per_token"], y))
-    ppl.set(xlabel="KV bytes per token", ylabel="perplexity", title="perplexity")
-    key.set(xlabel="KV bytes per token", ylabel="passkey exact match (%)", title="passkey")
+            ax.scatter(held, y)
+            ax.annotate(label(r), (held, y))
+    ppl.set(xlabel="KV bytes held per token", ylabel="perplexity", title="perplexity")
+    key.set(xlabel="KV bytes held per token", ylabel="passkey exact match (%)",
+            title="passkey")
     for ax in (ppl, key):
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -204,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # a fresh process per format: one engine's freed memory never shapes the next one's steps
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        rows = pool.starmap(measure, [(args, fmt) for fmt in args.formats])
+        rows = pool.starmap(measure, [(args, fmt, None) for fmt in args.formats]
+                            + [(args, args.formats[0], spec) for spec in args.policies])
     compare(rows)
     if args.json:
         print(json.dumps({"cpu_flags": reported_cpu_flags(), "rows": rows}))

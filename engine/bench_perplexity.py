@@ -23,6 +23,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.bench_throughput import load_transformers
 from engine.config import KV_CACHE_DTYPES, QUANTIZATIONS, byte_size
+from engine.llm import RequestOutput
 from engine.tokenizer import DEFAULT_MODEL_NAME
 
 DEFAULT_FILE = "/usr/share/common-licenses/GPL-3"
@@ -76,12 +77,22 @@ def windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, i
     return out
 
 
-def tessera_nll(llm: LLM, ids: list[int], plan: list[tuple[int, int, int]]) -> list[float]:
-    """Negative log-likelihood of each scored token: every window one request, all at once."""
+def window_outputs(llm: LLM, ids: list[int], plan: list[tuple[int, int, int]]
+                   ) -> list[RequestOutput]:
+    """Every window of `plan` one request with prompt logprobs, all at once."""
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-    outs = llm.generate([ids[begin:end] for begin, end, _ in plan], params)
+    return llm.generate([ids[begin:end] for begin, end, _ in plan], params)
+
+
+def scored_nll(plan: list[tuple[int, int, int]], outs: list[RequestOutput]) -> list[float]:
+    """Negative log-likelihood of each scored token of the windows' outputs."""
     return [-lp.logprob for (begin, _, first), out in zip(plan, outs)
             for lp in out.prompt_logprobs[first - begin:]]
+
+
+def tessera_nll(llm: LLM, ids: list[int], plan: list[tuple[int, int, int]]) -> list[float]:
+    """Negative log-likelihood of each scored token: every window one request, all at once."""
+    return scored_nll(plan, window_outputs(llm, ids, plan))
 
 
 @torch.inference_mode()

@@ -25,7 +25,8 @@ _BENCH_HELP = """benchmarks (each has its own --help):
   throughput  offline engine beside transformers `generate` on the same weights and prompts
   kernels     the Triton kernels against the GPU's copy bandwidth, matmul peak and torch
   perplexity  perplexity of a long text, windowed (optionally beside transformers)
-  kv-quality  each KV page format beside auto: perplexity, passkey, bytes/token, decode step
+  kv-quality  each KV page format and eviction policy beside auto: perplexity, passkey,
+              bytes/token, decode step
   fuzz        schemathesis over the server's /openapi.json: no 5xx, only OpenAI error objects
   soak        thousands of streams dropped after their first chunks: pages freed, RSS per 1,000
   faults      /health latency under a 5 MB tokenization and 600 calls; a SIGKILLed engine's
