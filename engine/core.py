@@ -139,7 +139,7 @@ class EngineCore:
             self.prompt_logprobs[rid] += logprobs
         sampled = result.sampled
         tokens = {rid: t for rid, (t, _) in sampled.items()}
-        finished = self.scheduler.update(sched, tokens)
+        finished = self.scheduler.update(sched, tokens, result.attention_scores)
         if self.structured is not None:
             for rid, token in tokens.items():
                 self.structured.accept(rid, token)

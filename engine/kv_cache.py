@@ -7,6 +7,7 @@ the same page ids and slots; attention then dequantizes to `dtype`, the model's.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernels import kv_format
@@ -85,23 +86,31 @@ class KVCache:
         return torch.zeros(self.num_pages, s.page_size, s.num_kv_heads, s.head_dim,
                            dtype=s.dtype, device=device)
 
-    def _tensors(self):
-        """Every tensor of every pool: K and V, codes, scales and zeros alike, as all are
-        `[num_pages, page_size, num_kv_heads, ...]`."""
-        for pools in self.layers:
-            for pool in pools:
+    def _tensors(self, pools=None):
+        """Every tensor of the layers' pools (`pools`, by default all): K and V, codes, scales
+        and zeros alike, as all are `[num_pages, page_size, num_kv_heads, ...]`."""
+        for layer in self.layers if pools is None else pools:
+            for pool in layer:
                 parts = pool if isinstance(pool, kv_format.QuantizedPages) else (pool,)
                 yield from (t for t in parts if t is not None)
 
     def compact(self, plan: KVCompaction) -> None:
         """Carry out the step's evictions: the page copies, then the token moves."""
-        if not (plan.page_copies or plan.moves):
-            return
-        pages = torch.tensor(plan.page_copies, device=self.device).view(-1, 2)
-        moves = torch.tensor(plan.moves, device=self.device).view(-1, 2)
-        for t in self._tensors():
-            if len(pages):
-                t[pages[:, 1]] = t[pages[:, 0]]
-            if len(moves):
-                flat = t.view(-1, *t.shape[2:])
-                flat[moves[:, 1]] = flat[moves[:, 0]]
+        if plan.page_copies or plan.moves:
+            pages = torch.tensor(plan.page_copies, device=self.device).view(-1, 2)
+            moves = torch.tensor(plan.moves, device=self.device).view(-1, 2)
+            for t in self._tensors():
+                if len(pages):
+                    t[pages[:, 1]] = t[pages[:, 0]]
+                if len(moves):
+                    flat = t.view(-1, *t.shape[2:])
+                    flat[moves[:, 1]] = flat[moves[:, 0]]
+        if plan.head_moves:
+            layer, head, src, dst = torch.from_numpy(
+                np.concatenate(plan.head_moves, 1)).to(self.device)
+            for i, pools in enumerate(self.layers):
+                mine = layer == i
+                h, s, d = head[mine], src[mine], dst[mine]
+                for t in self._tensors([pools]):
+                    flat = t.view(-1, *t.shape[2:])
+                    flat[d, h] = flat[s, h]

@@ -5,6 +5,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine import loader
@@ -14,7 +15,7 @@ from engine.cpu_memory import retain_freed_memory
 from engine.cpu_compile import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits, gpu_kv_budget
-from engine.layers.attention import AttentionMetadata
+from engine.layers.attention import AttentionMetadata, ScoredQueries
 from engine.layers.quantization import get_linear_method, resolve_quantization
 from engine.layers.quantization.kernel_choice import chosen_plans
 from engine.messages import TokenLogprobs
@@ -56,9 +57,13 @@ def resolve_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
 @dataclass
 class RunnerOutput:
     """One step's results: the sampled token (and its logprobs) of each request that samples,
-    and the prompt logprobs this step's chunks gave, per request that asked for them."""
+    the prompt logprobs this step's chunks gave, per request that asked for them, and the
+    attention scores a KV policy asked for."""
     sampled: dict[str, tuple[int, TokenLogprobs | None]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # per request whose queries were scored: `[layers, kv_heads, held slots]` (see
+    # engine.layers.attention.ScoredQueries)
+    attention_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @contextmanager
@@ -197,8 +202,20 @@ class ModelRunner:
             torch.tensor(starts), torch.tensor(num_new), block_table, self.kv_spec.page_size,
             max(num_new), max(a + n for a, n in zip(kv_starts, num_new)),
             torch.tensor(kv_starts))
+        meta.scored = tuple(self._scored(out, starts, kv_starts))
         return (torch.tensor(ids, device=self.device), positions.to(self.device),
                 meta.to(self.device), meta.query_start_loc[1:] - 1)
+
+    @staticmethod
+    def _scored(out: SchedulerOutput, starts: list[int], kv_starts: list[int]):
+        """The queries each request's policy scores (`ScheduledRequest.scored_queries`)."""
+        offset = 0  # the request's first row in the flat batch
+        for row, s in enumerate(out.scheduled):
+            if s.scored_queries:
+                skip = s.scored_queries.start - starts[row]
+                yield ScoredQueries(row, offset + skip, len(s.scored_queries),
+                                    kv_starts[row] + skip, kv_starts[row] + s.num_new_tokens)
+            offset += s.num_new_tokens
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, structured: StructuredOutputManager | None = None
@@ -206,7 +223,9 @@ class ModelRunner:
         """Run one step: forward the flat batch, sample, and gather the prompt logprobs."""
         self.kv_cache.compact(out.kv_compaction)
         input_ids, positions, meta, last_rows = self._prepare(out)
-        if (self.graphs is not None and meta.max_query_len == 1
+        if meta.scored:  # the layers append attention scores: only the eager forward does
+            hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        elif (self.graphs is not None and meta.max_query_len == 1
                 and len(out.scheduled) <= self.graphs.max_batch):
             hidden = self.graphs.run(input_ids, positions, meta)
         elif self.compiled is not None and self.compiled.covers(meta):
@@ -214,7 +233,9 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         return RunnerOutput(self._sample(out, hidden, last_rows, structured),
-                            self._prompt_logprobs(out, hidden))
+                            self._prompt_logprobs(out, hidden),
+                            {out.scheduled[s.row].request.request_id:
+                             torch.stack(s.scores).cpu().numpy() for s in meta.scored})
 
     def _sample(self, out: SchedulerOutput, hidden: torch.Tensor, last_rows: torch.Tensor,
                 structured: StructuredOutputManager | None

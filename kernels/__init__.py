@@ -76,6 +76,11 @@ def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table,
         sliding_window=sliding_window, softcap=softcap)
 
 
+def attention_scores(q, k_cache, pages, seq_len, first_slot, scale, softcap=None):
+    # torch alone, on either device: it runs for a few queries once per prompt
+    return reference.attention_scores(q, k_cache, pages, seq_len, first_slot, scale, softcap)
+
+
 def _cpu_only(name: str, x: torch.Tensor) -> None:
     if _use_triton(x):
         raise NotImplementedError(f"{name} has a CPU kernel only; use dense weights on CUDA")

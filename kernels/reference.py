@@ -265,6 +265,26 @@ def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     return out
 
 
+def attention_scores(q: torch.Tensor, k_cache: KVPool, pages: torch.Tensor, seq_len: int,
+                     first_slot: int, scale: float, softcap: float | None = None
+                     ) -> torch.Tensor:
+    """What attention pays each held key, for KV eviction (SnapKV's observation window): the
+    softmax of queries `q[n, H, D]` (held at slots `first_slot ..`, each seeing the slots up to
+    its own) over one request's `seq_len` held keys on `pages`, summed over the queries and over
+    each KV head's query heads: `[KvH, seq_len]` fp32."""
+    page_size = kv_format.page_size(k_cache)
+    k = _context_by_head(k_cache, pages[: -(-seq_len // page_size)], q.dtype)[:, :seq_len]
+    n, heads, dim = q.shape
+    kv_heads = k.shape[0]
+    qf = q.float().view(n, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)
+    scores = torch.matmul(qf, k.float().transpose(1, 2)[:, None]) * scale  # [KvH, G, n, s]
+    if softcap is not None:
+        scores = (scores / softcap).tanh() * softcap
+    keys = torch.arange(seq_len, device=q.device)
+    hidden = keys[None] > first_slot + torch.arange(n, device=q.device)[:, None]
+    return scores.masked_fill(hidden, float("-inf")).softmax(-1).sum((1, 2))
+
+
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes `[N, K]` (0..15) with `w = scales * codes + zeros` per group of K -> the layout of

@@ -8,6 +8,8 @@ first, LRU), a later request with that prefix takes it back without recomputing 
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from scheduler.request import Request
 
 
@@ -22,13 +24,17 @@ class Page:
 @dataclass
 class KVCompaction:
     """What the engine does to carry out an eviction, before the step writes: copy whole pages
-    (`(src, dst)` page ids, every layer), then move single tokens (`(src, dst)` flat slots)."""
+    (`(src, dst)` page ids, every layer), then move tokens: all of a token's layers and heads
+    (`moves`, `(src, dst)` flat slots), or one layer's head (`head_moves`, arrays of rows
+    layer, head, src slot, dst slot)."""
     page_copies: list[tuple[int, int]] = field(default_factory=list)
     moves: list[tuple[int, int]] = field(default_factory=list)
+    head_moves: list[np.ndarray] = field(default_factory=list)
 
     def extend(self, other: "KVCompaction") -> None:
         self.page_copies += other.page_copies
         self.moves += other.moves
+        self.head_moves += other.head_moves
 
 
 class BlockManager:
@@ -73,7 +79,7 @@ class BlockManager:
         hits = []
         limit = request.num_tokens - 1
         if request.kv_policy:
-            limit = min(limit, request.kv_policy.max_kept_tokens)
+            limit = min(limit, request.kv_policy.prefix_hit_limit(request.num_prompt_tokens))
         max_pages = limit // self.page_size
         for h, chunk in self._page_hashes(request.all_token_ids, max_pages):
             page_id = self.cached.get(h)
@@ -119,8 +125,45 @@ class BlockManager:
         evicted = set(slots)
         holes = sorted(s for s in evicted if s < new_len)
         sources = [s for s in range(new_len, old_len) if s not in evicted]
-        shared = sorted({h // ps for h in holes
-                         if self.pages[request.page_ids[h // ps]].ref_count > 1})
+        plan = self._own_pages_written(request, {h // ps for h in holes})
+        if plan is None:
+            return None
+
+        def slot(s: int) -> int:
+            return request.page_ids[s // ps] * ps + s % ps
+
+        plan.moves = [(slot(src), slot(dst)) for src, dst in zip(sources, holes)]
+        for src, dst in zip(sources, holes):
+            request.kv_positions[dst] = request.kv_positions[src]
+        self._truncate(request, new_len)
+        return plan
+
+    def evict_heads(self, request: Request, keep: np.ndarray) -> KVCompaction | None:
+        """Keep, in each layer's KV head, only the held slots `keep[L, KvH, m]` names (sorted;
+        m alike for all): `evict` per head, one page table for all. Positions then differ
+        between heads, and `kv_positions` says -1."""
+        ps, old_len, new_len = self.page_size, request.num_kv_tokens, keep.shape[-1]
+        kept = np.zeros(keep.shape[:2] + (old_len,), dtype=bool)
+        np.put_along_axis(kept, keep, True, -1)
+        # Per (layer, head) the holes below new_len and the kept slots past it are as many;
+        # nonzero walks both in (layer, head, slot) order, so they pair up.
+        hole_l, hole_h, holes = np.nonzero(~kept[..., :new_len])
+        sources = np.nonzero(kept[..., new_len:])[2] + new_len
+        plan = self._own_pages_written(request, set((holes // ps).tolist()))
+        if plan is None:
+            return None
+        pages = np.asarray(request.page_ids)
+        plan.head_moves.append(np.stack([hole_l, hole_h, pages[sources // ps] * ps + sources % ps,
+                                         pages[holes // ps] * ps + holes % ps]))
+        request.kv_positions = [-1] * new_len
+        self._truncate(request, new_len)
+        return plan
+
+    def _own_pages_written(self, request: Request, indices: set[int]) -> KVCompaction | None:
+        """Before tokens are moved into the request's pages at `indices`: each one another
+        request also holds is swapped for a copy (the plan's page copies), each it alone holds
+        leaves the prefix cache. None, and nothing changed, when the free pages do not suffice."""
+        shared = sorted(i for i in indices if self.pages[request.page_ids[i]].ref_count > 1)
         if len(shared) > self.num_free_pages:
             return None
         plan = KVCompaction()
@@ -132,21 +175,18 @@ class BlockManager:
             self._release(old)
             request.page_ids[index] = new
             plan.page_copies.append((old, new))
-        for index in {h // ps for h in holes} - set(shared):
+        for index in indices - set(shared):
             self._forget(request.page_ids[index])
-
-        def slot(s: int) -> int:
-            return request.page_ids[s // ps] * ps + s % ps
-
-        plan.moves = [(slot(src), slot(dst)) for src, dst in zip(sources, holes)]
-        for src, dst in zip(sources, holes):
-            request.kv_positions[dst] = request.kv_positions[src]
-        del request.kv_positions[new_len:]
-        for page_id in request.page_ids[-(-new_len // ps):]:
-            self._release(page_id)
-        del request.page_ids[-(-new_len // ps):]
-        request.num_kv_tokens = new_len
         return plan
+
+    def _truncate(self, request: Request, new_len: int) -> None:
+        """The request holds `new_len` tokens: pages past them are released."""
+        num_pages = -(-new_len // self.page_size)
+        for page_id in request.page_ids[num_pages:]:
+            self._release(page_id)
+        del request.page_ids[num_pages:]
+        del request.kv_positions[new_len:]
+        request.num_kv_tokens = new_len
 
     def _forget(self, page_id: int) -> None:
         """The page leaves the prefix cache."""

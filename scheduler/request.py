@@ -2,6 +2,8 @@
 import enum
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.sampling_params import SamplingParams
 from scheduler.kv_policy import KVPolicy
 
@@ -29,8 +31,14 @@ class Request:
     num_kv_tokens: int = 0
     kv_policy: KVPolicy | None = None
     # Under a kv_policy, the position each KV slot holds: eviction moves tokens into the slots
-    # it empties, so slot order is not position order (attention does not depend on it).
+    # it empties, so slot order is not position order (attention does not depend on it). -1
+    # where a per-head eviction left each layer's heads holding different positions.
     kv_positions: list[int] = field(default_factory=list)
+    # snapkv: the attention its scored queries paid each slot, `[layers, kv_heads, slots]`,
+    # summed step by step; once the prompt is whole, each head's slots to keep, until the next
+    # step's eviction.
+    attention_scores: np.ndarray | None = None
+    head_keep: np.ndarray | None = None
     page_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prompt tokens hit in the prefix cache; -1 until first admitted
     # Prompt positions < this have had their next token's logprob computed (prompt_logprobs);
@@ -48,6 +56,15 @@ class Request:
         """Start over from `num_tokens` computed and held tokens (admission, preemption)."""
         self.num_computed_tokens = self.num_kv_tokens = num_tokens
         self.kv_positions = list(range(num_tokens)) if self.kv_policy else []
+        self.attention_scores = self.head_keep = None
+
+    def add_attention_scores(self, scores: np.ndarray) -> None:
+        """Add a step's scores; the slots grow by the step's tokens."""
+        old = self.attention_scores
+        if old is not None:
+            scores = scores.copy()
+            scores[..., :old.shape[-1]] += old
+        self.attention_scores = scores
 
     def advance(self, num_tokens: int) -> None:
         """`num_tokens` more were computed and written after the held ones."""

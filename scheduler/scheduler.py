@@ -21,6 +21,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.config import SchedulerConfig
 from scheduler.block_manager import BlockManager, KVCompaction
 from scheduler.request import Request, RequestStatus
@@ -34,12 +36,18 @@ class ScheduledRequest:
     num_new_tokens: int
     samples: bool = False  # this step reaches the request's last known token, so it samples
     prompt_logprob_positions: range = range(0)  # see `Request.prompt_logprob_positions`
+    # positions whose attention to the request's held slots the engine returns (snapkv)
+    scored_queries: range = range(0)
 
     @classmethod
     def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
-        done = request.num_computed_tokens + num_new_tokens == request.num_tokens
+        start = request.num_computed_tokens
+        done = start + num_new_tokens == request.num_tokens
+        scored = (request.kv_policy.scored_queries(request.num_prompt_tokens, start,
+                                                   num_new_tokens)
+                  if request.kv_policy else range(0))
         return cls(request, num_new_tokens, done,
-                   request.prompt_logprob_positions(num_new_tokens))
+                   request.prompt_logprob_positions(num_new_tokens), scored)
 
 
 @dataclass
@@ -116,13 +124,17 @@ class Scheduler:
         no free page (nothing changed)."""
         if request.kv_policy is None:
             return True
-        slots = request.kv_policy.slots_to_evict(request.kv_positions,
-                                                 request.num_computed_tokens)
-        if not slots:
-            return True
-        plan = self.block_manager.evict(request, slots)
+        if request.head_keep is not None:
+            plan = self.block_manager.evict_heads(request, request.head_keep)
+        else:
+            slots = request.kv_policy.slots_to_evict(request.kv_positions,
+                                                     request.num_computed_tokens)
+            if not slots:
+                return True
+            plan = self.block_manager.evict(request, slots)
         if plan is None:
             return False
+        request.head_keep = None
         out.kv_compaction.extend(plan)
         return True
 
@@ -135,12 +147,19 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed tokens, append sampled tokens; return requests that finished."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+               attention_scores: dict[str, np.ndarray] | None = None) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, add the attention scores the engine
+        returned; return requests that finished."""
         finished = []
         for s in out.scheduled:
             request = s.request
             request.advance(s.num_new_tokens)
+            if s.scored_queries:
+                request.add_attention_scores(attention_scores[request.request_id])
+                if request.num_computed_tokens >= request.num_prompt_tokens:
+                    request.head_keep = request.kv_policy.head_keep(request.attention_scores)
+                    request.attention_scores = None
             if s.prompt_logprob_positions:
                 request.num_prompt_logprobs = s.prompt_logprob_positions.stop
             self.block_manager.cache_full_pages(request)

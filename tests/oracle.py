@@ -39,3 +39,22 @@ def masked_logits(token_ids: list[int], visible: torch.Tensor) -> torch.Tensor:
     ids = torch.tensor([token_ids])
     return hf_model()(ids, attention_mask=visible[None, None],
                       position_ids=torch.arange(len(token_ids))[None]).logits[0].float()
+
+
+@torch.inference_mode()
+def head_masked_logits(token_ids: list[int], visible: torch.Tensor) -> torch.Tensor:
+    """`masked_logits` with a mask per layer and KV head, `visible[layers, kv_heads, len, len]`
+    (each KV head's mask applies to its group of query heads), swapped into each layer's
+    attention by a hook."""
+    model = hf_model()
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    hooks = []
+    for layer, mask in zip(model.model.layers, visible.repeat_interleave(group, 1)):
+        def swap(module, args, kwargs, mask=mask):
+            return args, {**kwargs, "attention_mask": mask[None]}
+        hooks.append(layer.self_attn.register_forward_pre_hook(swap, with_kwargs=True))
+    try:
+        return masked_logits(token_ids, visible[0, 0])
+    finally:
+        for hook in hooks:
+            hook.remove()

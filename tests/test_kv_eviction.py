@@ -6,6 +6,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.messages import AddRequest
+from scheduler.kv_policy import SnapKVPolicy
 from tests import oracle
 
 SINKS, WINDOW, CHUNK, PAGE = 4, 16, 8, 4
@@ -55,6 +56,44 @@ def test_streaming_log_probs_equal_a_masked_reference(llm):
     dense = oracle.logits(full[:-1]).log_softmax(-1)
     assert (dense.gather(1, torch.tensor(full[1:])[:, None]).squeeze(1)
             - expected).abs().max() > 0.1
+    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+
+
+def test_snapkv_with_given_keep_sets_equals_a_per_head_masked_reference(llm, monkeypatch):
+    """The policy's choice replaced by fixed random keep-sets, a different one per layer and KV
+    head: decoding after the eviction equals transformers masking each head to its set."""
+    ids = llm.tokenizer.encode(TEXT)[:45]
+    n, budget, window = len(ids), 20, 4
+    layers, kv_heads = 30, 3
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.stack([torch.randperm(n, generator=gen)[:budget].sort().values
+                        for _ in range(layers * kv_heads)]).view(layers, kv_heads, budget)
+    seen = []
+
+    def given_keep(self, scores):
+        seen.append(scores)
+        return keep.numpy()
+
+    monkeypatch.setattr(SnapKVPolicy, "head_keep", given_keep)
+    out = llm.generate([ids], SamplingParams(
+        temperature=0, max_tokens=8, logprobs=0,
+        kv_policy=f"snapkv:budget={budget},window={window}"))[0]
+    # The engine scored the window's queries: each query's probabilities sum to 1 per query
+    # head, so each KV head's row sums to window x its 3 query heads.
+    (scores,) = seen
+    assert scores.shape == (layers, kv_heads, n)
+    torch.testing.assert_close(torch.from_numpy(scores).sum(-1),
+                               torch.full((layers, kv_heads), 3.0 * window), rtol=1e-4, atol=0)
+    full = ids + out.outputs[0].token_ids
+    length = len(full) - 1
+    visible = torch.ones(length, length, dtype=torch.bool).tril().repeat(layers, kv_heads, 1, 1)
+    held = torch.zeros(layers, kv_heads, n, dtype=torch.bool).scatter_(-1, keep, True)
+    visible[:, :, n:, :n] = held[:, :, None, :]  # decode steps after the eviction
+    reference = oracle.head_masked_logits(full[:-1], visible).log_softmax(-1)
+    expected = reference[n - 1:].gather(1, torch.tensor(full[n:])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in out.outputs[0].logprobs]),
+                               expected, atol=2e-3, rtol=0)
+    assert out.kv_evicted_tokens == n - budget
     assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
 
 

@@ -1,9 +1,10 @@
 """KV eviction decisions without a model: the policy rule, the block manager's compaction
 (moves, copies on write, released pages, the prefix cache) and the scheduler driving them."""
+import numpy as np
 import pytest
 
 from scheduler.block_manager import BlockManager
-from scheduler.kv_policy import StreamingPolicy, parse_kv_policy
+from scheduler.kv_policy import SnapKVPolicy, StreamingPolicy, parse_kv_policy
 from tests.test_scheduler import fake_step, make, request
 
 
@@ -14,7 +15,10 @@ def test_parse_kv_policy():
     for bad, words in [("h3o", "one of streaming"), ("streaming:sink=4", "takes sinks, window"),
                        ("streaming:window=x", "window must be an integer"),
                        ("streaming:window=0", "window must be >= 1"),
-                       ("streaming:sinks=-1", "sinks must be >= 0")]:
+                       ("streaming:sinks=-1", "sinks must be >= 0"),
+                       ("snapkv", "one of budget"), ("snapkv:budget=8,percent=5", "one of budget"),
+                       ("snapkv:percent=101", "percent must be <= 100"),
+                       ("snapkv:percent=25,pool=4", "pool odd")]:
         with pytest.raises(ValueError, match=words):
             parse_kv_policy(bad)
 
@@ -106,3 +110,36 @@ def test_scheduler_keeps_an_evicting_request_within_its_budget():
                                r.num_computed_tokens))
             assert set(r.kv_positions) <= {0, 1} | recent
     assert bm.num_free_pages == bm.num_pages and r.num_evicted_tokens > 0
+
+
+def test_snapkv_keeps_the_window_and_the_best_pooled_scores_per_head():
+    policy = SnapKVPolicy(budget=4, window=2, pool=3)
+    scores = np.zeros((1, 2, 12))
+    scores[0, 0, 3] = 5.0  # pooled over 3 neighbours: 2, 3 and 4 score 5
+    scores[0, 1, [0, 7]] = [1.0, 9.0]  # head 1: 6, 7 and 8 score 9, then 0 and 1 score 1
+    keep = policy.head_keep(scores)
+    assert keep.shape == (1, 2, 4)
+    assert keep[0, 0, 2:].tolist() == [10, 11] and set(keep[0, 0, :2]) <= {2, 3, 4}
+    assert keep[0, 1, 2:].tolist() == [10, 11] and set(keep[0, 1, :2]) <= {6, 7, 8}
+    assert list(policy.scored_queries(12, 0, 8)) == [] and \
+        list(policy.scored_queries(12, 8, 4)) == [10, 11]
+    assert SnapKVPolicy(percent=25).kept(400) == 100 and SnapKVPolicy(percent=1).kept(400) == 32
+
+
+def test_evict_heads_moves_each_heads_kept_tokens_below_the_new_length():
+    bm = BlockManager(8, 4)
+    r = request("a", 10)
+    r.kv_policy = SnapKVPolicy(budget=4, window=1)
+    r.set_computed(0)
+    assert bm.allocate(r, 10)
+    r.advance(10)
+    pages = list(r.page_ids)
+    keep = np.array([[[0, 1, 2, 3], [2, 5, 8, 9]]])  # layer 0: head 0 keeps its first four
+    plan = bm.evict_heads(r, keep)
+    slot = lambda s: pages[s // 4] * 4 + s % 4  # noqa: E731
+    # head 1: holes 0, 1, 3 take 5, 8, 9; head 0 moves nothing
+    (moves,) = plan.head_moves
+    assert moves.T.tolist() == [[0, 1, slot(5), slot(0)], [0, 1, slot(8), slot(1)],
+                                [0, 1, slot(9), slot(3)]]
+    assert r.num_kv_tokens == 4 and r.kv_positions == [-1] * 4 and r.page_ids == pages[:1]
+    assert bm.num_free_pages == 7

@@ -1,10 +1,22 @@
 """Paged attention over the flat batch: write this step's K/V into pages, attend via block table."""
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 import kernels
 from kernels.kv_format import QuantizedPages
+
+
+@dataclass
+class ScoredQueries:
+    """Queries of one request whose attention to its held keys the step returns (SnapKV's
+    observation window): each attention layer appends its `[KvH, seq_len]` sum."""
+    row: int  # the request's row of `block_table`
+    first: int  # index of the first scored query in the flat batch
+    count: int
+    first_slot: int  # the KV slot of the first scored query's own token
+    seq_len: int  # the request's held tokens after this step
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -16,6 +28,7 @@ class AttentionMetadata:
     block_table: torch.Tensor  # [R, max_pages]
     max_query_len: int
     max_seq_len: int
+    scored: tuple[ScoredQueries, ...] = ()
 
     @classmethod
     def for_batch(cls, starts: torch.Tensor, num_new: torch.Tensor, block_table: torch.Tensor,
@@ -56,6 +69,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # basis where no channel's outliers set every channel's step
         q, k = (kernels.rotate(x, x.shape[-1]).to(x.dtype) for x in (q, k))
     kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    for s in meta.scored:
+        s.scores.append(kernels.attention_scores(q[s.first:s.first + s.count], k_cache,
+                                                 meta.block_table[s.row], s.seq_len,
+                                                 s.first_slot, scale, softcap))
     return kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
                                    meta.block_table, scale, meta.max_query_len,
                                    meta.max_seq_len, sliding_window, softcap)
