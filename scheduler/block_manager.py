@@ -133,15 +133,14 @@ class BlockManager:
             return request.page_ids[s // ps] * ps + s % ps
 
         plan.moves = [(slot(src), slot(dst)) for src, dst in zip(sources, holes)]
-        for src, dst in zip(sources, holes):
-            request.kv_positions[dst] = request.kv_positions[src]
+        request.kv_positions[..., holes] = request.kv_positions[..., sources]
         self._truncate(request, new_len)
         return plan
 
     def evict_heads(self, request: Request, keep: np.ndarray) -> KVCompaction | None:
-        """Keep, in each layer's KV head, only the held slots `keep[L, KvH, m]` names (sorted;
-        m alike for all): `evict` per head, one page table for all. Positions then differ
-        between heads, and `kv_positions` says -1."""
+        """Keep, in each layer's KV head, only the held slots `keep[L, KvH, m]` names (m alike
+        for all): `evict` per head, one page table for all. The request's positions (then per
+        head) and attention scores move with their tokens."""
         ps, old_len, new_len = self.page_size, request.num_kv_tokens, keep.shape[-1]
         kept = np.zeros(keep.shape[:2] + (old_len,), dtype=bool)
         np.put_along_axis(kept, keep, True, -1)
@@ -155,7 +154,12 @@ class BlockManager:
         pages = np.asarray(request.page_ids)
         plan.head_moves.append(np.stack([hole_l, hole_h, pages[sources // ps] * ps + sources % ps,
                                          pages[holes // ps] * ps + holes % ps]))
-        request.kv_positions = [-1] * new_len
+        request.kv_positions = np.broadcast_to(request.kv_positions, kept.shape).copy()
+        for per_slot in (request.kv_positions, request.attention_scores):
+            if per_slot is not None:
+                per_slot[hole_l, hole_h, holes] = per_slot[hole_l, hole_h, sources]
+        if request.attention_scores is not None:
+            request.attention_scores = request.attention_scores[..., :new_len]
         self._truncate(request, new_len)
         return plan
 
@@ -185,7 +189,7 @@ class BlockManager:
         for page_id in request.page_ids[num_pages:]:
             self._release(page_id)
         del request.page_ids[num_pages:]
-        del request.kv_positions[new_len:]
+        request.kv_positions = request.kv_positions[..., :new_len]
         request.num_kv_tokens = new_len
 
     def _forget(self, page_id: int) -> None:

@@ -47,13 +47,35 @@ class StreamingPolicy:
         """The most of `num_tokens` computed tokens a request holds before a step."""
         return min(num_tokens, self.sinks + self.window)
 
-    def slots_to_evict(self, kv_positions: list[int], num_computed_tokens: int) -> list[int]:
-        """Slots whose position is neither a sink nor among the last `window` computed."""
-        oldest_recent = num_computed_tokens - self.window
-        return [slot for slot, pos in enumerate(kv_positions) if self.sinks <= pos < oldest_recent]
+    per_head = False
+    keeps_scores = False
+
+    def slots_to_evict(self, positions: np.ndarray, num_computed_tokens: int) -> list[int]:
+        """Slots whose position (`positions[slots]`) is neither a sink nor among the last
+        `window` computed."""
+        recent = num_computed_tokens - self.window
+        return np.nonzero((positions >= self.sinks) & (positions < recent))[0].tolist()
 
     def scored_queries(self, num_prompt_tokens: int, start: int, num_new: int) -> range:
         return range(0)  # decides from positions alone
+
+
+def _budget(budget: int, percent: int, num_prompt_tokens: int) -> int:
+    return budget or num_prompt_tokens * percent // 100
+
+
+def _check_budget(name: str, budget: int, percent: int) -> None:
+    if (budget > 0) == (percent > 0) or budget < 0 or percent < 0:
+        raise ValueError(f"kv_policy {name}: give one of budget (tokens) or percent, > 0")
+    if percent > 100:
+        raise ValueError(f"kv_policy {name}: percent must be <= 100, got {percent}")
+
+
+def _top(priority: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` highest values along the last axis, sorted."""
+    if count >= priority.shape[-1]:
+        return np.broadcast_to(np.arange(priority.shape[-1]), priority.shape).copy()
+    return np.sort(np.argpartition(-priority, count - 1, -1)[..., :count], -1)
 
 
 @dataclass(frozen=True)
@@ -65,18 +87,17 @@ class SnapKVPolicy:
     pool: int = 7
 
     name = "snapkv"
+    per_head = True
+    keeps_scores = False  # decides once, when the prompt is whole
 
     def __post_init__(self) -> None:
-        if (self.budget > 0) == (self.percent > 0) or self.budget < 0 or self.percent < 0:
-            raise ValueError("kv_policy snapkv: give one of budget (tokens) or percent, > 0")
-        if self.percent > 100:
-            raise ValueError(f"kv_policy snapkv: percent must be <= 100, got {self.percent}")
+        _check_budget(self.name, self.budget, self.percent)
         if self.window < 1 or self.pool < 1 or self.pool % 2 == 0:
             raise ValueError("kv_policy snapkv: window must be >= 1 and pool odd and >= 1")
 
     def kept(self, num_prompt_tokens: int) -> int:
         """Prompt tokens each KV head keeps, never fewer than the window."""
-        budget = self.budget or num_prompt_tokens * self.percent // 100
+        budget = _budget(self.budget, self.percent, num_prompt_tokens)
         return min(num_prompt_tokens, max(budget, self.window))
 
     def prefix_hit_limit(self, num_prompt_tokens: int) -> int:
@@ -86,32 +107,80 @@ class SnapKVPolicy:
     def held_tokens(self, num_tokens: int) -> int:
         return self.kept(num_tokens)
 
-    def slots_to_evict(self, kv_positions: list[int], num_computed_tokens: int) -> list[int]:
-        return []  # evicts per head, once (`head_keep`)
+    def slots_to_evict(self, positions: np.ndarray, num_computed_tokens: int) -> list[int]:
+        return []  # evicts per head (`head_keep`)
 
     def scored_queries(self, num_prompt_tokens: int, start: int, num_new: int) -> range:
         """Positions among a step's `start .. start + num_new - 1` whose attention is recorded."""
         return range(max(start, num_prompt_tokens - self.window),
                      min(start + num_new, num_prompt_tokens))
 
-    def head_keep(self, scores: np.ndarray) -> np.ndarray:
-        """`scores[L, KvH, n]` over the prompt's n keys -> each head's kept slots (sorted)
-        `[L, KvH, kept(n)]`: the window's, then the best pooled scores before it."""
+    def head_keep(self, scores: np.ndarray | None, positions: np.ndarray,
+                  num_computed_tokens: int, num_prompt_tokens: int) -> np.ndarray | None:
+        """Once the prompt is whole, `scores[L, KvH, n]` over its n held keys -> each head's
+        slots to keep (sorted) `[L, KvH, kept(n)]`: the window's, then the best pooled scores
+        before it. None while there is nothing to decide."""
+        if scores is None or num_computed_tokens < num_prompt_tokens:
+            return None
         n = scores.shape[-1]
         kept, window = self.kept(n), min(self.window, n)
+        if kept >= n:
+            return None
         half = self.pool // 2
         padded = np.pad(scores[..., :n - window], [(0, 0), (0, 0), (half, half)],
                         constant_values=-np.inf)
         pooled = np.lib.stride_tricks.sliding_window_view(padded, self.pool, -1).max(-1)
-        best = np.argpartition(-pooled, kept - window - 1, -1)[..., :kept - window] \
-            if kept > window else np.empty(pooled.shape[:2] + (0,), dtype=np.int64)
+        best = _top(pooled, kept - window)
         recent = np.broadcast_to(np.arange(n - window, n), pooled.shape[:2] + (window,))
-        return np.sort(np.concatenate([best, recent], -1), -1)
+        return np.concatenate([best, recent], -1)
 
 
-KVPolicy = StreamingPolicy | SnapKVPolicy
-POLICIES: dict[str, type[StreamingPolicy] | type[SnapKVPolicy]] = {
-    p.name: p for p in (StreamingPolicy, SnapKVPolicy)}
+@dataclass(frozen=True)
+class H2OPolicy:
+    """Heavy hitters plus recent tokens (Zhang et al., H2O)."""
+    budget: int = 0  # tokens kept per KV head
+    percent: int = 0  # ... or this share of the prompt
+    recent: int = 0  # of them the most recent; 0 = half
+
+    name = "h2o"
+    per_head = True
+    keeps_scores = True
+
+    def __post_init__(self) -> None:
+        _check_budget(self.name, self.budget, self.percent)
+        if self.recent < 0 or (self.budget and self.recent > self.budget):
+            raise ValueError("kv_policy h2o: recent must be >= 0 and <= budget")
+
+    def kept(self, num_prompt_tokens: int) -> int:
+        return max(_budget(self.budget, self.percent, num_prompt_tokens), self.recent, 1)
+
+    def prefix_hit_limit(self, num_prompt_tokens: int) -> int:
+        return 0  # every query's attention counts: none may be skipped
+
+    def held_tokens(self, num_tokens: int) -> int:
+        return min(num_tokens, self.kept(num_tokens))
+
+    def slots_to_evict(self, positions: np.ndarray, num_computed_tokens: int) -> list[int]:
+        return []  # evicts per head (`head_keep`)
+
+    def scored_queries(self, num_prompt_tokens: int, start: int, num_new: int) -> range:
+        return range(start, start + num_new)  # all of them
+
+    def head_keep(self, scores: np.ndarray | None, positions: np.ndarray,
+                  num_computed_tokens: int, num_prompt_tokens: int) -> np.ndarray | None:
+        """Past the budget, each head's slots to keep: its most recent positions, then the
+        highest attention accumulated so far. None within the budget."""
+        kept = self.kept(num_prompt_tokens)
+        if scores is None or scores.shape[-1] <= kept:
+            return None
+        recent = self.recent or kept // 2
+        is_recent = np.broadcast_to(positions, scores.shape) >= num_computed_tokens - recent
+        return _top(np.where(is_recent, np.inf, scores), kept)
+
+
+KVPolicy = StreamingPolicy | SnapKVPolicy | H2OPolicy
+POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (StreamingPolicy, SnapKVPolicy,
+                                                            H2OPolicy)}
 
 
 def parse_kv_policy(spec: str | None) -> KVPolicy | None:

@@ -30,15 +30,14 @@ class Request:
     # the computed ones once a `kv_policy` evicts, equal otherwise.
     num_kv_tokens: int = 0
     kv_policy: KVPolicy | None = None
-    # Under a kv_policy, the position each KV slot holds: eviction moves tokens into the slots
-    # it empties, so slot order is not position order (attention does not depend on it). -1
-    # where a per-head eviction left each layer's heads holding different positions.
-    kv_positions: list[int] = field(default_factory=list)
-    # snapkv: the attention its scored queries paid each slot, `[layers, kv_heads, slots]`,
-    # summed step by step; once the prompt is whole, each head's slots to keep, until the next
-    # step's eviction.
+    # Under a kv_policy, the position each KV slot holds, `[1, 1, slots]` while every layer and
+    # head holds the same, `[layers, kv_heads, slots]` after a per-head eviction. Eviction moves
+    # tokens into the slots it empties, so slot order is not position order (attention does
+    # not depend on it).
+    kv_positions: np.ndarray = field(default_factory=lambda: np.empty((1, 1, 0), np.int64))
+    # Under snapkv and h2o: the attention the policy's scored queries paid each held slot,
+    # `[layers, kv_heads, slots]`, summed step by step (moved with the tokens it scores).
     attention_scores: np.ndarray | None = None
-    head_keep: np.ndarray | None = None
     page_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prompt tokens hit in the prefix cache; -1 until first admitted
     # Prompt positions < this have had their next token's logprob computed (prompt_logprobs);
@@ -55,8 +54,8 @@ class Request:
     def set_computed(self, num_tokens: int) -> None:
         """Start over from `num_tokens` computed and held tokens (admission, preemption)."""
         self.num_computed_tokens = self.num_kv_tokens = num_tokens
-        self.kv_positions = list(range(num_tokens)) if self.kv_policy else []
-        self.attention_scores = self.head_keep = None
+        self.kv_positions = np.arange(num_tokens if self.kv_policy else 0)[None, None]
+        self.attention_scores = None
 
     def add_attention_scores(self, scores: np.ndarray) -> None:
         """Add a step's scores; the slots grow by the step's tokens."""
@@ -69,8 +68,9 @@ class Request:
     def advance(self, num_tokens: int) -> None:
         """`num_tokens` more were computed and written after the held ones."""
         if self.kv_policy:
-            self.kv_positions.extend(range(self.num_computed_tokens,
-                                           self.num_computed_tokens + num_tokens))
+            new = np.arange(self.num_computed_tokens, self.num_computed_tokens + num_tokens)
+            self.kv_positions = np.concatenate([self.kv_positions, np.broadcast_to(
+                new, self.kv_positions.shape[:2] + new.shape)], -1)
         self.num_computed_tokens += num_tokens
         self.num_kv_tokens += num_tokens
 

@@ -122,19 +122,22 @@ class Scheduler:
     def _evict(self, request: Request, out: SchedulerOutput) -> bool:
         """Evict what the request's policy names; False when a page it must copy first finds
         no free page (nothing changed)."""
-        if request.kv_policy is None:
+        policy = request.kv_policy
+        if policy is None:
             return True
-        if request.head_keep is not None:
-            plan = self.block_manager.evict_heads(request, request.head_keep)
-        else:
-            slots = request.kv_policy.slots_to_evict(request.kv_positions,
-                                                     request.num_computed_tokens)
-            if not slots:
-                return True
+        plan = KVCompaction()
+        if policy.per_head:
+            keep = policy.head_keep(request.attention_scores, request.kv_positions,
+                                    request.num_computed_tokens, request.num_prompt_tokens)
+            if keep is not None:
+                plan = self.block_manager.evict_heads(request, keep)
+        elif slots := policy.slots_to_evict(request.kv_positions[0, 0],
+                                            request.num_computed_tokens):
             plan = self.block_manager.evict(request, slots)
         if plan is None:
             return False
-        request.head_keep = None
+        if not policy.keeps_scores and request.num_computed_tokens >= request.num_prompt_tokens:
+            request.attention_scores = None  # decided once
         out.kv_compaction.extend(plan)
         return True
 
@@ -157,9 +160,6 @@ class Scheduler:
             request.advance(s.num_new_tokens)
             if s.scored_queries:
                 request.add_attention_scores(attention_scores[request.request_id])
-                if request.num_computed_tokens >= request.num_prompt_tokens:
-                    request.head_keep = request.kv_policy.head_keep(request.attention_scores)
-                    request.attention_scores = None
             if s.prompt_logprob_positions:
                 request.num_prompt_logprobs = s.prompt_logprob_positions.stop
             self.block_manager.cache_full_pages(request)

@@ -1,12 +1,13 @@
 """KV eviction in the engine (scheduler/kv_policy.py): the log-probs under a policy equal a
 transformers reference that masks the evicted tokens at their original positions, pages shared
 with other requests are copied before a write, and page counts return to zero (CPU, fp32)."""
+import numpy as np
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
 from engine.messages import AddRequest
-from scheduler.kv_policy import SnapKVPolicy
+from scheduler.kv_policy import H2OPolicy, SnapKVPolicy
 from tests import oracle
 
 SINKS, WINDOW, CHUNK, PAGE = 4, 16, 8, 4
@@ -70,8 +71,10 @@ def test_snapkv_with_given_keep_sets_equals_a_per_head_masked_reference(llm, mon
                         for _ in range(layers * kv_heads)]).view(layers, kv_heads, budget)
     seen = []
 
-    def given_keep(self, scores):
-        seen.append(scores)
+    def given_keep(self, scores, positions, num_computed, num_prompt):
+        if scores is None or num_computed < num_prompt:
+            return None
+        seen.append(scores.copy())  # the eviction moves them in place
         return keep.numpy()
 
     monkeypatch.setattr(SnapKVPolicy, "head_keep", given_keep)
@@ -94,6 +97,46 @@ def test_snapkv_with_given_keep_sets_equals_a_per_head_masked_reference(llm, mon
     torch.testing.assert_close(torch.tensor([lp.logprob for lp in out.outputs[0].logprobs]),
                                expected, atol=2e-3, rtol=0)
     assert out.kv_evicted_tokens == n - budget
+    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+
+
+def test_h2o_log_probs_equal_a_reference_masking_what_each_head_kept(llm, monkeypatch):
+    """H2O's own choices, step by step (prompt chunks, then decode): every log-prob equals
+    transformers masking each layer's KV head to the positions it held at that step."""
+    ids = llm.tokenizer.encode(TEXT)[:40]
+    n, budget = len(ids), 16
+    decisions = {}  # computed tokens at the decision -> positions kept [L, KvH, budget]
+    choose = H2OPolicy.head_keep
+
+    def recorded(self, scores, positions, num_computed, num_prompt):
+        keep = choose(self, scores, positions, num_computed, num_prompt)
+        if keep is not None:
+            decisions[num_computed] = np.take_along_axis(
+                np.broadcast_to(positions, scores.shape), keep, -1)
+        return keep
+
+    monkeypatch.setattr(H2OPolicy, "head_keep", recorded)
+    out = llm.generate([ids], SamplingParams(
+        temperature=0, max_tokens=10, logprobs=0, prompt_logprobs=0,
+        kv_policy=f"h2o:budget={budget},recent=4"))[0]
+    full = ids + out.outputs[0].token_ids
+    length = len(full) - 1
+    starts = list(range(0, n, CHUNK)) + list(range(n, length))
+    assert set(decisions) <= set(starts) and len(decisions) >= 3
+    visible = torch.zeros(30, 3, length, length, dtype=torch.bool)
+    held = torch.zeros(30, 3, length, dtype=torch.bool)
+    for c, end in zip(starts, starts[1:] + [length]):
+        if c in decisions:
+            held = torch.zeros_like(held).scatter_(-1, torch.from_numpy(decisions[c]), True)
+        for p in range(c, end):
+            held[..., p] = True
+            visible[:, :, p] = held
+    reference = oracle.head_masked_logits(full[:-1], visible).log_softmax(-1)
+    expected = reference.gather(1, torch.tensor(full[1:])[:, None]).squeeze(1)
+    engine = [lp.logprob for lp in out.prompt_logprobs[1:]] + \
+             [lp.logprob for lp in out.outputs[0].logprobs]
+    torch.testing.assert_close(torch.tensor(engine), expected, atol=2e-3, rtol=0)
+    assert out.kv_evicted_tokens == length - budget - 1
     assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
 
 

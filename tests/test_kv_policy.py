@@ -25,9 +25,9 @@ def test_parse_kv_policy():
 
 def test_streaming_evicts_all_but_the_sinks_and_the_window():
     policy = StreamingPolicy(sinks=2, window=3)
-    positions = [0, 1, 9, 3, 4, 5, 6, 7, 8]  # slot order need not be position order
+    positions = np.array([0, 1, 9, 3, 4, 5, 6, 7, 8])  # slot order need not be position order
     assert policy.slots_to_evict(positions, 10) == [3, 4, 5, 6]  # positions 3..6
-    assert policy.slots_to_evict(list(range(5)), 5) == []
+    assert policy.slots_to_evict(np.arange(5), 5) == []
 
 
 def test_evict_fills_holes_from_the_tail_and_releases_pages():
@@ -38,10 +38,10 @@ def test_evict_fills_holes_from_the_tail_and_releases_pages():
     fake_step(sched)  # the whole prompt in one step: 14 tokens held on 4 pages
     assert r.num_kv_tokens == 14 and len(r.page_ids) == 4 and bm.num_free_pages == 12
     pages_before = list(r.page_ids)
-    plan = bm.evict(r, r.kv_policy.slots_to_evict(r.kv_positions, r.num_computed_tokens))
+    plan = bm.evict(r, r.kv_policy.slots_to_evict(r.kv_positions[0, 0], r.num_computed_tokens))
     # Positions 2..9 go: slots 2..5 are holes below the new length 6, and the tail's positions
     # 10..13 (slots 10..13) move into them; pages 2 and 3 are released.
-    assert r.num_kv_tokens == 6 and r.kv_positions == [0, 1, 10, 11, 12, 13]
+    assert r.num_kv_tokens == 6 and r.kv_positions.tolist() == [[[0, 1, 10, 11, 12, 13]]]
     slot = lambda s: pages_before[s // 4] * 4 + s % 4  # noqa: E731
     assert plan.moves == [(slot(10), slot(2)), (slot(11), slot(3)), (slot(12), slot(4)),
                           (slot(13), slot(5))]
@@ -62,8 +62,8 @@ def test_evict_copies_a_shared_page_before_writing_and_forgets_rewritten_hashes(
     shared = list(b.page_ids[:2])  # b hit a's first two pages (its policy keeps 9 tokens)
     assert a.page_ids[:2] == shared and all(bm.pages[p].ref_count == 2 for p in shared)
     b_tail = b.page_ids[2]
-    plan = bm.evict(b, b.kv_policy.slots_to_evict(b.kv_positions, 12))  # keep 0 and 4..11
-    assert b.num_kv_tokens == 9 and b.kv_positions == [0, 9, 10, 11, 4, 5, 6, 7, 8]
+    plan = bm.evict(b, b.kv_policy.slots_to_evict(b.kv_positions[0, 0], 12))  # keep 0, 4..11
+    assert b.num_kv_tokens == 9 and b.kv_positions.tolist() == [[[0, 9, 10, 11, 4, 5, 6, 7, 8]]]
     # Page 0 receives positions 9..11: b takes a copy; page 1 is only read and stays shared.
     copy = b.page_ids[0]
     assert plan.page_copies == [(shared[0], copy)] and b.page_ids[1:] == [shared[1], b_tail]
@@ -88,11 +88,11 @@ def test_evict_fails_without_a_page_for_the_copy_and_changes_nothing():
         r.advance(8 - r.num_computed_tokens)
         bm.cache_full_pages(r)
     b.kv_policy = StreamingPolicy(sinks=1, window=2)
-    b.kv_positions = list(range(8))
+    b.kv_positions = np.arange(8)[None, None]
     bm.allocate(request("c", 4), 4)  # the last free page
-    before = (list(b.page_ids), b.num_kv_tokens, list(b.kv_positions))
+    before = (list(b.page_ids), b.num_kv_tokens, b.kv_positions.tolist())
     assert bm.evict(b, [1, 2, 3, 4, 5]) is None
-    assert (b.page_ids, b.num_kv_tokens, b.kv_positions) == before
+    assert (b.page_ids, b.num_kv_tokens, b.kv_positions.tolist()) == before
 
 
 def test_scheduler_keeps_an_evicting_request_within_its_budget():
@@ -108,7 +108,7 @@ def test_scheduler_keeps_an_evicting_request_within_its_budget():
             assert len(r.page_ids) == -(-r.num_kv_tokens // 4)
             recent = set(range(r.num_computed_tokens - out.scheduled[0].num_new_tokens - 6,
                                r.num_computed_tokens))
-            assert set(r.kv_positions) <= {0, 1} | recent
+            assert set(r.kv_positions.flatten().tolist()) <= {0, 1} | recent
     assert bm.num_free_pages == bm.num_pages and r.num_evicted_tokens > 0
 
 
@@ -117,7 +117,9 @@ def test_snapkv_keeps_the_window_and_the_best_pooled_scores_per_head():
     scores = np.zeros((1, 2, 12))
     scores[0, 0, 3] = 5.0  # pooled over 3 neighbours: 2, 3 and 4 score 5
     scores[0, 1, [0, 7]] = [1.0, 9.0]  # head 1: 6, 7 and 8 score 9, then 0 and 1 score 1
-    keep = policy.head_keep(scores)
+    positions = np.arange(12)[None, None]
+    assert policy.head_keep(scores, positions, 11, 12) is None  # the prompt is not whole yet
+    keep = policy.head_keep(scores, positions, 12, 12)
     assert keep.shape == (1, 2, 4)
     assert keep[0, 0, 2:].tolist() == [10, 11] and set(keep[0, 0, :2]) <= {2, 3, 4}
     assert keep[0, 1, 2:].tolist() == [10, 11] and set(keep[0, 1, :2]) <= {6, 7, 8}
@@ -141,5 +143,38 @@ def test_evict_heads_moves_each_heads_kept_tokens_below_the_new_length():
     (moves,) = plan.head_moves
     assert moves.T.tolist() == [[0, 1, slot(5), slot(0)], [0, 1, slot(8), slot(1)],
                                 [0, 1, slot(9), slot(3)]]
-    assert r.num_kv_tokens == 4 and r.kv_positions == [-1] * 4 and r.page_ids == pages[:1]
-    assert bm.num_free_pages == 7
+    assert r.num_kv_tokens == 4 and r.page_ids == pages[:1] and bm.num_free_pages == 7
+    assert r.kv_positions.tolist() == [[[0, 1, 2, 3], [5, 8, 2, 9]]]  # per head now
+
+
+def test_h2o_keeps_the_recent_and_the_most_attended_per_head():
+    policy = parse_kv_policy("h2o:budget=4,recent=2")
+    positions = np.array([[[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]])
+    scores = np.array([[[9.0, 1, 8, 2, 0, 0], [0.0, 7, 1, 6, 0, 0]]])
+    assert policy.head_keep(scores[..., :4], positions[..., :4], 4, 3) is None  # within budget
+    keep = policy.head_keep(scores, positions, 6, 3)
+    assert keep.tolist() == [[[0, 2, 4, 5], [1, 3, 4, 5]]]
+    assert list(policy.scored_queries(3, 5, 2)) == [5, 6] and policy.prefix_hit_limit(9) == 0
+
+
+def test_scheduler_moves_h2o_scores_and_positions_with_their_tokens():
+    sched, bm = make(num_pages=64, page_size=4, budget=8)
+    r = request("a", 12, max_tokens=10)
+    r.kv_policy = parse_kv_policy("h2o:budget=6,recent=2")
+    sched.add_request(r)
+    while sched.has_unfinished():
+        out = sched.schedule()
+        scores = {}
+        for s in out.scheduled:  # each head favours positions p with p % 3 == its own number
+            req, n = s.request, s.request.num_kv_tokens + s.num_new_tokens
+            new = np.arange(req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens)
+            pos = np.concatenate([np.broadcast_to(req.kv_positions, (2, 2, req.num_kv_tokens)),
+                                  np.broadcast_to(new, (2, 2, len(new)))], -1)
+            scores[req.request_id] = (pos % 3 == np.arange(4).reshape(2, 2, 1) % 3) * 1.0
+        sched.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples}, scores)
+        if r.status.value == "running":
+            positions = np.broadcast_to(r.kv_positions, (2, 2, r.num_kv_tokens))
+            # each slot's score is still its own position's: they moved together
+            assert (r.attention_scores > 0).tolist() == \
+                (positions % 3 == np.arange(4).reshape(2, 2, 1) % 3).tolist()
+    assert r.num_evicted_tokens > 0 and bm.num_free_pages == bm.num_pages
