@@ -157,7 +157,8 @@ def measure(args: argparse.Namespace, fmt: str, policy: str | None) -> dict:
     nll, evicted = scored_nll(plan, outs), [o.kv_evicted_tokens or 0 for o in outs]
     depths = [float(d) for d in args.depths.split(",")]
     kept = parse_kv_policy(policy)
-    context = min(args.decode_context, kept.max_kept_tokens + 1 if kept else args.decode_context)
+    context = min(args.decode_context, kept.held_tokens(args.decode_context) + 1) if kept \
+        else args.decode_context
     return {
         "kv_cache_dtype": runner.kv_spec.storage,
         "kv_policy": policy,

@@ -15,9 +15,19 @@ step's new tokens are then appended after what is kept.
   scores max-pooled over `pool` neighbours, `budget` tokens in all (or `percent` of the prompt):
   as many for every head, so heads share the page table while each slot holds its own head's
   token. Generated tokens are all kept.
+- `h2o(budget | percent, recent)` (H2O) asks for the attention every query pays each held key
+  and accumulates it per slot. A request holding more than `budget` tokens keeps, per layer and
+  KV head, its `recent` most recent positions (default half the budget) and then the slots with
+  the most attention so far, `budget` in all (again as many for every head).
+
+A policy answers `slots_to_evict` (the same for every layer and head) or, when `per_head`,
+`head_keep` (the slots each layer's KV head keeps, from the scores the engine returned for its
+`scored_queries`; `keeps_scores` when it decides again at later steps), and says how much of a
+prompt a prefix-cache hit may cover.
 
 Policies are named on the command line and per request as `NAME:key=value,...`
-(`streaming:sinks=4,window=1020`, `snapkv:percent=25`); `none` turns eviction off.
+(`streaming:sinks=4,window=1020`, `snapkv:percent=25`, `h2o:budget=512`); `none` turns eviction
+off.
 """
 from dataclasses import dataclass, fields
 
@@ -31,6 +41,8 @@ class StreamingPolicy:
     window: int = 1020
 
     name = "streaming"
+    per_head = False
+    keeps_scores = False
 
     def __post_init__(self) -> None:
         if self.sinks < 0:
@@ -46,9 +58,6 @@ class StreamingPolicy:
     def held_tokens(self, num_tokens: int) -> int:
         """The most of `num_tokens` computed tokens a request holds before a step."""
         return min(num_tokens, self.sinks + self.window)
-
-    per_head = False
-    keeps_scores = False
 
     def slots_to_evict(self, positions: np.ndarray, num_computed_tokens: int) -> list[int]:
         """Slots whose position (`positions[slots]`) is neither a sink nor among the last
