@@ -223,12 +223,11 @@ class ModelRunner:
         """Run one step: forward the flat batch, sample, and gather the prompt logprobs."""
         self.kv_cache.compact(out.kv_compaction)
         input_ids, positions, meta, last_rows = self._prepare(out)
-        if meta.scored:  # the layers append attention scores: only the eager forward does
-            hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
-        elif (self.graphs is not None and meta.max_query_len == 1
+        # A step whose layers append attention scores (meta.scored) runs the eager forward.
+        if (self.graphs is not None and meta.max_query_len == 1 and not meta.scored
                 and len(out.scheduled) <= self.graphs.max_batch):
             hidden = self.graphs.run(input_ids, positions, meta)
-        elif self.compiled is not None and self.compiled.covers(meta):
+        elif self.compiled is not None and not meta.scored and self.compiled.covers(meta):
             hidden = self.compiled.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
