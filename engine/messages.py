@@ -1,40 +1,47 @@
-"""What crosses the wire between the API process and the engine-core process (pickled).
+"""What crosses the wire between the API process and the engine-core process.
 
 API -> engine (one PUSH socket): `AddRequest` or `AbortRequests`.
 Engine -> API (one PUSH socket): `EngineReady` once the weights are loaded (or `EngineFailed`
 if they cannot be), then an `EngineStep` for every step that produced output and one more
 whenever the engine goes idle.
+
+Messages are typed msgspec structs in MessagePack behind a version prefix (`encode`, `decode`),
+not pickle, which runs whatever it loads: a message of another version, of an unknown type or
+with a wrong field decodes to a `WireError`, which the receiver logs and drops.
 """
-from dataclasses import dataclass, field
+import msgspec
 
 from engine.sampling_params import SamplingParams
 
+WIRE_VERSION = 1
+_PREFIX = b"tessera/%d " % WIRE_VERSION
 
-@dataclass
-class AddRequest:
+
+class WireError(ValueError):
+    """Bytes that are not a message of this version."""
+
+
+class AddRequest(msgspec.Struct, tag=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float
 
 
-@dataclass
-class AbortRequests:
+class AbortRequests(msgspec.Struct, tag=True):
     request_ids: list[str]
 
 
-@dataclass
-class TokenLogprobs:
+class TokenLogprobs(msgspec.Struct):
     """Log-probability of one token (sampled, or a prompt token given the tokens before it),
     its rank in the distribution (1 = most likely) and the top alternatives (token id, logprob),
     most likely first."""
     logprob: float
     rank: int
-    top: list[tuple[int, float]] = field(default_factory=list)
+    top: list[tuple[int, float]] = []
 
 
-@dataclass
-class RequestOutput:
+class RequestOutput(msgspec.Struct):
     """New tokens of one request since its last output; `finish_reason` set on the last one."""
     request_id: str
     new_token_ids: list[int]
@@ -52,8 +59,7 @@ class RequestOutput:
     num_evicted_tokens: int | None = None
 
 
-@dataclass
-class StepStats:
+class StepStats(msgspec.Struct):
     num_running: int
     num_waiting: int
     num_kv_pages_total: int
@@ -66,14 +72,12 @@ class StepStats:
     prefix_cache_hits: int
 
 
-@dataclass
-class EngineStep:
+class EngineStep(msgspec.Struct, tag=True):
     outputs: list[RequestOutput]
     stats: StepStats
 
 
-@dataclass
-class EngineReady:
+class EngineReady(msgspec.Struct, tag=True):
     model_name: str
     max_model_len: int
     dtype: str
@@ -86,7 +90,24 @@ class EngineReady:
     kernels: dict[str, str]  # quantized layer shape -> which CPU kernel runs which step size
 
 
-@dataclass
-class EngineFailed:
+class EngineFailed(msgspec.Struct, tag=True):
     """Sent instead of `EngineReady` by an engine that cannot start; then it exits."""
     reason: str  # one line: `Type: message`
+
+
+Message = AddRequest | AbortRequests | EngineStep | EngineReady | EngineFailed
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _PREFIX + _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    if not data.startswith(_PREFIX):
+        raise WireError(f"not a tessera/{WIRE_VERSION} message: {bytes(data[:16])!r}")
+    try:
+        return _decoder.decode(memoryview(data)[len(_PREFIX):])
+    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        raise WireError(f"malformed message: {exc}") from exc

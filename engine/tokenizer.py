@@ -1,5 +1,18 @@
-"""Locating the model files and loading the tokenizer (with its chat template) from them."""
+"""Locating the model files and loading the tokenizer (with its chat template) from them.
+
+The API process must not import torch, and `AutoTokenizer`, like reading a GGUF's vocabulary,
+does. So a model's tokenizer is converted once, in a child process, into a `tokenizer.json`
+directory under `$TESSERA_CACHE_DIR/tokenizers/` (keyed on the model file's path, size and
+mtime), and every process loads that with `PreTrainedTokenizerFast`, which imports no torch and
+keeps the chat template.
+"""
+import hashlib
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,13 +64,61 @@ def model_format(path: Path, load_format: str = "auto") -> str:
     return load_format
 
 
-@lru_cache(maxsize=4)
-def load_tokenizer(model: str | None):
-    """A transformers tokenizer from a GGUF file or an HF directory (never from a hub)."""
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TESSERA_CACHE_DIR", Path.home() / ".cache" / "tessera"))
+
+
+def converted_tokenizer_dir(path: Path) -> Path:
+    """Where the tokenizer of the model at `path` is (or will be) kept in `tokenizer.json`
+    form; a changed model file gets a new directory."""
+    source = path if path.is_file() else path / "tokenizer_config.json"
+    stat = source.stat() if source.exists() else path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return _cache_dir() / "tokenizers" / key.hexdigest()[:24]
+
+
+def _convert(path: Path, out: Path) -> None:
+    """Child-process side: load with `AutoTokenizer` (torch allowed here) and save."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(model)
     if path.is_file():
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                             local_files_only=True)
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                            local_files_only=True)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok.save_pretrained(str(out))
+
+
+def _ensure_converted(path: Path) -> Path:
+    target = converted_tokenizer_dir(path)
+    if (target / "tokenizer.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        done = subprocess.run([sys.executable, "-m", "engine.tokenizer", str(path), str(staging)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            raise ValueError(f"cannot load the tokenizer of {path}: {lines[-1]}")
+        try:
+            staging.rename(target)
+        except OSError:  # another process converted it first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model: str | None):
+    """A fast tokenizer, with its chat template, for a GGUF file or an HF directory (never
+    from a hub); imports no torch."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(
+        str(_ensure_converted(resolve_model_path(model))), local_files_only=True)
+
+
+if __name__ == "__main__":
+    _convert(Path(sys.argv[1]), Path(sys.argv[2]))

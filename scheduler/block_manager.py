@@ -1,16 +1,27 @@
 """All KV page accounting: free pages, ref counts, and the prefix cache over full pages.
 
 A full page is named by a hash chained from its parent page's hash and its own token ids, so
-two requests with the same prefix map it to the same page. A page whose ref count drops to 0
+two requests with the same prefix map it to the same page. The hash is BLAKE2b of those bytes,
+not Python's `hash()` (salted per process for strings, and of `None` per process), so one prefix
+has one name in every process and on every host: routers match prefixes across engines by it. A page whose ref count drops to 0
 goes to the back of the free queue but keeps its hash: until it is handed out again (oldest
 first, LRU), a later request with that prefix takes it back without recomputing it.
 """
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from scheduler.request import Request
+
+
+def page_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    """The stable 64-bit name of a full page holding `token_ids` after the page `parent`."""
+    digest = hashlib.blake2b(array("q", token_ids).tobytes(), digest_size=8,
+                             key=(parent or 0).to_bytes(8, "little", signed=True))
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 @dataclass
@@ -62,7 +73,7 @@ class BlockManager:
         ps = self.page_size
         for i in range(num_pages):
             chunk = tuple(token_ids[i * ps:(i + 1) * ps])
-            parent = hash((parent, chunk))
+            parent = page_hash(parent, chunk)
             yield parent, chunk
 
     def match_prefix(self, request: Request) -> list[int]:

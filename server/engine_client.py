@@ -10,7 +10,6 @@ client serves one engine process; `server/supervisor.py` replaces a dead one.
 import asyncio
 import logging
 import multiprocessing
-import pickle
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,8 +19,9 @@ import zmq
 import zmq.asyncio
 
 from engine.config import EngineConfig
+from engine.engine_process import run_engine_core
 from engine.messages import (AbortRequests, AddRequest, EngineFailed, EngineReady, EngineStep,
-                             RequestOutput, StepStats)
+                             RequestOutput, StepStats, WireError, decode, encode)
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import DEFAULT_MODEL_NAME
 from server.errors import EngineUnavailable
@@ -65,8 +65,6 @@ class EngineClient:
 
     async def start(self) -> None:
         """Spawn the engine and return at once; `wait_ready` waits for the weights."""
-        from engine.core import run_engine_core  # the engine's imports stay out of `--help`
-
         base = Path(self._ipc_dir.name)
         input_addr, output_addr = f"ipc://{base / 'input'}", f"ipc://{base / 'output'}"
         self._input = self._ctx.socket(zmq.PUSH)
@@ -95,7 +93,11 @@ class EngineClient:
         try:
             steps = 0
             while True:
-                message = pickle.loads(await self._output.recv())
+                try:
+                    message = decode(await self._output.recv())
+                except WireError as exc:
+                    logger.error("dropped a message from the engine: %s", exc)
+                    continue
                 if isinstance(message, EngineReady):
                     self.ready = message
                     self._ready_event.set()
@@ -165,7 +167,7 @@ class EngineClient:
         self._queues[request_id] = queue
         finished = False
         try:
-            await self._input.send(pickle.dumps(AddRequest(
+            await self._input.send(encode(AddRequest(
                 request_id, prompt_token_ids, params, arrival_time or time.time())))
             while not finished:
                 item = await queue.get()
@@ -176,7 +178,7 @@ class EngineClient:
         finally:
             self._queues.pop(request_id, None)
             if not finished and self.dead_reason is None:
-                await self._input.send(pickle.dumps(AbortRequests([request_id])))
+                await self._input.send(encode(AbortRequests([request_id])))
 
     async def shutdown(self) -> None:
         """Kill the engine: it ignores SIGTERM (see `run_engine_core`) and holds no state."""

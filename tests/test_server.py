@@ -169,3 +169,16 @@ def test_openai_client_raises_typed_errors(client):
         client.chat.completions.create(model="gpt-9", messages=HI)
     with pytest.raises(openai.BadRequestError):
         chat(client, "hi", max_tokens=0)
+
+
+def test_the_api_process_loads_no_torch(server, client):
+    """Torch (hundreds of MB, seconds to import) stays in the engine: after serving a request
+    the API process has no torch library mapped, while its engine child does."""
+    client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=2,
+                                   messages=[{"role": "user", "content": "Hi"}])
+
+    def maps(pid: int) -> str:
+        return open(f"/proc/{pid}/maps").read()
+
+    assert "libtorch" not in maps(server.process.pid)
+    assert "libtorch" in maps(server.engine_pid())
