@@ -143,11 +143,38 @@ class SchedulerConfig:
         _check(self, _positive(self, "max_num_seqs", "max_num_batched_tokens"))
 
 
+ROLES = ("colocated", "prefill", "decode")
+KV_LOAD_FAILURES = ("recompute", "fail")
+
+
+@dataclass
+class DisaggConfig:
+    """An engine's part in a disaggregated deployment (server/router.py)."""
+    role: str = "colocated"  # "prefill" hands requests on after their first token
+    # A prefill engine frees a handed-off request's pages this long after sending them if the
+    # decode engine has not confirmed them by then.
+    kv_lease_timeout: float = 30.0
+    # The router gives up on a transfer the decode engine has not confirmed by then.
+    kv_transfer_timeout: float = 10.0
+    # A transfer that fails, or a decode engine without pages for it: the request is recomputed
+    # by a decode engine ("recompute") or ends in an error ("fail").
+    kv_load_failure: str = "recompute"
+    cpu_ids: list[int] = field(default_factory=list)  # cores the engine is pinned to; [] = all
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _check(self, _positive(self, "kv_lease_timeout", "kv_transfer_timeout") + [
+            ("role", self.role in ROLES, f"must be one of {', '.join(ROLES)}"),
+            ("kv_load_failure", self.kv_load_failure in KV_LOAD_FAILURES,
+             f"must be one of {', '.join(KV_LOAD_FAILURES)}")])
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
     device: str = "cpu"
 
     def __post_init__(self) -> None:

@@ -5,14 +5,15 @@ own process behind ZeroMQ sockets (see `engine/messages.py`) for the API server.
 """
 import dataclasses
 import logging
+import os
 import random
 import time
 
 import torch
 
 from engine.config import EngineConfig
-from engine.messages import (AddRequest, EngineReady, EngineStep, RequestOutput, StepStats,
-                             TokenLogprobs)
+from engine.messages import (AddRequest, EngineReady, EngineStep, KVArrival, KVTransfer,
+                             RequestOutput, StepStats, TokenLogprobs)
 from engine.model_runner import ModelRunner, RunnerOutput
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import load_tokenizer, model_format, resolve_model_path
@@ -22,6 +23,11 @@ from scheduler.request import Request
 from scheduler.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+# Test hooks (real processes): a prefill engine that leases handed-off pages but never sends
+# them; a decode engine that finds no free pages for any transfer.
+DROP_KV_TRANSFERS_ENV = "TESSERA_TEST_DROP_KV_TRANSFERS"
+REFUSE_KV_LOADS_ENV = "TESSERA_TEST_REFUSE_KV_LOADS"
 
 
 class EngineCore:
@@ -38,6 +44,14 @@ class EngineCore:
         self.seeds = random.Random(config.model.seed)
         # Prompt logprobs gathered chunk by chunk, sent whole with the request's first token.
         self.prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+        # Disaggregation: requests to hand off after their first token (id -> the decode
+        # engine's KV address), those handed off this step, and the pages of handed-off
+        # requests, held until the decode engine has them or the lease runs out.
+        self.handoffs: dict[str, str] = {}
+        self.handed_off: list[tuple[Request, str]] = []
+        self.leases: dict[str, tuple[Request, float]] = {}
+        # Transfers that must not load when they arrive (aborted, timed out): id -> when.
+        self.dropped_transfers: dict[str, float] = {}
         self._kv_policy(None)  # a default the model cannot take stops the start
         logger.info("%s", self.startup_summary(time.monotonic() - start))
 
@@ -90,19 +104,29 @@ class EngineCore:
                           ("logit_bias", params.logit_bias)):
             if any(not 0 <= t < vocab for t in ids):
                 raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab})")
-        if req.request_id in self.scheduler.requests:
+        if req.request_id in self.scheduler.requests or req.request_id in self.leases:
             raise ValueError(f"duplicate request id {req.request_id}")
-        if params.structured_output is not None:
-            self._structured().add(req.request_id, params.structured_output)
         if params.seed is None and not params.greedy:
             params = dataclasses.replace(params, seed=self.seeds.getrandbits(63))
-        if params.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None and not req.output_token_ids:
             self.prompt_logprobs[req.request_id] = []
-        self.scheduler.add_request(Request(
+        request = Request(
             req.request_id, list(req.prompt_token_ids), params, req.arrival_time,
             eos_token_ids=tuple(self.runner.arch.eos_token_ids),
-            max_tokens=params.max_tokens or room,
-            kv_policy=self._kv_policy(params.kv_policy)))
+            max_tokens=params.max_tokens or room, output_token_ids=list(req.output_token_ids),
+            kv_policy=self._kv_policy(params.kv_policy))
+        self._follow_grammar(request)
+        if req.handoff_address is not None and request.kv_policy is None:
+            self.handoffs[req.request_id] = req.handoff_address
+        self.scheduler.add_request(request)
+
+    def _follow_grammar(self, request: Request) -> None:
+        """Start the request's grammar matcher, past the tokens it already has."""
+        spec = request.sampling_params.structured_output
+        if spec is not None:
+            self._structured().add(request.request_id, spec)
+            for token in request.output_token_ids:
+                self.structured.accept(request.request_id, token)
 
     def _kv_policy(self, spec: str | None) -> KVPolicy | None:
         """The request's policy, else the engine's. Sliding-window layers mask by KV slot,
@@ -116,6 +140,9 @@ class EngineCore:
         outputs = []
         for rid in request_ids:
             request = self.scheduler.abort(rid)
+            if request is None and rid not in self.release_kv([rid]):
+                self.dropped_transfers[rid] = time.monotonic()  # if it is still on its way
+            self.handoffs.pop(rid, None)
             self.prompt_logprobs.pop(rid, None)
             if self.structured is not None:
                 self.structured.remove(rid)
@@ -146,16 +173,121 @@ class EngineCore:
             if r.request_id not in sampled:
                 continue
             lp = sampled[r.request_id][1]
+            address = self.handoffs.pop(r.request_id, None)
+            if address is not None and r.finish_reason is None:
+                self._lease(r)
+                self.handed_off.append((r, address))
             outputs.append(RequestOutput(
                 r.request_id, [r.output_token_ids[-1]], r.finish_reason,
                 None if r.sampling_params.logprobs is None else [lp],
                 r.num_prompt_tokens, r.num_cached_tokens, r.scheduled_time,
                 r.first_token_time, self.prompt_logprobs.pop(r.request_id, None),
-                r.num_evicted_tokens if r.kv_policy else None))
+                r.num_evicted_tokens if r.kv_policy else None, address is not None
+                and r.finish_reason is None))
         num_prompt = sum(max(0, min(s.request.num_computed_tokens, s.request.num_prompt_tokens)
                              - (s.request.num_computed_tokens - s.num_new_tokens))
                          for s in sched.scheduled)
         return EngineStep(outputs, self._stats(sched, num_prompt, len(outputs)))
+
+    def _lease(self, request: Request) -> None:
+        self.scheduler.detach(request)
+        if self.structured is not None:
+            self.structured.remove(request.request_id)
+        self.leases[request.request_id] = (
+            request, time.monotonic() + self.config.disagg.kv_lease_timeout)
+
+    def release_kv(self, request_ids: list[str]) -> list[str]:
+        """Free the leased pages of these handed-off requests; returns those that had some."""
+        released = []
+        for rid in request_ids:
+            lease = self.leases.pop(rid, None)
+            if lease is not None:
+                self.block_manager.free(lease[0])
+                released.append(rid)
+        return released
+
+    def expire_leases(self) -> int:
+        """Free the pages of handed-off requests whose lease ran out; also forget dropped
+        transfers older than a lease (one that late is not coming)."""
+        now = time.monotonic()
+        expired = [rid for rid, (_, deadline) in self.leases.items() if deadline <= now]
+        for rid in expired:
+            logger.warning("the KV lease of request %s expired before the decode engine "
+                           "confirmed its pages; they are freed", rid)
+        self.release_kv(expired)
+        old = now - self.config.disagg.kv_lease_timeout
+        for rid in [r for r, t in self.dropped_transfers.items() if t < old]:
+            del self.dropped_transfers[rid]
+        return len(expired)
+
+    def seconds_to_next_expiry(self) -> float | None:
+        if not self.leases:
+            return None
+        return max(0.0, min(d for _, d in self.leases.values()) - time.monotonic())
+
+    def take_handoffs(self) -> list[tuple[KVTransfer, list, str]]:
+        """This step's handed-off requests: header, page bytes and where to send them (the
+        pages stay leased here until released). Under the drop test hook, none is sent."""
+        out = []
+        for r, address in self.handed_off:
+            header = KVTransfer(
+                r.request_id, r.prompt_token_ids, r.output_token_ids, r.sampling_params,
+                r.arrival_time, r.max_tokens, r.num_computed_tokens,
+                max(r.num_cached_tokens, 0), r.scheduled_time, r.first_token_time,
+                self.kv_format, len(r.page_ids), time.time())
+            out.append((header, self.runner.kv_cache.read_pages(r.page_ids), address))
+        self.handed_off = []
+        return [] if os.environ.get(DROP_KV_TRANSFERS_ENV) else out
+
+    @property
+    def kv_format(self) -> str:
+        return f"{self.runner.kv_spec.storage}/{self.runner.kv_spec.page_size}"
+
+    def load_handoff(self, header: KVTransfer, frames: list) -> tuple[KVArrival,
+                                                                      RequestOutput | None]:
+        """Take over a request a prefill engine handed off: its pages are written into this
+        cache (past what the prefix cache already holds) and it runs from its next token. No
+        free pages: under `kv_load_failure` recompute it waits to recompute its tokens here,
+        under fail it ends with an error (the returned output). A transfer for a request this
+        engine knows or has dropped is ignored."""
+        rid, params = header.request_id, header.sampling_params
+        if (rid in self.scheduler.requests or self.dropped_transfers.pop(rid, None)
+                is not None):
+            return KVArrival(rid, "dropped"), None
+        if header.kv_format != self.kv_format:
+            raise ValueError(f"KV pages of format {header.kv_format} sent to an engine of "
+                             f"{self.kv_format}")
+        request = Request(rid, header.prompt_token_ids, params, header.arrival_time,
+                          eos_token_ids=tuple(self.runner.arch.eos_token_ids),
+                          max_tokens=header.max_tokens,
+                          output_token_ids=list(header.output_token_ids),
+                          num_cached_tokens=header.num_cached_tokens,
+                          scheduled_time=header.scheduled_time,
+                          first_token_time=header.first_token_time)
+        n, ps = header.num_computed_tokens, self.block_manager.page_size
+        hits = self.block_manager.match_prefix(request)[:n // ps]
+        request.set_computed(len(hits) * ps)
+        if os.environ.get(REFUSE_KV_LOADS_ENV) or not self.block_manager.allocate(
+                request, n - len(hits) * ps, hits):
+            request.set_computed(0)
+            if self.config.disagg.kv_load_failure == "fail":
+                return KVArrival(rid, "failed"), RequestOutput(
+                    rid, [], "abort", error="the decode engine has no free KV pages for the "
+                                            "request (--kv-load-failure fail)")
+            self._follow_grammar(request)
+            self.scheduler.add_request(request)
+            return KVArrival(rid, "recompute"), None
+        try:
+            self.runner.kv_cache.write_pages(request.page_ids[len(hits):], frames, len(hits))
+        except ValueError:
+            self.block_manager.free(request)
+            raise
+        request.set_computed(n)
+        self.scheduler.add_running(request)
+        self.block_manager.cache_full_pages(request)
+        self._follow_grammar(request)
+        return KVArrival(rid, "loaded", sum(len(f) for f in frames),
+                         time.time() - header.sent_time), None
 
     def _stats(self, sched: SchedulerOutput, num_prompt: int, num_generation: int) -> StepStats:
         bm = self.block_manager

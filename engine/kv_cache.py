@@ -114,3 +114,29 @@ class KVCache:
                 for t in self._tensors([pools]):
                     flat = t.view(-1, *t.shape[2:])
                     flat[d, h] = flat[s, h]
+
+    def read_pages(self, page_ids: list[int]) -> list[np.ndarray]:
+        """The bytes of these pages, one array per pool tensor (`_tensors` order), in their
+        storage format: what a handoff sends."""
+        index = torch.tensor(page_ids, device=self.device)
+        return [t[index].view(torch.uint8).cpu().numpy() for t in self._tensors()]
+
+    def write_pages(self, page_ids: list[int], frames: list, skip_pages: int = 0) -> None:
+        """Write `read_pages` output of another engine into `page_ids`, leaving out its first
+        `skip_pages` pages (this engine's prefix cache holds them). A frame that does not fit
+        this cache's format raises `ValueError` before anything is written."""
+        tensors = list(self._tensors())
+        if len(frames) != len(tensors):
+            raise ValueError(f"{len(frames)} KV frames for {len(tensors)} pool tensors")
+        sources = []
+        for t, frame in zip(tensors, frames):
+            page = t[0].numel() * t.element_size()
+            data = np.frombuffer(frame, np.uint8)
+            if len(data) != (skip_pages + len(page_ids)) * page:
+                raise ValueError(f"a KV frame of {len(data)} bytes does not hold "
+                                 f"{skip_pages + len(page_ids)} pages of {page} bytes")
+            sources.append(data[skip_pages * page:])
+        index = torch.tensor(page_ids, device=self.device)
+        for t, src in zip(tensors, sources):
+            t[index] = torch.from_numpy(src.copy()).view(t.dtype).view(
+                len(page_ids), *t.shape[1:]).to(self.device)

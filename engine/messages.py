@@ -1,9 +1,11 @@
 """What crosses the wire between the API process and the engine-core process.
 
-API -> engine (one PUSH socket): `AddRequest` or `AbortRequests`.
+API -> engine (one PUSH socket): `AddRequest`, `AbortRequests` or `ReleaseKV`.
 Engine -> API (one PUSH socket): `EngineReady` once the weights are loaded (or `EngineFailed`
 if they cannot be), then an `EngineStep` for every step that produced output and one more
 whenever the engine goes idle.
+Prefill engine -> decode engine (the decode engine's KV socket): a `KVTransfer` header, then
+one frame per KV pool tensor holding the request's pages (see `engine/kv_transfer.py`).
 
 Messages are typed msgspec structs in MessagePack behind a version prefix (`encode`, `decode`),
 not pickle, which runs whatever it loads: a message of another version, of an unknown type or
@@ -26,10 +28,53 @@ class AddRequest(msgspec.Struct, tag=True):
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float
+    # Tokens already streamed to the client: a request resumed on another engine after its
+    # handoff failed recomputes prompt and these, then goes on sampling.
+    output_token_ids: list[int] = []
+    # On a prefill engine: after its first token, hand the request with its pages to the
+    # decode engine whose KV socket is here (a request under a kv_policy stays).
+    handoff_address: str | None = None
 
 
 class AbortRequests(msgspec.Struct, tag=True):
     request_ids: list[str]
+
+
+class ReleaseKV(msgspec.Struct, tag=True):
+    """To a prefill engine: the decode engine has these handed-off requests (or gave up on
+    them), so their leased pages go back to the pool."""
+    request_ids: list[str]
+
+
+class KVTransfer(msgspec.Struct, tag=True):
+    """A request handed from a prefill engine to a decode engine with its state: tokens, the
+    sampling params with the seed the prefill engine resolved (the sampler's noise depends only
+    on seed and output position), and the KV of `num_computed_tokens` tokens in
+    `num_pages` pages of the sender's format. A grammar's state and penalty counts follow from
+    the tokens."""
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    max_tokens: int
+    num_computed_tokens: int
+    num_cached_tokens: int
+    scheduled_time: float | None
+    first_token_time: float | None
+    kv_format: str  # `KVCacheSpec.storage` and page size, e.g. "bfloat16/16"; checked
+    num_pages: int
+    sent_time: float
+
+
+class KVArrival(msgspec.Struct):
+    """A decode engine's word on a transfer: "loaded" (the request runs here now),
+    "recompute" (no free pages: it waits here to recompute), "failed" (no free pages under
+    --kv-load-failure fail) or "dropped" (late or aborted); `seconds` from send to loaded."""
+    request_id: str
+    outcome: str
+    num_bytes: int = 0
+    seconds: float = 0.0
 
 
 class TokenLogprobs(msgspec.Struct):
@@ -57,6 +102,10 @@ class RequestOutput(msgspec.Struct):
     prompt_logprobs: list[TokenLogprobs] | None = None
     # Under a kv_policy: the tokens it has evicted from the request's KV so far.
     num_evicted_tokens: int | None = None
+    # A prefill engine handed the request to a decode engine after this output.
+    handed_off: bool = False
+    # The request ended in an error of the engine's (finish_reason "abort"): said to the client.
+    error: str | None = None
 
 
 class StepStats(msgspec.Struct):
@@ -75,6 +124,8 @@ class StepStats(msgspec.Struct):
 class EngineStep(msgspec.Struct, tag=True):
     outputs: list[RequestOutput]
     stats: StepStats
+    kv_arrivals: list[KVArrival] = []
+    num_lease_expiries: int = 0
 
 
 class EngineReady(msgspec.Struct, tag=True):
@@ -95,7 +146,8 @@ class EngineFailed(msgspec.Struct, tag=True):
     reason: str  # one line: `Type: message`
 
 
-Message = AddRequest | AbortRequests | EngineStep | EngineReady | EngineFailed
+Message = (AddRequest | AbortRequests | ReleaseKV | KVTransfer | EngineStep | EngineReady
+           | EngineFailed)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

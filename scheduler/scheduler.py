@@ -75,6 +75,18 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    def add_running(self, request: Request) -> None:
+        """Admit a request whose KV is already in its pages (handed over by another engine)."""
+        request.status = RequestStatus.RUNNING
+        self.requests[request.request_id] = request
+        self.running.append(request)
+
+    def detach(self, request: Request) -> None:
+        """Take a running request out, its pages still held (handed to another engine)."""
+        self.running.remove(request)
+        request.status = RequestStatus.FINISHED
+        del self.requests[request.request_id]
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

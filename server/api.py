@@ -13,6 +13,7 @@ the server exits 0. A second signal stops at once.
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,6 +45,7 @@ from server.responses_api import (ResponseBuilder, ResponseObject, ResponsesRequ
                                   prepare_response, response_events, to_chat_request)
 from server.serving import (Delta, ServingContext, chat_prompt_ids, collect, fan_out,
                             prepare_chat, prepare_completion, run_off_loop)
+from server.router import Router
 from server.supervisor import EngineGaveUp, EngineSupervisor
 
 logger = logging.getLogger("tessera.server")
@@ -58,11 +60,21 @@ class AppState:
                  stop_server: Callable[[], None]) -> None:
         self.settings = settings
         self.metrics = Metrics(settings.served_model_name)
-        self.engine = EngineSupervisor(engine_config, settings.max_engine_restarts,
-                                       on_step=self.metrics.on_step,
-                                       on_ready=self.metrics.on_ready,
-                                       on_restart=self.metrics.engine_restarts.inc,
-                                       log_level=settings.log_level)
+        self.engine: EngineSupervisor | Router
+        if settings.prefill_engines:
+            self.engine = Router(engine_config, settings.prefill_engines,
+                                 settings.decode_engines, settings.cpus_per_engine,
+                                 sorted(os.sched_getaffinity(0)), settings.max_engine_restarts,
+                                 on_step=self.metrics.on_step, on_ready=self.metrics.on_ready,
+                                 on_restart=self.metrics.engine_restarts.inc,
+                                 on_kv_failure=self.metrics.on_kv_failure,
+                                 log_level=settings.log_level)
+        else:
+            self.engine = EngineSupervisor(engine_config, settings.max_engine_restarts,
+                                           on_step=self.metrics.on_step,
+                                           on_ready=self.metrics.on_ready,
+                                           on_restart=self.metrics.engine_restarts.inc,
+                                           log_level=settings.log_level)
         self.admission = Admission(engine_config.scheduler.max_num_seqs, AdmissionLimits(
             settings.max_waiting_requests, settings.max_queued_prompt_tokens,
             settings.max_choices_per_request), self.metrics.on_reject)
@@ -404,9 +416,11 @@ async def models(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    """Also vLLM's `/ping` (SageMaker's health check)."""
-    _state(request).ready_context()
-    return JSONResponse({"status": "ok"})
+    """Also vLLM's `/ping` (SageMaker's health check); lists each engine's role, state and KV
+    pages. 503 while no engine is ready."""
+    state = _state(request)
+    state.ready_context()
+    return JSONResponse({"status": "ok", "engines": state.engine.health()})
 
 
 async def version(request: Request) -> JSONResponse:

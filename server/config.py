@@ -45,9 +45,20 @@ class ServerConfig:
     # A 5 MB prompt (about a million tokens, past any model length) still gets its 400 naming
     # the prompt; a body several times that is refused (413) before anyone parses it.
     max_request_body_size: int = 8 * 2**20
+    # Disaggregation (server/router.py): 0 and 0 = one colocated engine.
+    prefill_engines: int = 0
+    decode_engines: int = 0
+    cpus_per_engine: int = 0  # cores each engine is pinned to; 0 = every engine uses all
 
     def __post_init__(self) -> None:
         check_types(self)
+        for name in ("prefill_engines", "decode_engines", "cpus_per_engine"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.prefill_engines == 0) != (self.decode_engines == 0):
+            raise ValueError(f"prefill_engines and --decode-engines go together (both 0 for "
+                             f"one colocated engine), got {self.prefill_engines} and "
+                             f"{self.decode_engines}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
         for name in ("max_waiting_requests", "max_engine_restarts", "shutdown_timeout"):
@@ -162,6 +173,23 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds SIGTERM/SIGINT lets requests in flight finish (default 30)")
     add("--max-request-body-size", type=byte_size, metavar="SIZE",
         help="larger request bodies are refused with 413, e.g. 16MiB (default 8MiB)")
+    add("--prefill-engines", type=int,
+        help="disaggregated serving: engines that compute prompts and hand each request "
+             "with its KV pages to a decode engine (default 0 = one colocated engine)")
+    add("--decode-engines", type=int,
+        help="disaggregated serving: engines that take handed-off requests and decode them "
+             "(with --prefill-engines)")
+    add("--cpus-per-engine", type=int,
+        help="pin each engine to this many cores of its own, in order (default 0 = all)")
+    add("--kv-transfer-timeout", type=float,
+        help="seconds a handed-off request's pages may take to reach the decode engine "
+             "(default 10)")
+    add("--kv-lease-timeout", type=float,
+        help="seconds a prefill engine holds handed-off pages the decode engine has not "
+             "confirmed (default 30)")
+    add("--kv-load-failure", choices=["recompute", "fail"],
+        help="a failed handoff (dead engine, timeout, no free pages on the decode engine): "
+             "recompute the request on a live engine (default) or end it with a 503")
 
 
 def _yaml_value(action: argparse.Action, name: str, value, where: str,
@@ -228,7 +256,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
         values["model"] = args.model_tag
     engine = EngineConfig()
     try:
-        for attr in ("model", "cache", "scheduler"):
+        for attr in ("model", "cache", "scheduler", "disagg"):
             section = getattr(engine, attr)
             setattr(engine, attr, replace(section, **{
                 name: values[name] for name in asdict(section) if name in values}))

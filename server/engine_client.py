@@ -6,6 +6,10 @@ the child process. When the engine dies, or the routing task fails (the engine i
 killed, since its outputs can no longer reach anyone), every waiting request receives
 `EngineDead` and new requests are refused, so nothing hangs on a process that is gone. A
 client serves one engine process; `server/supervisor.py` replaces a dead one.
+
+`generate` is the whole path of a request on a colocated engine; the router
+(`server/router.py`) drives a request across engines with `attach`, `send` and `detach`, and
+a decode engine's word on a KV transfer (`KVArrival`) reaches the request's queue too.
 """
 import asyncio
 import logging
@@ -21,7 +25,7 @@ import zmq.asyncio
 from engine.config import EngineConfig
 from engine.engine_process import run_engine_core
 from engine.messages import (AbortRequests, AddRequest, EngineFailed, EngineReady, EngineStep,
-                             RequestOutput, StepStats, WireError, decode, encode)
+                             ReleaseKV, RequestOutput, StepStats, WireError, decode, encode)
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import DEFAULT_MODEL_NAME
 from server.errors import EngineUnavailable
@@ -32,14 +36,20 @@ _WATCH_INTERVAL_S = 0.2
 
 
 class EngineDead(EngineUnavailable):
-    """The engine is gone (or not ready): the request gets a 503, or an `error` event."""
+    """The engine is gone (or not ready): the request gets a 503, or an `error` event.
+    `engine` is the client of the engine that died (the router resumes elsewhere)."""
+
+    def __init__(self, message: str, engine: "EngineClient | None" = None) -> None:
+        super().__init__(message)
+        self.engine = engine
 
 
 class EngineClient:
     def __init__(self, config: EngineConfig,
                  on_step: Callable[[EngineStep], None] | None = None,
-                 log_level: str = "info", fault_after_steps: int | None = None) -> None:
-        self.config = config
+                 log_level: str = "info", fault_after_steps: int | None = None,
+                 name: str = "engine") -> None:
+        self.config, self.name = config, name
         self.on_step = on_step
         self.log_level = log_level
         self.ready: EngineReady | None = None
@@ -48,6 +58,9 @@ class EngineClient:
         self._queues: dict[str, asyncio.Queue] = {}
         self._ctx = zmq.asyncio.Context()
         self._ipc_dir = tempfile.TemporaryDirectory(prefix="tessera-")
+        # Where a decode engine takes handed-off requests (prefill engines send there).
+        self.kv_address = (f"ipc://{Path(self._ipc_dir.name) / 'kv'}"
+                           if config.disagg.role == "decode" else None)
         self._process: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
         self._ready_event = asyncio.Event()
@@ -75,7 +88,7 @@ class EngineClient:
         self._process = spawn.Process(target=run_engine_core, name="tessera-engine-core",
                                       args=(self.config, input_addr, output_addr,
                                             self.config.model.model or DEFAULT_MODEL_NAME,
-                                            self.log_level),
+                                            self.log_level, self.kv_address),
                                       daemon=True)
         self._process.start()
         logger.info("engine core process started (pid %d)", self._process.pid)
@@ -122,10 +135,10 @@ class EngineClient:
                 self.on_step(step)
             except Exception:  # metrics are not worth a request: log and route on
                 logger.exception("the step callback failed")
-        for output in step.outputs:
-            queue = self._queues.get(output.request_id)
+        for item in [*step.kv_arrivals, *step.outputs]:
+            queue = self._queues.get(item.request_id)
             if queue is not None:
-                queue.put_nowait(output)
+                queue.put_nowait(item)
 
     async def _watch_process(self) -> None:
         while self._process.is_alive():
@@ -146,13 +159,25 @@ class EngineClient:
     def fail_requests(self, reason: str) -> None:
         """End every request in flight with `EngineDead(reason)` (also used by the drain)."""
         for queue in self._queues.values():
-            queue.put_nowait(EngineDead(reason))
+            queue.put_nowait(EngineDead(reason, self))
 
     def check_alive(self) -> None:
         if self.dead_reason is not None:
-            raise EngineDead(self.dead_reason)
+            raise EngineDead(self.dead_reason, self)
         if self.ready is None:
-            raise EngineDead("the engine is still loading the model")
+            raise EngineDead("the engine is still loading the model", self)
+
+    def attach(self, request_id: str, queue: asyncio.Queue) -> None:
+        """Route the request's outputs, KV arrivals and this engine's death to `queue`."""
+        self._queues[request_id] = queue
+
+    def detach(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def send(self, message: AddRequest | AbortRequests | ReleaseKV) -> None:
+        """To the engine, unless it is dead (then there is no one to tell)."""
+        if self.dead_reason is None:
+            await self._input.send(encode(message))
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, arrival_time: float | None = None,
@@ -164,11 +189,11 @@ class EngineClient:
         """
         self.check_alive()
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        self.attach(request_id, queue)
         finished = False
         try:
-            await self._input.send(encode(AddRequest(
-                request_id, prompt_token_ids, params, arrival_time or time.time())))
+            await self.send(AddRequest(request_id, prompt_token_ids, params,
+                                       arrival_time or time.time()))
             while not finished:
                 item = await queue.get()
                 if isinstance(item, EngineDead):
@@ -176,9 +201,9 @@ class EngineClient:
                 finished = item.finish_reason is not None
                 yield item
         finally:
-            self._queues.pop(request_id, None)
-            if not finished and self.dead_reason is None:
-                await self._input.send(encode(AbortRequests([request_id])))
+            self.detach(request_id)
+            if not finished:
+                await self.send(AbortRequests([request_id]))
 
     async def shutdown(self) -> None:
         """Kill the engine: it ignores SIGTERM (see `run_engine_core`) and holds no state."""

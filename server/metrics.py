@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
                                ProcessCollector, disable_created_metrics, generate_latest)
 
-from engine.messages import EngineReady, EngineStep, RequestOutput
+from engine.messages import EngineReady, EngineStep, RequestOutput, StepStats
 
 logger = logging.getLogger("tessera.server")
 
@@ -99,12 +99,31 @@ class Metrics:
                                 "draining).", ["model_name", "reason"], registry=reg)
         self.engine_restarts = counter("tessera:engine_restarts_total",
                                        "Engine-core processes started to replace one that died.")
+        self.engine_pages_used = Gauge(
+            "tessera:engine_kv_cache_pages_used", "KV pages held by live requests (and, on a "
+            "prefill engine, by handed-off requests under lease), by engine.",
+            ["model_name", "engine"], registry=reg)
+        self.kv_transfer_bytes = counter("tessera:kv_transfer_bytes_total",
+                                         "Bytes of KV pages loaded from prefill engines.")
+        self.kv_transfer_time = histogram("tessera:kv_transfer_seconds",
+                                          "From a prefill engine's send to the decode engine "
+                                          "having loaded the pages.", _TOKEN_LATENCY_BUCKETS)
+        self.kv_lease_expiries = counter("tessera:kv_lease_expiries_total",
+                                         "Handed-off requests whose pages a prefill engine "
+                                         "freed when the lease ran out.")
+        self.kv_recomputes = counter("tessera:kv_transfer_recomputes_total",
+                                     "Requests recomputed after a failed handoff.")
+        self.kv_failures = Counter("tessera:kv_transfer_failures_total",
+                                   "Handoffs that failed, by cause (prefill_died, decode_died, "
+                                   "timeout, no_pages).", ["model_name", "cause"],
+                                   registry=reg)
         self.info = Info("tessera:engine", "Engine build.", labels, registry=reg)
         self.kernels = Info("tessera:linear_kernels", "The CPU kernel each quantized layer "
                             "shape runs, by step size (tokens), as measured on this machine.",
                             ["model_name", "layer"], registry=reg)
         self.model_name = model_name
         self.window = StepWindow()
+        self._engine_stats: dict[str, StepStats] = {}  # each engine's latest
 
     def on_ready(self, ready: EngineReady) -> None:
         self.info.labels(self.model_name).info({
@@ -115,15 +134,30 @@ class Metrics:
             self.kernels.labels(self.model_name, layer).info({"plan": plan})
         self.kv_pages_total.set(ready.num_kv_pages)
 
+    def on_kv_failure(self, cause: str, recomputed: bool) -> None:
+        self.kv_failures.labels(self.model_name, cause).inc()
+        if recomputed:
+            self.kv_recomputes.inc()
+
     def on_reject(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()
 
-    def on_step(self, step: EngineStep) -> None:
+    def on_step(self, step: EngineStep, engine: str = "engine") -> None:
+        """Gauges sum the engines' latest figures; counters add this step's."""
         stats = step.stats
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_pages_total.set(stats.num_kv_pages_total)
-        self.kv_usage.set(stats.num_kv_pages_used / max(stats.num_kv_pages_total, 1))
+        self._engine_stats[engine] = stats
+        every = self._engine_stats.values()
+        self.running.set(sum(s.num_running for s in every))
+        self.waiting.set(sum(s.num_waiting for s in every))
+        self.kv_pages_total.set(sum(s.num_kv_pages_total for s in every))
+        self.kv_usage.set(sum(s.num_kv_pages_used for s in every)
+                          / max(sum(s.num_kv_pages_total for s in every), 1))
+        self.engine_pages_used.labels(self.model_name, engine).set(stats.num_kv_pages_used)
+        for arrival in step.kv_arrivals:
+            if arrival.outcome == "loaded":
+                self.kv_transfer_bytes.inc(arrival.num_bytes)
+                self.kv_transfer_time.observe(arrival.seconds)
+        self.kv_lease_expiries.inc(step.num_lease_expiries)
         self.preemptions.inc(stats.num_preemptions)
         self.prefix_queries.inc(stats.prefix_cache_queries)
         self.prefix_hits.inc(stats.prefix_cache_hits)

@@ -6,7 +6,7 @@ one after a backoff that doubles with each recent crash, and `/health` is 503 un
 ready. More than `max_restarts` crashes within `CRASH_WINDOW_S` end the supervision with the
 cause (the server then exits 1): a model that cannot stay up is not restarted forever.
 
-The disaggregated and scaled-out servers run several engines, one supervisor each.
+The disaggregated server runs several engines, one supervisor each (`server/router.py`).
 """
 import asyncio
 import logging
@@ -35,8 +35,10 @@ class EngineGaveUp(Exception):
 class EngineSupervisor:
     def __init__(self, config: EngineConfig, max_restarts: int,
                  on_step: Callable[[EngineStep], None], on_ready: Callable[[EngineReady], None],
-                 on_restart: Callable[[], None], log_level: str = "info") -> None:
+                 on_restart: Callable[[], None], log_level: str = "info",
+                 name: str = "engine") -> None:
         self.config, self.max_restarts, self.log_level = config, max_restarts, log_level
+        self.name = name
         self.on_step, self.on_ready, self.on_restart = on_step, on_ready, on_restart
         fault = os.environ.get(ROUTING_FAULT_ENV)
         self.client = self._new_client(int(fault) if fault else None)
@@ -45,7 +47,7 @@ class EngineSupervisor:
 
     def _new_client(self, fault_after_steps: int | None = None) -> EngineClient:
         return EngineClient(self.config, on_step=self.on_step, log_level=self.log_level,
-                            fault_after_steps=fault_after_steps)
+                            fault_after_steps=fault_after_steps, name=self.name)
 
     async def start(self) -> EngineReady:
         """Start the first engine; its failure raises `EngineDead` (no restart: the
@@ -92,6 +94,16 @@ class EngineSupervisor:
 
     def check_alive(self) -> None:
         self.client.check_alive()
+
+    def health(self, requests_in_flight: int | None = None) -> list[dict]:
+        """The engine's role, state and KV pages, for `/health`."""
+        c, stats = self.client, self.client.last_stats
+        return [{"name": self.name, "role": self.config.disagg.role, "pid": c.pid,
+                 "state": "ready" if c.healthy else "down",
+                 "kv_pages_used": stats.num_kv_pages_used if stats else None,
+                 "kv_pages_total": stats.num_kv_pages_total if stats else None,
+                 **({} if requests_in_flight is None
+                    else {"requests_in_flight": requests_in_flight})}]
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
