@@ -24,10 +24,16 @@ from scheduler.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-# Test hooks (real processes): a prefill engine that leases handed-off pages but never sends
-# them; a decode engine that finds no free pages for any transfer.
+# Test hooks (real processes), each on while the file its variable names exists: a prefill
+# engine that leases handed-off pages but never sends them; a decode engine that finds no free
+# pages for any transfer.
 DROP_KV_TRANSFERS_ENV = "TESSERA_TEST_DROP_KV_TRANSFERS"
 REFUSE_KV_LOADS_ENV = "TESSERA_TEST_REFUSE_KV_LOADS"
+
+
+def _hook_on(env: str) -> bool:
+    path = os.environ.get(env)
+    return path is not None and os.path.exists(path)
 
 
 class EngineCore:
@@ -237,7 +243,7 @@ class EngineCore:
                 self.kv_format, len(r.page_ids), time.time())
             out.append((header, self.runner.kv_cache.read_pages(r.page_ids), address))
         self.handed_off = []
-        return [] if os.environ.get(DROP_KV_TRANSFERS_ENV) else out
+        return [] if _hook_on(DROP_KV_TRANSFERS_ENV) else out
 
     @property
     def kv_format(self) -> str:
@@ -267,7 +273,7 @@ class EngineCore:
         n, ps = header.num_computed_tokens, self.block_manager.page_size
         hits = self.block_manager.match_prefix(request)[:n // ps]
         request.set_computed(len(hits) * ps)
-        if os.environ.get(REFUSE_KV_LOADS_ENV) or not self.block_manager.allocate(
+        if _hook_on(REFUSE_KV_LOADS_ENV) or not self.block_manager.allocate(
                 request, n - len(hits) * ps, hits):
             request.set_computed(0)
             if self.config.disagg.kv_load_failure == "fail":

@@ -65,10 +65,7 @@ class AppState:
             self.engine = Router(engine_config, settings.prefill_engines,
                                  settings.decode_engines, settings.cpus_per_engine,
                                  sorted(os.sched_getaffinity(0)), settings.max_engine_restarts,
-                                 on_step=self.metrics.on_step, on_ready=self.metrics.on_ready,
-                                 on_restart=self.metrics.engine_restarts.inc,
-                                 on_kv_failure=self.metrics.on_kv_failure,
-                                 log_level=settings.log_level)
+                                 self.metrics, log_level=settings.log_level)
         else:
             self.engine = EngineSupervisor(engine_config, settings.max_engine_restarts,
                                            on_step=self.metrics.on_step,

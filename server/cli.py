@@ -1,5 +1,5 @@
-"""`tessera serve` and `tessera bench serve|throughput|kernels|perplexity|kv-quality|fuzz|soak|
-faults`.
+"""`tessera serve` and `tessera bench serve|throughput|kernels|perplexity|kv-quality|kv-transfer|
+fuzz|soak|faults`.
 
 `serve` checks its flags and the model path before it imports the HTTP stack, so a usage
 error comes at once; benchmarks are imported only when asked for.
@@ -16,6 +16,7 @@ _BENCHES = {
     "kernels": "engine.bench_kernels",
     "perplexity": "engine.bench_perplexity",
     "kv-quality": "engine.bench_kv_quality",
+    "kv-transfer": "engine.bench_kv_transfer",
     "fuzz": "server.bench_fuzz",
     "soak": "server.bench_soak",
     "faults": "server.bench_faults",
@@ -27,6 +28,8 @@ _BENCH_HELP = """benchmarks (each has its own --help):
   perplexity  perplexity of a long text, windowed (optionally beside transformers)
   kv-quality  each KV page format and eviction policy beside auto: perplexity, passkey,
               bytes/token, decode step
+  kv-transfer a request's KV pages handed to another engine process on this host, against
+              the machine's memcpy bandwidth
   fuzz        schemathesis over the server's /openapi.json: no 5xx, only OpenAI error objects
   soak        thousands of streams dropped after their first chunks: pages freed, RSS per 1,000
   faults      /health latency under a 5 MB tokenization and 600 calls; a SIGKILLed engine's

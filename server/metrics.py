@@ -108,6 +108,9 @@ class Metrics:
         self.kv_transfer_time = histogram("tessera:kv_transfer_seconds",
                                           "From a prefill engine's send to the decode engine "
                                           "having loaded the pages.", _TOKEN_LATENCY_BUCKETS)
+        self.kv_transfers_in_flight = gauge("tessera:kv_transfers_in_flight",
+                                            "Handed-off requests whose pages the decode "
+                                            "engine has not confirmed yet.")
         self.kv_lease_expiries = counter("tessera:kv_lease_expiries_total",
                                          "Handed-off requests whose pages a prefill engine "
                                          "freed when the lease ran out.")

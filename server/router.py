@@ -23,16 +23,17 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from engine.config import EngineConfig
-from engine.messages import (AbortRequests, AddRequest, EngineReady, EngineStep, KVArrival,
-                             ReleaseKV, RequestOutput)
+from engine.messages import (AbortRequests, AddRequest, EngineReady, KVArrival, ReleaseKV,
+                             RequestOutput)
 from engine.sampling_params import SamplingParams
 from scheduler.block_manager import page_hash
 from server.engine_client import EngineClient, EngineDead
 from server.errors import EngineUnavailable
+from server.metrics import Metrics
 from server.supervisor import EngineSupervisor
 
 logger = logging.getLogger("tessera.server")
@@ -53,11 +54,8 @@ def engine_cpus(index: int, cpus_per_engine: int, available: list[int]) -> list[
 class Router:
     def __init__(self, config: EngineConfig, num_prefill: int, num_decode: int,
                  cpus_per_engine: int, available_cpus: list[int], max_restarts: int,
-                 on_step: Callable[[EngineStep, str], None],
-                 on_ready: Callable[[EngineReady], None], on_restart: Callable[[], None],
-                 on_kv_failure: Callable[[str, bool], None], log_level: str = "info") -> None:
-        self.config = config
-        self.on_kv_failure = on_kv_failure
+                 metrics: Metrics, log_level: str = "info") -> None:
+        self.config, self.metrics = config, metrics
         roles = ["prefill"] * num_prefill + ["decode"] * num_decode
         self.engines: list[EngineSupervisor] = []
         for i, role in enumerate(roles):
@@ -66,8 +64,9 @@ class Router:
                              cpu_ids=engine_cpus(i, cpus_per_engine, available_cpus))
             self.engines.append(EngineSupervisor(
                 replace(config, disagg=disagg), max_restarts,
-                on_step=lambda step, name=name: on_step(step, name), on_ready=on_ready,
-                on_restart=on_restart, log_level=log_level, name=name))
+                on_step=lambda step, name=name: metrics.on_step(step, name),
+                on_ready=metrics.on_ready, on_restart=metrics.engine_restarts.inc,
+                log_level=log_level, name=name))
         self.in_flight = {e.name: 0 for e in self.engines}
         self._affinity: OrderedDict[int, str] = OrderedDict()
 
@@ -148,20 +147,23 @@ class Router:
                     item = None
                 failure = self._failure(item, run)
                 if failure is not None:
+                    run.transfer_done()
                     await self._recover(run, failure, prompt_token_ids, params, arrival)
                     transfer_deadline = None
                 elif isinstance(item, KVArrival):
                     if item.outcome in ("loaded", "recompute"):
+                        run.transfer_done()
                         transfer_deadline = None
                         await prefill.send(ReleaseKV([request_id]))
                         run.release(prefill)
                     if item.outcome == "recompute":
-                        self.on_kv_failure("no_pages", True)
+                        self.metrics.on_kv_failure("no_pages", True)
                 elif isinstance(item, RequestOutput):
                     if item.error is not None:
-                        self.on_kv_failure("no_pages", False)
+                        self.metrics.on_kv_failure("no_pages", False)
                         raise EngineUnavailable(item.error)
                     if item.handed_off:
+                        run.transfer_started()
                         transfer_deadline = (time.monotonic()
                                              + self.config.disagg.kv_transfer_timeout)
                     run.tokens += item.new_token_ids
@@ -185,7 +187,7 @@ class Router:
         client has (recompute), or end it with a 503 (fail)."""
         await run.abort_all()
         recompute = self.config.disagg.kv_load_failure == "recompute"
-        self.on_kv_failure(cause, recompute)
+        self.metrics.on_kv_failure(cause, recompute)
         target = self._pick("decode") or self._pick("prefill")
         logger.warning("request %s: handoff failed (%s); %s", run.request_id, cause,
                        f"recomputing its {len(prompt) + len(run.tokens)} tokens on "
@@ -211,6 +213,16 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.holders: list[EngineClient] = []
         self.tokens: list[int] = []  # streamed to the client so far
+        self._transferring = False
+
+    def transfer_started(self) -> None:
+        self._transferring = True
+        self.router.metrics.kv_transfers_in_flight.inc()
+
+    def transfer_done(self) -> None:
+        if self._transferring:
+            self._transferring = False
+            self.router.metrics.kv_transfers_in_flight.dec()
 
     def hold(self, client: EngineClient) -> None:
         client.attach(self.request_id, self.queue)
@@ -230,6 +242,7 @@ class _Run:
         self.queue = asyncio.Queue()
 
     async def close(self, aborted: bool) -> None:
+        self.transfer_done()
         if aborted:
             await self.abort_all()
         for client in list(self.holders):

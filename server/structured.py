@@ -1,7 +1,7 @@
 """`response_format` (and forced tool calls) as an engine `StructuredOutput`.
 
-A JSON schema is converted here, in the API process, to an xgrammar EBNF grammar without free
-whitespace (exactly one space after each `:` and `,`, none elsewhere): a schema xgrammar cannot
+A JSON schema is converted here, on behalf of the API process, to an xgrammar EBNF grammar
+without free whitespace (exactly one space after each `:` and `,`, none elsewhere): a schema xgrammar cannot
 handle is a 400 naming the parameter instead of an aborted request, and small models cannot
 wander off into newlines and indentation between tokens. The engine compiles (and caches) the
 grammar.
@@ -10,8 +10,16 @@ Numbers a schema leaves open are bounded first, as llama.cpp's grammar does: an 
 16 digits, a `number` to magnitudes under 1e15 (which xgrammar writes with at most 6 fraction
 digits and no exponent). Unbounded, a small model can run digits until `max_tokens` (a
 300-token integer was seen, under LangChain's structured output).
+
+xgrammar imports torch, which the API process must not load (seconds and hundreds of MB), so
+the conversion runs in one helper process, started on the first schema and kept (a forkserver
+child, so it is not mistaken for an engine-core process).
 """
 import json
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from typing import Any
 
@@ -21,8 +29,31 @@ from server.errors import APIError
 from server.protocol import ResponseFormat
 
 
+_converter: ProcessPoolExecutor | None = None
+_converter_lock = threading.Lock()
+
+
 def _convert_schema(schema_text: str) -> tuple[str | None, str | None]:
-    """(EBNF grammar, None), or (None, xgrammar's complaint) for a schema it rejects."""
+    """(EBNF grammar, None), or (None, xgrammar's complaint) for a schema it rejects; a
+    helper that died is replaced once."""
+    global _converter
+    for attempt in range(2):
+        with _converter_lock:
+            if _converter is None:
+                _converter = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("forkserver"))
+            converter = _converter
+        try:
+            return converter.submit(_convert_in_helper, schema_text).result()
+        except BrokenProcessPool:
+            with _converter_lock:
+                if _converter is converter:
+                    _converter = None
+            if attempt:
+                raise
+
+
+def _convert_in_helper(schema_text: str) -> tuple[str | None, str | None]:
     import xgrammar
 
     try:
