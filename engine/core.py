@@ -14,6 +14,8 @@ import torch
 from engine.config import EngineConfig
 from engine.messages import (AddRequest, EngineReady, EngineStep, KVArrival, KVTransfer,
                              RequestOutput, StepStats, TokenLogprobs)
+from engine.kv_cache import KVCache
+from engine.kv_transfer import load_pages
 from engine.model_runner import ModelRunner, RunnerOutput
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import load_tokenizer, model_format, resolve_model_path
@@ -58,6 +60,7 @@ class EngineCore:
         self.leases: dict[str, tuple[Request, float]] = {}
         # Transfers that must not load when they arrive (aborted, timed out): id -> when.
         self.dropped_transfers: dict[str, float] = {}
+        self._source_pools: dict[str, KVCache] = {}  # prefill engines' shared pools, mapped
         self._kv_policy(None)  # a default the model cannot take stops the start
         logger.info("%s", self.startup_summary(time.monotonic() - start))
 
@@ -121,6 +124,8 @@ class EngineCore:
             eos_token_ids=tuple(self.runner.arch.eos_token_ids),
             max_tokens=params.max_tokens or room, output_token_ids=list(req.output_token_ids),
             kv_policy=self._kv_policy(params.kv_policy))
+        if req.output_token_ids:  # resumed: its prompt logprobs went out with its first token
+            request.num_prompt_logprobs = request.num_prompt_tokens
         self._follow_grammar(request)
         if req.handoff_address is not None and request.kv_policy is None:
             self.handoffs[req.request_id] = req.handoff_address
@@ -233,15 +238,23 @@ class EngineCore:
 
     def take_handoffs(self) -> list[tuple[KVTransfer, list, str]]:
         """This step's handed-off requests: header, page bytes and where to send them (the
-        pages stay leased here until released). Under the drop test hook, none is sent."""
+        pages stay leased here until released). To a decode engine on this host (an `ipc://`
+        address) with a shared pool, no bytes: the header names the pages. Under the drop test
+        hook, none is sent."""
         out = []
+        cache = self.runner.kv_cache
         for r, address in self.handed_off:
             header = KVTransfer(
                 r.request_id, r.prompt_token_ids, r.output_token_ids, r.sampling_params,
                 r.arrival_time, r.max_tokens, r.num_computed_tokens,
                 max(r.num_cached_tokens, 0), r.scheduled_time, r.first_token_time,
                 self.kv_format, len(r.page_ids), time.time())
-            out.append((header, self.runner.kv_cache.read_pages(r.page_ids), address))
+            if cache.shared_path is not None and address.startswith("ipc://"):
+                header.source_pool, header.source_num_pages = cache.shared_path, cache.num_pages
+                header.source_page_ids = list(r.page_ids)
+                out.append((header, [], address))
+            else:
+                out.append((header, cache.read_pages(r.page_ids), address))
         self.handed_off = []
         return [] if _hook_on(DROP_KV_TRANSFERS_ENV) else out
 
@@ -269,31 +282,41 @@ class EngineCore:
                           output_token_ids=list(header.output_token_ids),
                           num_cached_tokens=header.num_cached_tokens,
                           scheduled_time=header.scheduled_time,
-                          first_token_time=header.first_token_time)
+                          first_token_time=header.first_token_time,
+                          num_prompt_logprobs=len(header.prompt_token_ids))
         n, ps = header.num_computed_tokens, self.block_manager.page_size
         hits = self.block_manager.match_prefix(request)[:n // ps]
         request.set_computed(len(hits) * ps)
         if _hook_on(REFUSE_KV_LOADS_ENV) or not self.block_manager.allocate(
                 request, n - len(hits) * ps, hits):
-            request.set_computed(0)
-            if self.config.disagg.kv_load_failure == "fail":
-                return KVArrival(rid, "failed"), RequestOutput(
-                    rid, [], "abort", error="the decode engine has no free KV pages for the "
-                                            "request (--kv-load-failure fail)")
-            self._follow_grammar(request)
-            self.scheduler.add_request(request)
-            return KVArrival(rid, "recompute"), None
+            return self._not_loaded(request, "the decode engine has no free KV pages for it")
         try:
-            self.runner.kv_cache.write_pages(request.page_ids[len(hits):], frames, len(hits))
-        except ValueError:
+            num_bytes = load_pages(self.runner.kv_cache, header, frames, request.page_ids,
+                                   len(hits), self._source_pools)
+        except (OSError, ValueError) as exc:
             self.block_manager.free(request)
-            raise
+            return self._not_loaded(request, f"its KV pages could not be read: {exc}")
         request.set_computed(n)
         self.scheduler.add_running(request)
         self.block_manager.cache_full_pages(request)
         self._follow_grammar(request)
-        return KVArrival(rid, "loaded", sum(len(f) for f in frames),
-                         time.time() - header.sent_time), None
+        return KVArrival(rid, "loaded", num_bytes, time.time() - header.sent_time), None
+
+    def _not_loaded(self, request: Request, why: str) -> tuple[KVArrival,
+                                                               RequestOutput | None]:
+        """A handed-off request whose pages could not be loaded: recomputed here, or ended
+        with an error under `--kv-load-failure fail`."""
+        request.set_computed(0)
+        fail = self.config.disagg.kv_load_failure == "fail"
+        logger.warning("request %s: %s; it %s", request.request_id, why,
+                       "fails" if fail else "is recomputed")
+        if fail:
+            return KVArrival(request.request_id, "failed"), RequestOutput(
+                request.request_id, [], "abort", error=f"KV handoff failed: {why} "
+                                                       f"(--kv-load-failure fail)")
+        self._follow_grammar(request)
+        self.scheduler.add_request(request)
+        return KVArrival(request.request_id, "recompute"), None
 
     def _stats(self, sched: SchedulerOutput, num_prompt: int, num_generation: int) -> StepStats:
         bm = self.block_manager

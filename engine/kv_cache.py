@@ -5,6 +5,7 @@ format (fp8, int8, int4), codes plus scales per token-head (`kernels.kv_format`)
 the same page ids and slots; attention then dequantizes to `dtype`, the model's. Evictions
 (scheduler/kv_policy.py) reach it as compaction plans: page copies and token moves between slots.
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,11 +73,69 @@ def check_fits(num_pages: int, page_size: int, max_model_len: int) -> None:
 
 
 class KVCache:
-    def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device | str):
+    """`shared` (CPU): the pools live in one anonymous shared-memory file (memfd) that other
+    processes of this user open by `shared_path` (`attach`), so a decode engine on the same
+    host copies handed-off pages straight out of the prefill engine's pool: one copy, no
+    socket. The memory goes when the last process holding it exits, whatever kills it."""
+
+    def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device | str,
+                 shared: bool = False):
         if num_pages < 1:
             raise ValueError("the KV cache needs at least one page")
         self.spec, self.num_pages, self.device = spec, num_pages, torch.device(device)
-        self.layers = [(self._pool(device), self._pool(device)) for _ in range(spec.num_layers)]
+        self.shared_path: str | None = None
+        if shared:
+            fd = os.memfd_create("tessera-kv")
+            os.ftruncate(fd, self._shared_bytes())
+            self.shared_path = f"/proc/{os.getpid()}/fd/{fd}"
+            self.layers = self._map(self.shared_path)
+        else:
+            self.layers = [(self._pool(device), self._pool(device))
+                           for _ in range(spec.num_layers)]
+
+    @classmethod
+    def attach(cls, spec: KVCacheSpec, num_pages: int, shared_path: str) -> "KVCache":
+        """Another process's shared pool (`shared_path`), to copy pages out of; `OSError`
+        when that process is gone."""
+        cache = cls.__new__(cls)
+        cache.spec, cache.num_pages, cache.device = spec, num_pages, torch.device("cpu")
+        cache.shared_path = shared_path
+        cache.layers = cache._map(shared_path)
+        return cache
+
+    _ALIGN = 64
+
+    def _layout(self) -> list[tuple["torch.Tensor | kv_format.QuantizedPages",
+                                    "torch.Tensor | kv_format.QuantizedPages"]]:
+        return [(self._pool("meta"), self._pool("meta")) for _ in range(self.spec.num_layers)]
+
+    def _shared_bytes(self) -> int:
+        return sum(-(-t.numel() * t.element_size() // self._ALIGN) * self._ALIGN
+                   for t in self._tensors(self._layout()))
+
+    def _map(self, path: str) -> list:
+        """The pools as views into the shared file at `path`, in `_tensors` order."""
+        size = self._shared_bytes()
+        if os.path.getsize(path) != size:
+            raise ValueError(f"the shared KV pool at {path} is not of this format and size")
+        buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        offset = 0
+
+        def view(t: torch.Tensor | None) -> torch.Tensor | None:
+            nonlocal offset
+            if t is None:
+                return None
+            n = t.numel() * t.element_size()
+            out = buffer[offset:offset + n].view(t.dtype).view(t.shape)
+            offset += -(-n // self._ALIGN) * self._ALIGN
+            return out
+
+        def pool(p):
+            if isinstance(p, kv_format.QuantizedPages):
+                return kv_format.QuantizedPages(*(view(t) for t in p))
+            return view(p)
+
+        return [(pool(k), pool(v)) for k, v in self._layout()]
 
     def _pool(self, device: torch.device | str) -> "torch.Tensor | kv_format.QuantizedPages":
         s = self.spec
@@ -121,6 +180,19 @@ class KVCache:
         index = torch.tensor(page_ids, device=self.device)
         return [t[index].view(torch.uint8).cpu().numpy() for t in self._tensors()]
 
+    def copy_pages_from(self, source: "KVCache", source_pages: list[int],
+                        page_ids: list[int]) -> int:
+        """Copy `source_pages` of another cache of this format (an attached shared pool) into
+        `page_ids`; returns the bytes copied. Pages consecutive on both sides go as one slice
+        copy (a memcpy), many times faster than an indexed gather and scatter."""
+        runs = _runs(source_pages, page_ids)
+        copied = 0
+        for src, dst in zip(source._tensors(), self._tensors()):
+            for s, d, n in runs:
+                dst[d:d + n].copy_(src[s:s + n])
+            copied += len(page_ids) * dst[0].numel() * dst.element_size()
+        return copied
+
     def write_pages(self, page_ids: list[int], frames: list, skip_pages: int = 0) -> None:
         """Write `read_pages` output of another engine into `page_ids`, leaving out its first
         `skip_pages` pages (this engine's prefix cache holds them). A frame that does not fit
@@ -140,3 +212,14 @@ class KVCache:
         for t, src in zip(tensors, sources):
             t[index] = torch.from_numpy(src.copy()).view(t.dtype).view(
                 len(page_ids), *t.shape[1:]).to(self.device)
+
+
+def _runs(source: list[int], dest: list[int]) -> list[tuple[int, int, int]]:
+    """(source start, dest start, length) of the stretches where both id lists count up by 1."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(source, dest):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs

@@ -5,7 +5,8 @@ Engine -> API (one PUSH socket): `EngineReady` once the weights are loaded (or `
 if they cannot be), then an `EngineStep` for every step that produced output and one more
 whenever the engine goes idle.
 Prefill engine -> decode engine (the decode engine's KV socket): a `KVTransfer` header, then
-one frame per KV pool tensor holding the request's pages (see `engine/kv_transfer.py`).
+one frame per KV pool tensor holding the request's pages, or, on one host, none: the header
+names the pages in the sender's shared pool (see `engine/kv_transfer.py`).
 
 Messages are typed msgspec structs in MessagePack behind a version prefix (`encode`, `decode`),
 not pickle, which runs whatever it loads: a message of another version, of an unknown type or
@@ -65,6 +66,11 @@ class KVTransfer(msgspec.Struct, tag=True):
     kv_format: str  # `KVCacheSpec.storage` and page size, e.g. "bfloat16/16"; checked
     num_pages: int
     sent_time: float
+    # On one host, no frames: the pages are `source_page_ids` of the sender's shared pool
+    # (`KVCache.shared_path`, `source_num_pages` pages), leased until released.
+    source_pool: str | None = None
+    source_num_pages: int = 0
+    source_page_ids: list[int] = []
 
 
 class KVArrival(msgspec.Struct):

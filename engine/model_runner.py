@@ -107,7 +107,11 @@ class ModelRunner:
                                    kv_format.FORMATS.get(kv))
         num_pages = self._num_kv_pages()
         check_fits(num_pages, config.cache.page_size, self.max_model_len)
-        self.kv_cache = KVCache(self.kv_spec, num_pages, self.device)
+        # A prefill engine's pool is shared memory on CPU: decode engines on this host copy
+        # handed-off pages straight out of it (engine/kv_transfer.py).
+        self.kv_cache = KVCache(self.kv_spec, num_pages, self.device,
+                                shared=config.disagg.role == "prefill"
+                                and self.device.type == "cpu")
         self.graphs, self.compiled = None, None
         if self.device.type == "cpu" and not config.model.enforce_eager:
             self.compiled = CompiledDecode(self.model, self.kv_cache, config.cache.page_size,

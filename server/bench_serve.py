@@ -6,7 +6,9 @@ user message whose prompt, chat template included, is exactly `--input-len` toke
 to `--output-len` tokens with `max_tokens` plus `ignore_eos` and `min_tokens` (accepted by vLLM,
 llama-server and Tessera). Closed loop keeps `--concurrency` requests in flight; open loop sends
 Poisson arrivals at `--request-rate`. TPOT excludes the first token; ITL is every gap between
-streamed tokens. Progress goes to stderr every few seconds; `--save-result` keeps the summary
+streamed tokens. `--request-rates R1,R2,...` runs one open-loop load per rate and prints each
+rate's SLO attainment (the share of requests within both `--slo-ttft-ms` and `--slo-tpot-ms`)
+and DistServe's goodput: the highest rate at which at least 90% of requests are within both. Progress goes to stderr every few seconds; `--save-result` keeps the summary
 and every request, `--plot` draws latency CDFs and output throughput over time.
 """
 import argparse
@@ -186,8 +188,35 @@ def summarize(args: argparse.Namespace, results: list[Result], duration: float) 
                 if (args.slo_ttft_ms is None or r.ttft * 1000 <= args.slo_ttft_ms)
                 and (args.slo_tpot_ms is None or (r.tpot or 0) * 1000 <= args.slo_tpot_ms)]
         summary |= {"slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
-                    "goodput": len(good) / duration}
+                    "goodput": len(good) / duration,
+                    "slo_attainment": len(good) / max(len(results), 1)}
     return summary
+
+
+GOODPUT_ATTAINMENT = 0.9  # DistServe: the share of requests that must meet both SLOs
+
+
+def sweep(args: argparse.Namespace, prompts: list[str], rates: list[float]) -> None:
+    """One open-loop run per rate (ascending); each rate's attainment, then the goodput."""
+    print(f"{args.base_url}: {len(prompts)} chat requests of {args.input_len} prompt tokens -> "
+          f"{args.output_len} output tokens per rate, Poisson arrivals; SLOs TTFT <= "
+          f"{args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms")
+    print(f"{'req/s':>7} {'attained':>9} {'TTFT p90 ms':>12} {'TPOT p90 ms':>12} "
+          f"{'failed':>7}")
+    rows = []
+    for rate in sorted(rates):
+        args.request_rate = rate
+        results, duration = asyncio.run(run(args, prompts))
+        s = summarize(args, results, duration)
+        rows.append(s)
+        print(f"{rate:7.2f} {100 * s['slo_attainment']:8.0f}% {s['p90_ttft_ms']:12.1f} "
+              f"{s['p90_tpot_ms']:12.1f} {s['failed']:7d}", flush=True)
+    met = [s["request_rate"] for s in rows if s["slo_attainment"] >= GOODPUT_ATTAINMENT]
+    print(f"goodput (DistServe: highest rate with >= {100 * GOODPUT_ATTAINMENT:.0f}% within "
+          f"both SLOs): {max(met):.2f} req/s" if met else
+          "goodput: no rate tried kept 90% of requests within both SLOs")
+    if args.json:
+        print(json.dumps({"goodput": max(met, default=0.0), "rates": rows}))
 
 
 def server_kernels(base_url: str) -> dict[str, str]:
@@ -241,6 +270,7 @@ def print_table(summary: dict, errors: list[str]) -> None:
         slo = " and ".join(f"{name} <= {s[key]:g} ms" for name, key in (
             ("TTFT", "slo_ttft_ms"), ("TPOT", "slo_tpot_ms")) if s[key] is not None)
         print(f"{'goodput':<28}{s['goodput']:.3f} req/s ({slo})")
+        print(f"{'SLO attainment':<28}{100 * s['slo_attainment']:.0f}% of requests")
     print(f"{'latency, ms':<12}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
     for name in ("ttft", "tpot", "itl", "e2e"):
         row = [s[f"{k}_{name}_ms"] for k in ("mean", "p50", "p90", "p99")]
@@ -278,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slo-ttft-ms", type=float, default=None,
                         help="goodput counts requests within this TTFT (and --slo-tpot-ms)")
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
+    parser.add_argument("--request-rates", default=None, metavar="R1,R2,...",
+                        help="one open-loop run per rate, then DistServe's goodput (needs "
+                             "both SLOs)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON line of results")
@@ -295,7 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before the run
         parser.error("--plot needs matplotlib: pip install matplotlib "
                      "(or pip install 'tessera[test]')")
+    if args.request_rates is not None and (args.slo_ttft_ms is None or args.slo_tpot_ms is None):
+        parser.error("--request-rates needs --slo-ttft-ms and --slo-tpot-ms")
     prompts = synthetic_prompts(args.tokenizer, args.num_prompts, args.input_len, args.seed)
+    if args.request_rates is not None:
+        sweep(args, prompts, [float(r) for r in args.request_rates.split(",")])
+        return
     results, duration = asyncio.run(run(args, prompts))
     summary = summarize(args, results, duration)
     summary["peak_rss_mib"] = {pid: peak_rss_mib(pid) for pid in args.server_pid}

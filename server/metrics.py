@@ -118,7 +118,8 @@ class Metrics:
                                      "Requests recomputed after a failed handoff.")
         self.kv_failures = Counter("tessera:kv_transfer_failures_total",
                                    "Handoffs that failed, by cause (prefill_died, decode_died, "
-                                   "timeout, no_pages).", ["model_name", "cause"],
+                                   "timeout, load_failed: the decode engine had no free pages "
+                                   "or could not read them).", ["model_name", "cause"],
                                    registry=reg)
         self.info = Info("tessera:engine", "Engine build.", labels, registry=reg)
         self.kernels = Info("tessera:linear_kernels", "The CPU kernel each quantized layer "

@@ -132,7 +132,7 @@ class Router:
         run.hold(first)
         if prefill is not None and decode is not None:
             run.hold(decode)
-        await first.send(AddRequest(request_id, prompt_token_ids, params, arrival,
+        await first.send(AddRequest(run.engine_id, prompt_token_ids, params, arrival,
                                     handoff_address=decode.kv_address
                                     if prefill is not None and decode is not None else None))
         transfer_deadline: float | None = None
@@ -145,7 +145,7 @@ class Router:
                     item = await asyncio.wait_for(run.queue.get(), timeout)
                 except TimeoutError:
                     item = None
-                failure = self._failure(item, run)
+                failure = self._failure(item)
                 if failure is not None:
                     run.transfer_done()
                     await self._recover(run, failure, prompt_token_ids, params, arrival)
@@ -154,13 +154,13 @@ class Router:
                     if item.outcome in ("loaded", "recompute"):
                         run.transfer_done()
                         transfer_deadline = None
-                        await prefill.send(ReleaseKV([request_id]))
+                        await prefill.send(ReleaseKV([run.engine_id]))
                         run.release(prefill)
                     if item.outcome == "recompute":
-                        self.metrics.on_kv_failure("no_pages", True)
+                        self.metrics.on_kv_failure("load_failed", True)
                 elif isinstance(item, RequestOutput):
                     if item.error is not None:
-                        self.metrics.on_kv_failure("no_pages", False)
+                        self.metrics.on_kv_failure("load_failed", False)
                         raise EngineUnavailable(item.error)
                     if item.handed_off:
                         run.transfer_started()
@@ -173,7 +173,7 @@ class Router:
             await run.close(aborted=not finished)
 
     @staticmethod
-    def _failure(item: object, run: "_Run") -> str | None:
+    def _failure(item: object) -> str | None:
         """The cause when `item` ends the request's current placement (None: it does not)."""
         if item is None:
             return "timeout"
@@ -198,18 +198,22 @@ class Router:
                                     f"--kv-load-failure fail)")
         if target is None:
             raise EngineDead("no engine is ready to recompute the request")
+        run.replace()
         run.hold(target)
-        await target.send(AddRequest(run.request_id, prompt, params, arrival,
+        await target.send(AddRequest(run.engine_id, prompt, params, arrival,
                                      output_token_ids=list(run.tokens)))
 
 
 class _Run:
     """Where one request is held: the engines routing its outputs to `queue`, counted in the
-    router's load. A new placement starts a new queue, so nothing late from an engine it left
-    is read."""
+    router's load. Each placement has its own engine request id (`engine_id`) and queue, so
+    nothing late from an engine it left (a transfer loaded just before the abort arrived) is
+    ever read as its output."""
 
     def __init__(self, router: Router, request_id: str) -> None:
         self.router, self.request_id = router, request_id
+        self.engine_id = request_id
+        self.placements = 1
         self.queue: asyncio.Queue = asyncio.Queue()
         self.holders: list[EngineClient] = []
         self.tokens: list[int] = []  # streamed to the client so far
@@ -224,22 +228,27 @@ class _Run:
             self._transferring = False
             self.router.metrics.kv_transfers_in_flight.dec()
 
+    def replace(self) -> None:
+        """A new placement, after `abort_all`."""
+        self.placements += 1
+        self.engine_id = f"{self.request_id}~{self.placements}"
+        self.queue = asyncio.Queue()
+
     def hold(self, client: EngineClient) -> None:
-        client.attach(self.request_id, self.queue)
+        client.attach(self.engine_id, self.queue)
         self.holders.append(client)
         self.router.in_flight[client.name] += 1
 
     def release(self, client: EngineClient) -> None:
         if client in self.holders:
-            client.detach(self.request_id)
+            client.detach(self.engine_id)
             self.holders.remove(client)
             self.router.in_flight[client.name] -= 1
 
     async def abort_all(self) -> None:
         for client in list(self.holders):
             self.release(client)
-            await client.send(AbortRequests([self.request_id]))
-        self.queue = asyncio.Queue()
+            await client.send(AbortRequests([self.engine_id]))
 
     async def close(self, aborted: bool) -> None:
         self.transfer_done()
