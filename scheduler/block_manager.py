@@ -3,9 +3,10 @@
 A full page is named by a hash chained from its parent page's hash and its own token ids, so
 two requests with the same prefix map it to the same page. The hash is BLAKE2b of those bytes,
 not Python's `hash()` (salted per process for strings, and of `None` per process), so one prefix
-has one name in every process and on every host: routers match prefixes across engines by it. A page whose ref count drops to 0
-goes to the back of the free queue but keeps its hash: until it is handed out again (oldest
-first, LRU), a later request with that prefix takes it back without recomputing it.
+has one name in every process and on every host: routers match prefixes across engines by it.
+A page whose ref count drops to 0 goes to the back of the free queue but keeps its hash: until
+it is handed out again (oldest first, LRU), a later request with that prefix takes it back
+without recomputing it.
 """
 import hashlib
 from array import array

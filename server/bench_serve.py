@@ -8,8 +8,9 @@ llama-server and Tessera). Closed loop keeps `--concurrency` requests in flight;
 Poisson arrivals at `--request-rate`. TPOT excludes the first token; ITL is every gap between
 streamed tokens. `--request-rates R1,R2,...` runs one open-loop load per rate and prints each
 rate's SLO attainment (the share of requests within both `--slo-ttft-ms` and `--slo-tpot-ms`)
-and DistServe's goodput: the highest rate at which at least 90% of requests are within both. Progress goes to stderr every few seconds; `--save-result` keeps the summary
-and every request, `--plot` draws latency CDFs and output throughput over time.
+and DistServe's goodput: the highest rate at which at least 90% of requests are within both.
+Progress goes to stderr every few seconds; `--save-result` keeps the summary and every
+request, `--plot` draws latency CDFs and output throughput over time.
 """
 import argparse
 import asyncio
@@ -196,16 +197,20 @@ def summarize(args: argparse.Namespace, results: list[Result], duration: float) 
 GOODPUT_ATTAINMENT = 0.9  # DistServe: the share of requests that must meet both SLOs
 
 
-def sweep(args: argparse.Namespace, prompts: list[str], rates: list[float]) -> None:
-    """One open-loop run per rate (ascending); each rate's attainment, then the goodput."""
-    print(f"{args.base_url}: {len(prompts)} chat requests of {args.input_len} prompt tokens -> "
+def sweep(args: argparse.Namespace, rates: list[float]) -> None:
+    """One open-loop run per rate (ascending), each with prompts of its own (`--seed` plus
+    the rate's index), so no run hits the prefix cache another filled; each rate's
+    attainment, then the goodput."""
+    print(f"{args.base_url}: {args.num_prompts} chat requests of {args.input_len} prompt tokens -> "
           f"{args.output_len} output tokens per rate, Poisson arrivals; SLOs TTFT <= "
           f"{args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms")
     print(f"{'req/s':>7} {'attained':>9} {'TTFT p90 ms':>12} {'TPOT p90 ms':>12} "
           f"{'failed':>7}")
     rows = []
-    for rate in sorted(rates):
+    for i, rate in enumerate(sorted(rates)):
         args.request_rate = rate
+        prompts = synthetic_prompts(args.tokenizer, args.num_prompts, args.input_len,
+                                    args.seed + 1 + i)
         results, duration = asyncio.run(run(args, prompts))
         s = summarize(args, results, duration)
         rows.append(s)
@@ -330,10 +335,10 @@ def main(argv: list[str] | None = None) -> None:
                      "(or pip install 'tessera[test]')")
     if args.request_rates is not None and (args.slo_ttft_ms is None or args.slo_tpot_ms is None):
         parser.error("--request-rates needs --slo-ttft-ms and --slo-tpot-ms")
-    prompts = synthetic_prompts(args.tokenizer, args.num_prompts, args.input_len, args.seed)
     if args.request_rates is not None:
-        sweep(args, prompts, [float(r) for r in args.request_rates.split(",")])
+        sweep(args, [float(r) for r in args.request_rates.split(",")])
         return
+    prompts = synthetic_prompts(args.tokenizer, args.num_prompts, args.input_len, args.seed)
     results, duration = asyncio.run(run(args, prompts))
     summary = summarize(args, results, duration)
     summary["peak_rss_mib"] = {pid: peak_rss_mib(pid) for pid in args.server_pid}

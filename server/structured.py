@@ -1,10 +1,10 @@
 """`response_format` (and forced tool calls) as an engine `StructuredOutput`.
 
 A JSON schema is converted here, on behalf of the API process, to an xgrammar EBNF grammar
-without free whitespace (exactly one space after each `:` and `,`, none elsewhere): a schema xgrammar cannot
-handle is a 400 naming the parameter instead of an aborted request, and small models cannot
-wander off into newlines and indentation between tokens. The engine compiles (and caches) the
-grammar.
+without free whitespace (exactly one space after each `:` and `,`, none elsewhere): a schema
+xgrammar cannot handle is a 400 naming the parameter instead of an aborted request, and small
+models cannot wander off into newlines and indentation between tokens. The engine compiles (and
+caches) the grammar.
 
 Numbers a schema leaves open are bounded first, as llama.cpp's grammar does: an `integer` to
 16 digits, a `number` to magnitudes under 1e15 (which xgrammar writes with at most 6 fraction
