@@ -39,7 +39,7 @@ def test_unknown_preset_key_is_an_error(tmp_path):
         configs(["--config", str(preset)])
 
 
-@pytest.mark.parametrize("name", ["smollm2-cpu", "llama3-8b-gpu"])
+@pytest.mark.parametrize("name", ["smollm2-cpu", "smollm2-disagg-cpu", "llama3-8b-gpu"])
 def test_shipped_presets_load(name):
     engine, _ = configs(["--config", str(ROOT / "configs" / f"{name}.yaml")])
     assert engine.cache.page_size == 16
@@ -65,7 +65,8 @@ def test_gpu_memory_utilization_outside_0_1_is_a_usage_error(value, capsys):
     ("--port", "0"), ("--port", "70000"), ("--max-num-seqs", "0"),
     ("--max-num-batched-tokens", "-1"), ("--page-size", "0"), ("--block-size", "0"),
     ("--num-kv-pages", "0"), ("--kv-cache-memory", "0"), ("--max-model-len", "0"),
-    ("--device", "tpu")])
+    ("--device", "tpu"), ("--kv-transfer-timeout", "0"), ("--kv-lease-timeout", "-1"),
+    ("--cpus-per-engine", "-1")])
 def test_a_value_out_of_range_is_a_usage_error_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
         configs([flag, value])
@@ -80,6 +81,15 @@ def test_a_preset_value_is_checked_like_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         configs(["--config", str(preset)])
     assert "kv-cache-memory: expected a size such as 2GiB" in capsys.readouterr().err
+
+
+def test_prefill_engines_without_decode_engines_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        configs(["--prefill-engines", "1"])
+    assert "argument --prefill-engines: and --decode-engines go together" in (
+        capsys.readouterr().err)
+    _, server = configs(["--prefill-engines", "2", "--decode-engines", "1"])
+    assert (server.prefill_engines, server.decode_engines) == (2, 1)
 
 
 @pytest.mark.parametrize("line, flag", [
