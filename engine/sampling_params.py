@@ -4,6 +4,9 @@ from dataclasses import dataclass, field
 from scheduler.kv_policy import parse_kv_policy
 
 
+_WHOLE_VOCABULARY = 2**31
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A constraint on the output, enforced by a token mask while decoding."""
@@ -42,8 +45,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.top_k == -1:
-            self.top_k = 0
+        if self.top_k == -1 or self.top_k >= _WHOLE_VOCABULARY:
+            self.top_k = 0  # any top_k past every vocabulary keeps it whole (and fits the wire)
         checks = [
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),

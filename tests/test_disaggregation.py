@@ -30,11 +30,28 @@ PROMPTS = ["Hi", "The capital of France is", "Write a haiku about the sea.",
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """The colocated engine and 1 prefill + 1 decode engine, each on a core of its own."""
-    logs = tmp_path_factory.mktemp("pd")
-    colocated = start_server(["--max-waiting-requests", "256"], logs / "colocated.log")
-    pd = start_server([*PD_ARGS, "--max-waiting-requests", "256"], logs / "pd.log")
+def hooks(tmp_path_factory) -> dict[str, Path]:
+    """Files whose existence turns a test hook on in the engines (see engine/core.py)."""
+    base = tmp_path_factory.mktemp("hooks")
+    return {"drop": base / "drop-transfers", "refuse": base / "refuse-loads"}
+
+
+def _pd_with_hooks(tmp_path_factory, hooks, *args: str):
+    return start_server([*PD_ARGS, "--max-engine-restarts", "20", *args],
+                        tmp_path_factory.mktemp("pd") / "server.log",
+                        env={DROP_KV_TRANSFERS_ENV: str(hooks["drop"]),
+                             REFUSE_KV_LOADS_ENV: str(hooks["refuse"])})
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, hooks):
+    """The colocated engine and 1 prefill + 1 decode engine, each on a core of its own; the
+    latter, with its test hooks off, serves the identity tests, then the faults: recompute on
+    failure, a transfer not confirmed in 5 s has failed."""
+    colocated = start_server(["--max-waiting-requests", "256"],
+                             tmp_path_factory.mktemp("colocated") / "server.log")
+    pd = _pd_with_hooks(tmp_path_factory, hooks, "--max-waiting-requests", "256",
+                        "--kv-transfer-timeout", "5", "--kv-lease-timeout", "60")
     yield colocated, pd
     stop_server(pd)
     stop_server(colocated)
@@ -170,30 +187,13 @@ def test_the_api_process_loads_no_torch_with_several_engines(servers):
     assert "libtorch" not in Path(f"/proc/{pd.process.pid}/maps").read_text()
 
 
-# Faults. Recomputed tokens are compared on the default model: the tiny model's random
-# weights leave near-ties that a recomputation's different sums can flip.
+# Faults, after the identity tests on the same server. Recomputed tokens are compared on the
+# default model: the tiny model's random weights leave near-ties that a recomputation's
+# different sums can flip.
 
 @pytest.fixture(scope="module")
-def hooks(tmp_path_factory) -> dict[str, Path]:
-    """Files whose existence turns a test hook on in the engines (see engine/core.py)."""
-    base = tmp_path_factory.mktemp("hooks")
-    return {"drop": base / "drop-transfers", "refuse": base / "refuse-loads"}
-
-
-def _pd_with_hooks(tmp_path_factory, hooks, *args: str):
-    return start_server([*PD_ARGS, "--max-engine-restarts", "20", *args],
-                        tmp_path_factory.mktemp("pd-faults") / "server.log",
-                        env={DROP_KV_TRANSFERS_ENV: str(hooks["drop"]),
-                             REFUSE_KV_LOADS_ENV: str(hooks["refuse"])})
-
-
-@pytest.fixture(scope="module")
-def faulty(tmp_path_factory, hooks):
-    """Recompute on failure; a transfer not confirmed in 5 s has failed."""
-    server = _pd_with_hooks(tmp_path_factory, hooks, "--kv-transfer-timeout", "5",
-                            "--kv-lease-timeout", "60")
-    yield server
-    stop_server(server)
+def faulty(servers):
+    return servers[1]
 
 
 def _completion(prompt: str, max_tokens: int, stream: bool = False) -> dict:

@@ -19,7 +19,7 @@ py=${PYTHON:-.venv/bin/python}
 [ -x "$py" ] || py=python3
 # What the engine, the benches and the server import that the image (image-packages.txt) lacks.
 dists=(fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection
-       opentelemetry-api gguf pyzmq "$@")
+       opentelemetry-api gguf pyzmq msgspec "$@")
 mkdir -p "$dest"
 specs=()
 for d in "${dists[@]}"; do
