@@ -241,9 +241,12 @@ class EngineCore:
         pages stay leased here until released). To a decode engine on this host (an `ipc://`
         address) with a shared pool, no bytes: the header names the pages. Under the drop test
         hook, none is sent."""
+        handed_off, self.handed_off = self.handed_off, []
+        if not handed_off or _hook_on(DROP_KV_TRANSFERS_ENV):
+            return []
         out = []
         cache = self.runner.kv_cache
-        for r, address in self.handed_off:
+        for r, address in handed_off:
             header = KVTransfer(
                 r.request_id, r.prompt_token_ids, r.output_token_ids, r.sampling_params,
                 r.arrival_time, r.max_tokens, r.num_computed_tokens,
@@ -255,8 +258,7 @@ class EngineCore:
                 out.append((header, [], address))
             else:
                 out.append((header, cache.read_pages(r.page_ids), address))
-        self.handed_off = []
-        return [] if _hook_on(DROP_KV_TRANSFERS_ENV) else out
+        return out
 
     @property
     def kv_format(self) -> str:
@@ -266,16 +268,14 @@ class EngineCore:
                                                                       RequestOutput | None]:
         """Take over a request a prefill engine handed off: its pages are written into this
         cache (past what the prefix cache already holds) and it runs from its next token. No
-        free pages: under `kv_load_failure` recompute it waits to recompute its tokens here,
-        under fail it ends with an error (the returned output). A transfer for a request this
+        free pages (or pages of another format, or unreadable ones): under `kv_load_failure`
+        recompute it waits to recompute its tokens here, under fail it ends with an error (the
+        returned output). A transfer for a request this
         engine knows or has dropped is ignored."""
         rid, params = header.request_id, header.sampling_params
         if (rid in self.scheduler.requests or self.dropped_transfers.pop(rid, None)
                 is not None):
             return KVArrival(rid, "dropped"), None
-        if header.kv_format != self.kv_format:
-            raise ValueError(f"KV pages of format {header.kv_format} sent to an engine of "
-                             f"{self.kv_format}")
         request = Request(rid, header.prompt_token_ids, params, header.arrival_time,
                           eos_token_ids=tuple(self.runner.arch.eos_token_ids),
                           max_tokens=header.max_tokens,
@@ -284,6 +284,9 @@ class EngineCore:
                           scheduled_time=header.scheduled_time,
                           first_token_time=header.first_token_time,
                           num_prompt_logprobs=len(header.prompt_token_ids))
+        if header.kv_format != self.kv_format:
+            return self._not_loaded(request, f"its KV pages are {header.kv_format}, this "
+                                             f"engine's {self.kv_format}")
         n, ps = header.num_computed_tokens, self.block_manager.page_size
         hits = self.block_manager.match_prefix(request)[:n // ps]
         request.set_computed(len(hits) * ps)

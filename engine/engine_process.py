@@ -10,8 +10,8 @@ import sys
 
 from engine.config import EngineConfig
 from engine.logs import configure_logging, one_line
-from engine.messages import (AbortRequests, AddRequest, EngineFailed, KVArrival, ReleaseKV,
-                             RequestOutput, WireError, decode, encode)
+from engine.messages import (AbortRequests, AddRequest, EngineFailed, ReleaseKV, RequestOutput,
+                             WireError, decode, encode)
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +76,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
         early, released = _take_messages(engine, inbox)
         arrivals = []
         for header, frames in transport.receive():
-            try:
-                arrival, output = engine.load_handoff(header, frames)
-            except ValueError as exc:
-                logger.error("refused the KV transfer of request %s: %s", header.request_id, exc)
-                arrival, output = KVArrival(header.request_id, "failed"), RequestOutput(
-                    header.request_id, [], "abort", error=f"KV transfer refused: {exc}")
+            arrival, output = engine.load_handoff(header, frames)
             arrivals.append(arrival)
             early += [output] if output else []
         expiries = engine.expire_leases()
