@@ -120,3 +120,38 @@ def int8_moe(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, gated_acti
     _cpu_only("int8_moe", x)
     return reference.int8_moe(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
                               gated_activation, blocks, int8_activations)
+
+
+def w4a16_linear(x, qweight, scales, zeros, group_size):
+    if _use_triton(x):
+        from kernels import triton_quant
+        return triton_quant.w4a16_linear(x, qweight, scales, zeros, group_size)
+    return reference.w4a16_linear(x, qweight, scales, zeros, group_size)
+
+
+def quantize_per_token_int8(x):
+    if _use_triton(x):
+        from kernels import triton_quant
+        return triton_quant.quantize_per_token_int8(x)
+    return reference.quantize_per_token_int8(x)
+
+
+def w8a8_linear(x, weight, weight_scale):
+    if _use_triton(x):
+        from kernels import triton_quant
+        return triton_quant.w8a8_linear(x, weight, weight_scale)
+    return reference.w8a8_linear(x, weight, weight_scale)
+
+
+def rms_norm_quant_int8(x, weight, eps, residual=None):
+    if _use_triton(x):
+        from kernels import triton_quant
+        return triton_quant.rms_norm_quant_int8(x, weight, eps, residual)
+    return reference.rms_norm_quant_int8(x, weight, eps, residual)
+
+
+def fp8_linear(x, weight, weight_scale):
+    if _use_triton(x):  # torch._scaled_mm on the fp8 tensor cores; no Triton
+        from kernels import triton_quant
+        return triton_quant.fp8_linear(x, weight, weight_scale)
+    return reference.fp8_linear(x, weight, weight_scale)

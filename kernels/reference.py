@@ -371,3 +371,67 @@ def int8_gemm(x_codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """W8A8: `x` quantized to int8 per token, then `int8_gemm` (fp32)."""
     return int8_gemm(*quantize_int8_rows(x), weight, scales)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int, size_k: int) -> torch.Tensor:
+    """fp32 `W[N, K]` of compressed-tensors' pack-quantized int4: code k = 8j + i of a row in
+    bits 4i..4i+3 of `qweight[:, j]` (int32), unsigned; `W[n, k] = (q - z[n, k // G]) *
+    s[n, k // G]`, with `z` = 8 (symmetric) when `zeros` is None."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    codes = ((qweight[..., None] >> shifts) & 0xF).flatten(-2)[:, :size_k].float()
+    scale = scales.float().repeat_interleave(group_size, -1)[:, :size_k]
+    zero = 8.0 if zeros is None else zeros.float().repeat_interleave(group_size, -1)[:, :size_k]
+    return (codes - zero) * scale
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """`x[..., K] @ W.T` for a `dequantize_int4` weight, W rounded to x's dtype first (the
+    Triton kernel's operand). It materializes W on every call: an oracle, not the CPU path
+    (`int4_linear` is)."""
+    w = dequantize_int4(qweight, scales, zeros, group_size, x.shape[-1])
+    return F.linear(x, w.to(x.dtype))
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8_rows` of activations `x[M, K]`: int8 codes and fp32 scales `[M]`."""
+    codes, scale = quantize_int8_rows(x)
+    return codes, scale.squeeze(-1)
+
+
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
+                ) -> torch.Tensor:
+    """`int8_linear` (per-token int8 activations, exact int32 GEMM, then both scales) in x's
+    dtype."""
+    out = int8_linear(x.reshape(-1, x.shape[-1]), weight, weight_scale)
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm_quant_int8(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                        residual: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rms_norm`'s output quantized per token: (codes, scales `[T]`, x + residual)."""
+    out, residual = rms_norm(x, weight, eps, residual)
+    return *quantize_per_token_int8(out), residual
+
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 codes of `x[M, K]` and fp32 scales `[M]`, max |row| / 448 (the cast rounds to
+    nearest even; the clamp keeps a quotient an ulp past 448 from becoming NaN)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp_(min=1e-30) / FP8_MAX
+    codes = (xf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
+               ) -> torch.Tensor:
+    """`x[..., K] @ W.T` for fp8 e4m3 `weight[N, K]` with fp32 `weight_scale[N]`, x quantized
+    to fp8 per token: both dequantized to fp32 for the product, cast to x's dtype."""
+    codes, scale = quantize_per_token_fp8(x.reshape(-1, x.shape[-1]))
+    out = F.linear(codes.float() * scale[:, None], weight.float() * weight_scale[:, None])
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
