@@ -67,9 +67,17 @@ SCENARIOS = [
     (LLAMA3_8B, "bfloat16", "int4"),
     (SMOLLM2, "float32", "int8"),
 ]
+# Quantized linears (model, activation dtype) at the model's linear shapes (qkv, o, gate_up,
+# down): decode batches of 1 and 16 (16-row tiles, split K) and a 2048-token prefill. W4A16
+# symmetric in groups of 128 at decode, with zero points at prefill, and in groups of 32 (the
+# smallest K tile) once; W8A8 split and unsplit; the fused RMSNorm quantizer with and without
+# a residual. Sizes are not specialized on (the batch) or 16-divisible at every shape, so the
+# four shapes share each compile.
+QUANT_SCENARIOS = [(LLAMA3_8B, "bfloat16")]
 PAGE_SIZE = 16
 MAX_MODEL_LEN = 8192  # decode sizes its split grid by max_model_len (see engine/cuda_graphs.py)
-MODULES = ["kernels.triton_attention", "kernels.triton_ops", "kernels.triton_moe"]
+MODULES = ["kernels.triton_attention", "kernels.triton_ops", "kernels.triton_moe",
+           "kernels.triton_quant"]
 
 
 # --------------------------------------------------------------------------- subprocess side
@@ -134,6 +142,30 @@ def _run_wrappers(ta, ops, moe, model, act_name, cache_name):
     topk_weights, topk_ids = torch.rand(num_tokens, 4).topk(2)
     for rows in (num_tokens, 2):
         moe.fused_moe(x[:rows], w13, w2, topk_weights[:rows], topk_ids[:rows], ops.silu_and_mul)
+
+
+def _run_quant_wrappers(quant, model, act_name):
+    """Call the quantized linears the way a decode step and a prefill step of `model` do."""
+    import torch
+
+    _, hidden, heads, kv_heads, head_dim, inter = model
+    act = getattr(torch, act_name)
+    linears = [(hidden, (heads + 2 * kv_heads) * head_dim), (heads * head_dim, hidden),
+               (hidden, 2 * inter), (inter, hidden)]  # (K, N)
+    for size_k, size_n in linears:
+        qweight = torch.empty(size_n, size_k // 8, dtype=torch.int32)
+        scales = torch.empty(size_n, size_k // 128, dtype=act)
+        zeros = torch.empty(size_n, size_k // 128, dtype=torch.uint8)
+        weight = torch.empty(size_n, size_k, dtype=torch.int8)
+        for size_m in (1, 16, 2048):
+            x = torch.empty(size_m, size_k, dtype=act)
+            quant.w4a16_linear(x, qweight, scales, zeros if size_m > 16 else None, 128)
+            quant.w8a8_linear(x, weight, torch.empty(size_n))
+    quant.w4a16_linear(x[:16], qweight, torch.empty(size_n, size_k // 32, dtype=act),
+                       torch.empty(size_n, size_k // 32, dtype=torch.uint8), 32)
+    x = torch.empty(16, hidden, dtype=act)
+    quant.rms_norm_quant_int8(x, torch.ones(hidden, dtype=act), 1e-5)
+    quant.rms_norm_quant_int8(x, torch.ones(hidden, dtype=act), 1e-5, torch.empty_like(x))
 
 
 def _register_usage(cubin: bytes) -> tuple[int, int]:
@@ -209,7 +241,9 @@ def _compile_all(out_path: str) -> None:
         setattr(sys.modules[mod_name], name, _Recorder(fn, launches))
     try:
         for model, act, cache in SCENARIOS:
-            _run_wrappers(*mods, model, act, cache)
+            _run_wrappers(*mods[:3], model, act, cache)
+        for model, act in QUANT_SCENARIOS:
+            _run_quant_wrappers(mods[3], model, act)
     finally:  # the kernels call the helpers by their global names when compiled
         for (mod_name, name), fn in jit_fns.items():
             setattr(sys.modules[mod_name], name, fn)
