@@ -228,6 +228,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     size_k, size_n = x.shape[-1], qweight.shape[0]
     x2 = x.reshape(-1, size_k)
     assert x2.stride(-1) == qweight.stride(-1) == scales.stride(-1) == 1
+    assert zeros is None or zeros.stride(-1) == 1
     assert size_k % 8 == 0 and group_size % 16 == 0
     size_m = x2.shape[0]
     tiles = tiles or _tiles(size_m)
