@@ -15,7 +15,7 @@ from scheduler.kv_policy import parse_kv_policy
 # The names of `--quantization`: "auto", then one per linear method in
 # engine/layers/quantization (whose registry is tested against this list); kept here so
 # listing them does not import torch.
-QUANTIZATIONS = ("auto", "none", "int8", "gguf")
+QUANTIZATIONS = ("auto", "none", "int8", "gguf", "w4a16", "w8a8", "fp8")
 # KV page formats: "auto" is the model's dtype; fp8 (e4m3), int8 and int4 are quantized pages
 # (kernels/kv_format.py), refused here when misspelled rather than at start-up in the engine.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "int8", "int4")

@@ -17,6 +17,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layers.quantization import LinearMethod
+from engine.layers.quantization.checkpoint import assemble, checkpoint_scheme
 from engine.layers.quantization.gguf import QuantizedWeight
 from engine.logs import Progress
 from engine.tokenizer import model_format, resolve_model_path
@@ -159,7 +160,21 @@ def load(cfg: ModelConfig, method: LinearMethod, device: torch.device | str = "c
     if fmt == "dummy":
         return arch, _with_progress(_dummy_weights(arch, cfg.dummy_weights_seed, device),
                                     len(hf_weight_shapes(arch)))
-    return arch, _with_progress(*_safetensors_weights(path))
+    weights, total = _safetensors_weights(path)
+    if scheme := checkpoint_scheme(json.loads(config_path.read_text())):
+        weights = assemble(weights, scheme)
+    return arch, _with_progress(weights, total)
+
+
+def checkpoint_method(cfg: ModelConfig) -> str | None:
+    """The linear method a quantized HF checkpoint declares (`quantization_config`), or None;
+    a `ValueError` naming a scheme Tessera cannot serve."""
+    path = resolve_model_path(cfg.model)
+    if model_format(path, cfg.load_format) != "hf":
+        return None
+    config_path = path / "config.json" if path.is_dir() else path
+    scheme = checkpoint_scheme(json.loads(config_path.read_text()))
+    return scheme and scheme.method
 
 
 def _with_progress(weights: Weights, total: int) -> Weights:

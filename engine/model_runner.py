@@ -89,7 +89,8 @@ class ModelRunner:
         self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device)
         fmt = model_format(resolve_model_path(config.model.model), config.model.load_format)
         self.linear_method = get_linear_method(resolve_quantization(
-            config.model.quantization, fmt, self.device.type))
+            config.model.quantization, fmt, self.device.type,
+            loader.checkpoint_method(config.model)))
         self.linear_method.check_supported(self.device, self.dtype)
         start = time.monotonic()
         arch, weights = loader.load(config.model, self.linear_method, self.device)

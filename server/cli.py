@@ -1,5 +1,5 @@
-"""`tessera serve` and `tessera bench serve|throughput|kernels|perplexity|kv-quality|kv-transfer|
-fuzz|soak|faults`.
+"""`tessera serve`, `tessera quantize` and `tessera bench serve|throughput|kernels|perplexity|
+kv-quality|kv-transfer|fuzz|soak|faults`.
 
 `serve` checks its flags and the model path before it imports the HTTP stack, so a usage
 error comes at once; benchmarks are imported only when asked for.
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"tessera {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="start the OpenAI-compatible server", add_help=False)
+    commands.add_parser("quantize", help="write a compressed-tensors checkpoint (w8a8, w4a16, "
+                        "fp8) of a model", add_help=False)
     bench = commands.add_parser("bench", help="run a benchmark", epilog=_BENCH_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("which", choices=sorted(_BENCHES))
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         engine_config, settings = parse_serve_args(argv[1:])
         from server.api import serve
         serve(engine_config, settings)
+    elif argv[:1] == ["quantize"]:
+        from engine.quantize import main as quantize
+        quantize(argv[1:])
     elif argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in _BENCHES:
         importlib.import_module(_BENCHES[argv[1]]).main(argv[2:])
     else:

@@ -118,9 +118,10 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--device", help="cpu, cuda or cuda:N (default cpu)")
     add("--dtype", choices=_DTYPES, help="weight and activation dtype (default auto)")
     add("--quantization", choices=QUANTIZATIONS,
-        help="weight format of the linears: auto (default) = gguf for a GGUF on CPU, else "
-             "none; none = dense floats; int8 = int8 per channel (CPU); gguf = a GGUF's 4-bit "
-             "codes plus int8 (CPU)")
+        help="weight format of the linears: auto (default) = a quantized checkpoint's own "
+             "scheme, gguf for a GGUF on CPU, else none; none = dense floats; int8 = int8 per "
+             "channel (CPU); gguf = a GGUF's 4-bit codes plus int8 (CPU); w4a16, w8a8, fp8 = "
+             "a checkpoint quantized so (compressed-tensors, AWQ, GPTQ)")
     add("--seed", type=int,
         help="seed of sampled requests that bring none of their own (default 0)")
     add("--dummy-weights-seed", type=int, help="seed of --load-format dummy weights (default 0)")

@@ -16,6 +16,7 @@ from engine.layers.linear import Linear, VocabEmbedding
 from engine.layers.quantization import (QUANTIZATION_METHODS, get_linear_method,
                                         plan_layer_kernels, resolve_quantization)
 from engine.layers.quantization import kernel_choice
+from engine.layers.quantization.checkpoint import ChannelWeight, Int4Weight
 from engine.layers.quantization.dense import DenseMethod
 from engine.layers.quantization.gguf import QuantizedWeight
 from engine.model_runner import default_dtype
@@ -48,13 +49,35 @@ def _q4_shard(rows: int, cols: int, gen: torch.Generator):
     return q, q.dequantize()
 
 
+def _int4_shard(rows: int, cols: int, gen: torch.Generator):
+    """A checkpoint's int4 groups of 64 (compressed-tensors, AWQ, GPTQ), asymmetric."""
+    q = Int4Weight(torch.randint(0, 16, (rows, cols), generator=gen, dtype=torch.uint8),
+                   torch.rand(rows, cols // 64, generator=gen) * 0.01,
+                   torch.randint(4, 12, (rows, cols // 64), generator=gen, dtype=torch.uint8),
+                   64)
+    return q, q.dequantize()
+
+
+def _channel_shard(dtype: torch.dtype):
+    def make(rows: int, cols: int, gen: torch.Generator):
+        w = torch.randn(rows, cols, generator=gen) * 0.05
+        scales = w.abs().amax(1) / (127 if dtype == torch.int8 else 448)
+        codes = w / scales[:, None]
+        codes = codes.round().to(dtype) if dtype == torch.int8 else codes.to(dtype)
+        return ChannelWeight(codes, scales), codes.float() * scales[:, None]
+    return make
+
+
 # Per method: a random checkpoint shard in its format with its float values, the activation
 # dtype, and the error bound relative to the output's largest magnitude. bf16 activations and
 # outputs cost ~1%; int8 per-channel weights (step max|row|/127) and per-token activations add
 # about as much again.
 CASES = {"none": (_dense_shard, torch.float32, 1e-6),
          "int8": (_dense_shard, torch.bfloat16, 0.03),
-         "gguf": (_q4_shard, torch.bfloat16, 0.03)}
+         "gguf": (_q4_shard, torch.bfloat16, 0.03),
+         "w4a16": (_int4_shard, torch.bfloat16, 0.02),
+         "w8a8": (_channel_shard(torch.int8), torch.bfloat16, 0.03),
+         "fp8": (_channel_shard(torch.float8_e4m3fn), torch.bfloat16, 0.02)}
 
 
 def _loaded_layer(name: str, gen: torch.Generator, output_sizes=OUTPUT_SIZES,
@@ -90,9 +113,11 @@ def test_auto_is_the_gguf_codes_on_cpu_and_dense_elsewhere():
 
 
 def test_unknown_quantization_is_rejected():
-    with pytest.raises(ValueError, match="quantization must be one of none, int8, gguf"):
+    with pytest.raises(ValueError, match="quantization must be one of none, int8, gguf, "
+                                         "w4a16, w8a8, fp8"):
         get_linear_method("q8")
-    with pytest.raises(ValueError, match="quantization must be one of auto, none, int8, gguf"):
+    with pytest.raises(ValueError, match="quantization must be one of auto, none, int8, gguf, "
+                                         "w4a16"):
         ModelConfig(quantization="q8")
 
 
@@ -217,6 +242,7 @@ _AVX2_CHECK = """
 import torch
 from tests.test_linear_methods import test_apply_matches_f_linear_on_the_checkpoint_weight as check
 from engine.layers.quantization import kernel_choice
+from engine.layers.quantization.checkpoint import ChannelWeight, Int4Weight
 assert torch.backends.cpu.get_cpu_capability() == "AVX2", torch.backends.cpu.get_cpu_capability()
 for num_tokens in (1, 3, 33, 130):
     check("gguf", num_tokens)

@@ -9,18 +9,34 @@ from functools import partial
 from torch import nn
 
 from engine.layers.quantization.base import LinearMethod
+from engine.layers.quantization.checkpoint import METHODS as CHECKPOINT_METHODS
 from engine.layers.quantization.dense import DenseMethod
+from engine.layers.quantization.fp8 import Fp8Method
 from engine.layers.quantization.gguf import GGUFMethod
 from engine.layers.quantization.int8 import Int8Method
 from engine.layers.quantization.kernel_choice import plan_kernels
+from engine.layers.quantization.w4a16 import W4A16Method
+from engine.layers.quantization.w8a8 import W8A8Method
 
 QUANTIZATION_METHODS: dict[str, type[LinearMethod]] = {
-    m.name: m for m in (DenseMethod, Int8Method, GGUFMethod)}
+    m.name: m for m in (DenseMethod, Int8Method, GGUFMethod, W4A16Method, W8A8Method,
+                        Fp8Method)}
 
 
-def resolve_quantization(name: str, model_format: str, device: str) -> str:
-    """"auto" is the file's own format where a kernel runs it: a GGUF on CPU is served from its
-    codes (`gguf`); everything else is dense."""
+def resolve_quantization(name: str, model_format: str, device: str,
+                         checkpoint_method: str | None = None) -> str:
+    """"auto" is the file's own format where a kernel runs it: a quantized checkpoint is
+    served as it declares (`checkpoint_method`), a GGUF on CPU from its codes (`gguf`);
+    everything else is dense. A quantized checkpoint takes no other method, and its methods
+    no other checkpoint."""
+    if checkpoint_method is not None:
+        if name not in ("auto", checkpoint_method):
+            raise ValueError(f"the model is a {checkpoint_method} checkpoint: quantization "
+                             f"must be auto or {checkpoint_method}, got {name!r}")
+        return checkpoint_method
+    if name in CHECKPOINT_METHODS:
+        raise ValueError(f"quantization={name!r} serves checkpoints quantized so; this model "
+                         f"declares no quantization_config")
     if name != "auto":
         return name
     return "gguf" if model_format == "gguf" and device == "cpu" else "none"

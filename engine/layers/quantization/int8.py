@@ -71,21 +71,21 @@ class Int8Method(LinearMethod):
         return None
 
     def candidates(self, layer):
-        block, scale_bf16 = layer.rotation_block, layer.weight_scale.to(torch.bfloat16)
+        scale_bf16 = layer.weight_scale.to(torch.bfloat16)
 
         def w8a16(x):
-            return kernels.int8_weight_linear(kernels.rotate(x, block), layer.weight,
+            return kernels.int8_weight_linear(_rotated(layer, x), layer.weight,
                                               scale_bf16).to(x.dtype)
 
         def w8a8(x):
-            return kernels.int8_linear(kernels.rotate(x, block), layer.weight,
+            return kernels.int8_linear(_rotated(layer, x), layer.weight,
                                        layer.weight_scale).to(x.dtype)
 
         return {"w8a16": w8a16, "w8a8": w8a8}
 
     def reference(self, layer, x):
         """fp32 `x W^T` on the dequantized weight (rotated, with x rotated alike)."""
-        return F.linear(kernels.rotate(x, layer.rotation_block),
+        return F.linear(_rotated(layer, x).float(),
                         layer.weight.float() * layer.weight_scale[:, None])
 
     def apply(self, layer, x, bias):
@@ -94,4 +94,9 @@ class Int8Method(LinearMethod):
 
     def embed(self, layer, token_ids):
         rows = layer.weight[token_ids].float() * layer.weight_scale[token_ids, None]
-        return kernels.rotate(rows, layer.rotation_block).to(layer.params_dtype)  # H H = I
+        return _rotated(layer, rows).to(layer.params_dtype)  # H H = I
+
+
+def _rotated(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` in the layer weight's rotated basis (as it is where the block is 1: no rotation)."""
+    return x if layer.rotation_block == 1 else kernels.rotate(x, layer.rotation_block)

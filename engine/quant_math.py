@@ -1,0 +1,135 @@
+"""The arithmetic of `tessera quantize`: SmoothQuant factors, symmetric integer quantization
+per group of input columns (a group of all K columns = per output channel) with a clipping
+search and GPTQ's error compensation, and fp8 per channel. Plain tensors in and out; the
+calibration loop (engine/quantize.py) decides what they are applied to.
+
+Symmetric int4 follows compressed-tensors' rule, so a round-to-nearest code is what its
+quantizer gives for the same scale: `scale = amax / 7.5`, `q = clamp(round(w / scale), -8, 7)`.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from kernels.reference import FP8_MAX
+
+# Clip ratios the search tries per group (1.0 = round-to-nearest on the full range).
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))
+GPTQ_BLOCK = 128  # columns updated together; a multiple of every group size
+GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, added to it
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    qmin: int
+    qmax: int
+    half_range: float  # amax / scale at ratio 1
+
+    def codes(self, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return (w / scales).round().clamp(self.qmin, self.qmax)
+
+
+INT4 = IntFormat(-8, 7, 7.5)
+INT8 = IntFormat(-127, 127, 127.0)
+
+
+def smooth_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor],
+                   alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factor `s = max|X_j|^a / max|W_:j|^(1-a)` over every
+    linear reading the activation: `X / s` and `W * s` leave `X W^T` unchanged and move the
+    activation outliers' range into the weights (migration strength `alpha`)."""
+    w_absmax = torch.cat([w.float() for w in weights]).abs().amax(0)
+    s = act_absmax.float().clamp(min=1e-5) ** alpha / w_absmax.clamp(min=1e-5) ** (1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 per output row: codes `[N, K]`, fp32 scales `[N, 1]` (`amax / 448`)."""
+    scale = w.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def group_scales(wg: torch.Tensor, fmt: IntFormat, gram: torch.Tensor | None,
+                 scale_dtype: torch.dtype) -> torch.Tensor:
+    """One group's scale per row (`wg [N, G]`), rounded to `scale_dtype` as a reader has it.
+
+    With `gram` (`X_g^T X_g`, `[G, G]`, of calibration activations) each row clips its range to
+    the ratio of `CLIP_RATIOS` whose rounding error costs the layer's output least,
+    `(w - q) X_g^T X_g (w - q)^T` (AWQ's and OmniQuant's clipping, by search); ratio 1.0 is
+    among them, so it is never worse than round-to-nearest there. Without, ratio 1.0."""
+    amax = wg.abs().amax(-1).clamp(min=1e-12)
+    best, best_err = None, None
+    for ratio in CLIP_RATIOS if gram is not None else (1.0,):
+        scales = (amax * ratio / fmt.half_range).to(scale_dtype)
+        if gram is None:
+            return scales
+        s = scales.float()[:, None]
+        d = wg - fmt.codes(wg, s) * s
+        err = ((d @ gram) * d).sum(-1)
+        if best is None:
+            best, best_err = scales, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scales, best), torch.where(better, err, best_err)
+    return best
+
+
+def quantize_groups(w: torch.Tensor, fmt: IntFormat, group_size: int,
+                    hessian: torch.Tensor | None, *, gptq: bool, clip_search: bool,
+                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric integer codes `[N, K]` (int8 storage) and scales `[N, K / group_size]` of a
+    weight `[N, K]`, a scale per row and group of `group_size` input columns (a divisor of
+    `GPTQ_BLOCK`, or K: per output channel).
+
+    With `gptq` (needs `hessian`, `X^T X` of the layer's calibration inputs, `[K, K]`) the
+    columns are
+    quantized in order and each one's rounding error is spread over the columns still to come
+    in proportion to the inverse Hessian (GPTQ), so the layer's output error, not the weights',
+    is what is minimized; its group's scale is chosen from the weights as updated when the
+    group begins. `clip_search` searches each group's clip ratio (`group_scales`) on the
+    Hessian's diagonal block (needs `hessian` too)."""
+    w = w.float().clone()
+    n, k = w.shape
+    codes = torch.empty(n, k)
+    scales = torch.empty(n, k // group_size, dtype=scale_dtype)
+
+    def scales_at(col: int, wg: torch.Tensor) -> torch.Tensor:
+        g = col // group_size
+        gram = hessian[col:col + group_size, col:col + group_size] if clip_search else None
+        scales[:, g] = group_scales(wg, fmt, gram, scale_dtype)
+        return scales[:, g].float()
+
+    if not gptq:
+        for col in range(0, k, group_size):
+            wg = w[:, col:col + group_size]
+            codes[:, col:col + group_size] = fmt.codes(wg, scales_at(col, wg)[:, None])
+        return codes.to(torch.int8), scales
+    u = _inverse_hessian_factor(hessian, w)
+    per_channel = group_size == k
+    assert per_channel or GPTQ_BLOCK % group_size == 0
+    if per_channel:
+        s = scales_at(0, w)
+    for b0 in range(0, k, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, k)
+        wb, errors = w[:, b0:b1].clone(), torch.empty(n, b1 - b0)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if not per_channel and col % group_size == 0:
+                s = scales_at(col, wb[:, i:i + group_size])
+            q = fmt.codes(wb[:, i], s)
+            codes[:, col] = q
+            errors[:, i] = (wb[:, i] - q * s) / u[col, col]
+            wb[:, i:] -= errors[:, i:i + 1] * u[col, col:b1]
+        w[:, b1:] -= errors @ u[b0:b1, b1:]
+    return codes.to(torch.int8), scales
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of the damped Hessian's inverse; input columns no token ever
+    used get a unit diagonal and zero weights."""
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h.diagonal().add_(GPTQ_DAMPING * h.diagonal().mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True).float()
