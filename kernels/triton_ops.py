@@ -142,8 +142,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r,
-                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def rms_normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, stride_x, stride_r, hidden, eps,
+                   HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Row `program_id(0)` of `rms_norm`, `w * normalized(x [+ residual])` (`[BLOCK]`, masked
+    past `hidden`); stores `x + residual` where there is one."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -155,8 +157,18 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
     y = (xf * rstd).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask)
-    tl.store(out_ptr + t * hidden + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    return w * y
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r,
+                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    y = rms_normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, stride_x, stride_r, hidden, eps,
+                       HAS_RESIDUAL, BLOCK)
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    tl.store(out_ptr + t * hidden + cols, y.to(out_ptr.dtype.element_ty), mask=cols < hidden)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.triton_attention import dot_precision
-from kernels.triton_ops import _round_half_even
+from kernels.triton_ops import _round_half_even, rms_normed_row
 
 
 @dataclass(frozen=True)
@@ -182,19 +182,13 @@ def _quantize_int8_kernel(x_ptr, codes_ptr, scales_ptr, stride_x, size_k, BLOCK:
 def _rms_norm_quant_int8_kernel(x_ptr, res_ptr, w_ptr, codes_ptr, scales_ptr, res_out_ptr,
                                 stride_x, stride_r, hidden, eps, HAS_RESIDUAL: tl.constexpr,
                                 BLOCK: tl.constexpr):
-    """`triton_ops._rms_norm_kernel`'s normalized row (in the dtype rms_norm returns), then
-    quantized to int8 per token without leaving registers."""
+    """`rms_norm`'s row (in the dtype it returns), then quantized to int8 per token without
+    leaving registers."""
+    y = rms_normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, stride_x, stride_r, hidden, eps,
+                       HAS_RESIDUAL, BLOCK).to(tl.float32)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = x + tl.load(res_ptr + t * stride_r + cols, mask=mask, other=0.0)
-        tl.store(res_out_ptr + t * hidden + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = (w * (xf * rstd).to(x_ptr.dtype.element_ty)).to(tl.float32)
     scale = _int8_scale(tl.max(tl.abs(y), 0))
     tl.store(codes_ptr + t * hidden + cols, _int8_codes(y, scale), mask=mask)
     tl.store(scales_ptr + t, scale)

@@ -10,7 +10,7 @@ Triton modules lazily, so setting it here, first, is enough. Where the kernels r
 """
 import contextlib
 
-from tests.triton_mode import interpreting  # first: it sets TRITON_INTERPRET
+from tests.triton_mode import interpreting, kernel_test_device  # first: it sets TRITON_INTERPRET
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -25,13 +25,7 @@ from kernels import kv_format, reference, triton_attention, triton_moe, triton_o
 from kernels.kv_format import QuantizedPages  # noqa: E402
 
 
-if interpreting():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET=0 runs compiled kernels, which need a CUDA device",
-                allow_module_level=True)
+DEVICE = kernel_test_device()
 
 ATOL, RTOL = 1e-4, 1e-3
 # The interpreter gets bf16 wrong (numpy has no bf16: NaNs), so bf16 runs on the GPU only.

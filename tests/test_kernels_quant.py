@@ -6,7 +6,7 @@ by default; with TRITON_INTERPRET=0 and a GPU, compiled on CUDA tensors in fp32 
 """
 import contextlib
 
-from tests.triton_mode import interpreting  # first: it sets TRITON_INTERPRET
+from tests.triton_mode import kernel_test_device  # first: it sets TRITON_INTERPRET
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -18,13 +18,7 @@ import kernels  # noqa: E402
 from kernels import reference, triton_quant  # noqa: E402
 from kernels.triton_quant import DECODE_TILES, PREFILL_TILES  # noqa: E402
 
-if interpreting():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET=0 runs compiled kernels, which need a CUDA device",
-                allow_module_level=True)
+DEVICE = kernel_test_device()
 
 # As tests/test_kernels.py's: the kernels and the references differ in summation order only
 # (and, in bf16, by an ulp or two where their fp32 sums differ in the last bits).

@@ -15,3 +15,17 @@ def interpreting() -> bool:
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_test_device() -> str:
+    """Where the kernel tests run: the interpreter on CPU tensors, compiled kernels on a GPU;
+    the module is skipped when neither is possible."""
+    import pytest
+    import torch
+
+    if interpreting():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("TRITON_INTERPRET=0 runs compiled kernels, which need a CUDA device",
+                allow_module_level=True)

@@ -40,6 +40,15 @@ TARGETS = [
     Target("offline 512x512->128, share of bound", "throughput", "batch_fraction_of_bound", 0.75),
     Target("decode CUDA graph capture, seconds", "throughput", "graph_capture_s", 30.0,
            at_least=False),
+    # Llama-3-8B's gate|up projection (4096 -> 28672), the largest weight read of a step.
+    Target("W4A16 GEMM M=1, speed vs cuBLAS bf16", "kernels:w4a16_gate_up_m1",
+           "speedup_vs_torch", 2.5),
+    Target("W4A16 GEMM M=16, speed vs cuBLAS bf16", "kernels:w4a16_gate_up_m16",
+           "speedup_vs_torch", 2.5),
+    Target("W4A16 GEMM M=16, share of weight-bytes roofline", "kernels:w4a16_gate_up_m16",
+           "fraction_of_bandwidth", 0.75),
+    Target("W8A8 GEMM M=2048, speed vs cuBLAS bf16", "kernels:w8a8_gate_up_prefill_2k",
+           "speedup_vs_torch", 1.4),
 ]
 CONTEXT = [("copy bandwidth, GB/s", "kernels:ceilings", "copy_gb_s"),
            ("matmul, TFLOP/s", "kernels:ceilings", "matmul_tflops"),
