@@ -42,6 +42,20 @@ def smooth_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor],
     return s.clamp(min=1e-5)
 
 
+def fake_int8_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to int8 per row (symmetric, `max |row| / 127`) and scaled back."""
+    scale = t.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    return (t / scale).round().clamp(-127, 127) * scale
+
+
+def smoothing_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
+    """Output error of W8A8 on calibration inputs `x [M, K]` smoothed by `s`: int8 per token
+    of `x / s` times int8 per channel of each `W * s`, against `x W^T`."""
+    xq = fake_int8_rows(x / s)
+    return sum(float(((xq @ fake_int8_rows(w.float() * s).T) - x @ w.float().T).square().sum())
+               for w in weights)
+
+
 def fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 per output row: codes `[N, K]`, fp32 scales `[N, 1]` (`amax / 448`)."""
     scale = w.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX
@@ -74,14 +88,15 @@ def group_scales(wg: torch.Tensor, fmt: IntFormat, gram: torch.Tensor | None,
 
 
 def quantize_groups(w: torch.Tensor, fmt: IntFormat, group_size: int,
-                    hessian: torch.Tensor | None, *, gptq: bool, clip_search: bool,
-                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                    hessian: torch.Tensor | None, *, gptq_factor: torch.Tensor | None,
+                    clip_search: bool, scale_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric integer codes `[N, K]` (int8 storage) and scales `[N, K / group_size]` of a
     weight `[N, K]`, a scale per row and group of `group_size` input columns (a divisor of
     `GPTQ_BLOCK`, or K: per output channel).
 
-    With `gptq` (needs `hessian`, `X^T X` of the layer's calibration inputs, `[K, K]`) the
-    columns are
+    With `gptq_factor` (`gptq_factor(hessian)`, `hessian` = `X^T X` of the layer's
+    calibration inputs, `[K, K]`) the columns are
     quantized in order and each one's rounding error is spread over the columns still to come
     in proportion to the inverse Hessian (GPTQ), so the layer's output error, not the weights',
     is what is minimized; its group's scale is chosen from the weights as updated when the
@@ -98,12 +113,12 @@ def quantize_groups(w: torch.Tensor, fmt: IntFormat, group_size: int,
         scales[:, g] = group_scales(wg, fmt, gram, scale_dtype)
         return scales[:, g].float()
 
-    if not gptq:
+    if gptq_factor is None:
         for col in range(0, k, group_size):
             wg = w[:, col:col + group_size]
             codes[:, col:col + group_size] = fmt.codes(wg, scales_at(col, wg)[:, None])
         return codes.to(torch.int8), scales
-    u = _inverse_hessian_factor(hessian, w)
+    u = gptq_factor
     per_channel = group_size == k
     assert per_channel or GPTQ_BLOCK % group_size == 0
     if per_channel:
@@ -123,13 +138,13 @@ def quantize_groups(w: torch.Tensor, fmt: IntFormat, group_size: int,
     return codes.to(torch.int8), scales
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor of the damped Hessian's inverse; input columns no token ever
-    used get a unit diagonal and zero weights."""
+def gptq_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of the damped Hessian's inverse, which GPTQ spreads each
+    column's rounding error with; shared by every linear reading the same input. An input
+    column no token ever used gets a unit diagonal (its weights' errors go nowhere)."""
     h = hessian.double().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
     h.diagonal().add_(GPTQ_DAMPING * h.diagonal().mean())
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True).float()

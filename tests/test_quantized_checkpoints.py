@@ -37,17 +37,41 @@ PROMPTS = ["The GNU General Public License is a", "Write one sentence about the 
 MAX_TOKENS = 24
 # Largest and mean log-prob gap, under the dense model, between its own greedy choice and the
 # token the quantized model chose, teacher-forced (nats). Measured 2026-12-02 with the
-# calibration above: w8a8 max 0.54 mean 0.02, w4a16 max 3.94 mean 0.30 (48 tokens each).
-MARGINS = {"w8a8": (1.5, 0.1), "w4a16": (6.0, 0.6)}
+# calibration above (48 tokens each): w8a8 max 0.63 mean 0.02, w4a16 max 3.94 mean 0.30, fp8
+# max 0.86 mean 0.04.
+MARGINS = {"w8a8": (1.5, 0.1), "w4a16": (6.0, 0.6), "fp8": (2.0, 0.15)}
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     out = {}
     for name, args in (("w4a16", ["--scheme", "w4a16"]), ("w8a8", ["--scheme", "w8a8"]),
-                       ("w4a16-rtn", ["--scheme", "w4a16", "--no-clip-search", "--no-gptq"])):
+                       ("w4a16-rtn", ["--scheme", "w4a16", "--no-search", "--no-gptq"])):
         out[name] = tmp_path_factory.mktemp(name)
         quantize([str(default_model_path()), *args, "--out", str(out[name]), *CALIBRATION])
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8_from_hf_directory(tmp_path_factory):
+    """An fp8 checkpoint quantized from an HF safetensors directory (the path an 8B model
+    takes: read tensor by tensor), the directory written from the default GGUF."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    source = tmp_path_factory.mktemp("hf")
+    model = oracle.hf_model()
+    save_file({name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()
+               if name != "lm_head.weight"}, str(source / "model.safetensors"))  # tied
+    config = model.config.to_dict()
+    del config["quantization_config"]  # transformers' note that it came from a GGUF
+    config |= {"architectures": ["LlamaForCausalLM"], "dtype": "bfloat16"}
+    (source / "config.json").write_text(json.dumps(config))
+    path = default_model_path()
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(
+        str(source))
+    out = tmp_path_factory.mktemp("fp8")
+    quantize([str(source), "--scheme", "fp8", "--out", str(out), *CALIBRATION])
     return out
 
 
@@ -81,11 +105,12 @@ def test_pack_orders_match_the_format_descriptions():
     assert unpack_nibbles(high)[0].tolist() == [0] * 7 + [15]
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
-def test_compressed_tensors_library_reads_back_tesseras_weights(checkpoints, scheme):
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
+def test_compressed_tensors_library_reads_back_tesseras_weights(checkpoints, scheme,
+                                                                 fp8_from_hf_directory):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    path = checkpoints[scheme]
+    path = fp8_from_hf_directory if scheme == "fp8" else checkpoints[scheme]
     library = AutoModelForCausalLM.from_pretrained(
         str(path), quantization_config=CompressedTensorsConfig(run_compressed=False),
         dtype=torch.bfloat16).state_dict()
@@ -103,9 +128,10 @@ def margins(prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
     return logprobs.max(-1).values - logprobs[torch.arange(len(tokens)), tokens]
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
-def test_served_tokens_stay_near_the_dense_model(checkpoints, scheme):
-    llm = LLM(model=str(checkpoints[scheme]), enforce_eager=True, num_kv_pages=64,
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
+def test_served_tokens_stay_near_the_dense_model(checkpoints, scheme, fp8_from_hf_directory):
+    path = fp8_from_hf_directory if scheme == "fp8" else checkpoints[scheme]
+    llm = LLM(model=str(path), enforce_eager=True, num_kv_pages=64,
               max_model_len=512)
     tokenizer = llm.tokenizer
     gaps = []
