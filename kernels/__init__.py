@@ -9,19 +9,21 @@ import torch
 from kernels import reference
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether the ops on `x` run on Triton; a quantized linear method also lays its weights
+    out for the Triton kernels or the CPU's by it."""
     return x.is_cuda
 
 
 def rms_norm(x, weight, eps, residual=None):
-    if _use_triton(x):
+    if uses_triton(x):
         from kernels import triton_ops
         return triton_ops.rms_norm(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
 
 
 def rotary_embedding(positions, q, k, cos_sin_cache):
-    if _use_triton(q):
+    if uses_triton(q):
         from kernels import triton_ops
         triton_ops.rotary_embedding(positions, q, k, cos_sin_cache)
     else:
@@ -29,14 +31,14 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
 
 
 def silu_and_mul(x):
-    if _use_triton(x):
+    if uses_triton(x):
         from kernels import triton_ops
         return triton_ops.silu_and_mul(x)
     return reference.silu_and_mul(x)
 
 
 def gelu_tanh_and_mul(x):
-    if _use_triton(x):
+    if uses_triton(x):
         from kernels import triton_ops
         return triton_ops.gelu_tanh_and_mul(x)
     return reference.gelu_tanh_and_mul(x)
@@ -46,14 +48,14 @@ def gelu_tanh_and_mul(x):
 # tokens per expert would be a new graph, so the compiled step calls it as it is.
 @torch.compiler.disable
 def fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation):
-    if _use_triton(x):
+    if uses_triton(x):
         from kernels import triton_moe
         return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation)
     return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, gated_activation)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    if _use_triton(k):
+    if uses_triton(k):
         from kernels import triton_ops
         triton_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
     else:
@@ -62,7 +64,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
 
 def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale,
                     max_query_len, max_seq_len, sliding_window=None, softcap=None):
-    if not _use_triton(q):
+    if not uses_triton(q):
         return reference.paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens,
                                          block_table, scale, max_query_len, max_seq_len,
                                          sliding_window, softcap)
@@ -82,7 +84,7 @@ def attention_scores(q, k_cache, pages, seq_len, first_slot, scale, softcap=None
 
 
 def _cpu_only(name: str, x: torch.Tensor) -> None:
-    if _use_triton(x):
+    if uses_triton(x):
         raise NotImplementedError(f"{name} has a CPU kernel only; use dense weights on CUDA")
 
 
@@ -123,35 +125,35 @@ def int8_moe(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, gated_acti
 
 
 def w4a16_linear(x, qweight, scales, zeros, group_size):
-    if _use_triton(x):
+    if uses_triton(x):
         from kernels import triton_quant
         return triton_quant.w4a16_linear(x, qweight, scales, zeros, group_size)
     return reference.w4a16_linear(x, qweight, scales, zeros, group_size)
 
 
 def quantize_per_token_int8(x):
-    if _use_triton(x):
+    if uses_triton(x):
         from kernels import triton_quant
         return triton_quant.quantize_per_token_int8(x)
     return reference.quantize_per_token_int8(x)
 
 
 def w8a8_linear(x, weight, weight_scale):
-    if _use_triton(x):
+    if uses_triton(x):
         from kernels import triton_quant
         return triton_quant.w8a8_linear(x, weight, weight_scale)
     return reference.w8a8_linear(x, weight, weight_scale)
 
 
 def rms_norm_quant_int8(x, weight, eps, residual=None):
-    if _use_triton(x):
+    if uses_triton(x):
         from kernels import triton_quant
         return triton_quant.rms_norm_quant_int8(x, weight, eps, residual)
     return reference.rms_norm_quant_int8(x, weight, eps, residual)
 
 
 def fp8_linear(x, weight, weight_scale):
-    if _use_triton(x):  # torch._scaled_mm on the fp8 tensor cores; no Triton
+    if uses_triton(x):  # torch._scaled_mm on the fp8 tensor cores; no Triton
         from kernels import triton_quant
         return triton_quant.fp8_linear(x, weight, weight_scale)
     return reference.fp8_linear(x, weight, weight_scale)

@@ -431,7 +431,8 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                ) -> torch.Tensor:
     """`x[..., K] @ W.T` for fp8 e4m3 `weight[N, K]` with fp32 `weight_scale[N]`, x quantized
-    to fp8 per token: both dequantized to fp32 for the product, cast to x's dtype."""
+    to fp8 per token: both dequantized to fp32 for the product, rounded to bf16 as the fp8
+    tensor-core GEMM writes it, then cast to x's dtype."""
     codes, scale = quantize_per_token_fp8(x.reshape(-1, x.shape[-1]))
     out = F.linear(codes.float() * scale[:, None], weight.float() * weight_scale[:, None])
-    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return out.to(torch.bfloat16).to(x.dtype).view(*x.shape[:-1], weight.shape[0])

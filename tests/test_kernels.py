@@ -506,7 +506,7 @@ def test_attention_at_engine_tile_sizes_over_long_contexts(num_heads: int, num_k
 def test_dispatch_sends_decode_and_prefill_batches_to_their_kernels(monkeypatch,
                                                                    window: int | None,
                                                                    softcap: float | None):
-    monkeypatch.setattr(kernels, "_use_triton", lambda x: True)
+    monkeypatch.setattr(kernels, "uses_triton", lambda x: True)
     calls = []
     for name in ("paged_decode_attention", "paged_prefill_attention"):
         kernel = getattr(triton_attention, name)

@@ -207,7 +207,7 @@ def test_split_k_fills_the_gpu_only_with_few_output_tiles():
 
 def test_dispatch_sends_quantized_linears_to_the_gpu_module(monkeypatch):
     """Through `kernels` at the default tiles and splits, as the layers call them."""
-    monkeypatch.setattr(kernels, "_use_triton", lambda x: True)
+    monkeypatch.setattr(kernels, "uses_triton", lambda x: True)
     calls = []
     for name in ("w4a16_linear", "w8a8_linear", "quantize_per_token_int8",
                  "rms_norm_quant_int8", "fp8_linear"):

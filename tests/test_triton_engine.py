@@ -30,7 +30,9 @@ import kernels  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
+from engine.quantize import main as quantize  # noqa: E402
 from kernels import reference, triton_attention, triton_moe, triton_ops  # noqa: E402
+from kernels import triton_quant  # noqa: E402
 from tests.conftest import write_tiny_tokenizer  # noqa: E402
 from tests.test_model_families import FAMILIES, write_checkpoint  # noqa: E402
 
@@ -87,7 +89,7 @@ def force_kernels(monkeypatch, use_triton: bool, tiles: dict[str, dict] | None =
     `tiles` adds keyword arguments to Triton functions by name (e.g. smaller attention tiles).
     Returns live call counts of the chosen path's functions, so a test can show each ran.
     """
-    monkeypatch.setattr(kernels, "_use_triton", lambda x: use_triton)
+    monkeypatch.setattr(kernels, "uses_triton", lambda x: use_triton)
     calls = Counter()
     used, banned = (TRITON_FUNCS, REFERENCE_FUNCS) if use_triton else (REFERENCE_FUNCS,
                                                                         TRITON_FUNCS)
@@ -237,13 +239,14 @@ CPU_LENGTHS, CPU_MAX_TOKENS = [45, 5, 23, 13], [6, 9, 4, 7]
 CPU_SHARED = 42  # 5 full pages of the first prompt (the 6th is only partly shared)
 
 
-def _cpu_llm(model: str, **kw) -> LLM:
+def _cpu_llm(model: str, sharpen: bool = True, **kw) -> LLM:
     # A 24-token budget prefills the 45-token prompt in two chunks over six 8-token pages.
     args = dict(model=model, load_format="dummy", device="cpu", dtype="float32",
                 page_size=CPU_PAGE, max_num_seqs=8, max_num_batched_tokens=24, num_kv_pages=48,
                 max_model_len=128, enable_prefix_caching=True, dummy_weights_seed=0,
                 enforce_eager=True)
-    return sharpen_attention(LLM(**(args | kw)))
+    llm = LLM(**(args | kw))
+    return sharpen_attention(llm) if sharpen else llm
 
 
 def _cpu_model(tmp_path, family: str) -> dict:
@@ -285,6 +288,40 @@ def test_engine_on_interpreted_triton_matches_reference(tmp_path, monkeypatch, f
     assert all(c.finish_reason == "length" for c in want)
     assert want[len(CPU_LENGTHS)].num_cached_tokens == CPU_SHARED // CPU_PAGE * CPU_PAGE
     assert_same_completions(got, want, atol=2e-5)  # measured: Llama <= 5e-7, Qwen3-MoE 5e-6
+
+
+QUANTIZED_GEMMS = {"w4a16": "w4a16_linear", "w8a8": "w8a8_linear", "fp8": "fp8_linear"}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("scheme", list(QUANTIZED_GEMMS))
+def test_quantized_checkpoint_on_interpreted_triton_matches_the_twin_gemm(tmp_path, monkeypatch,
+                                                                          scheme):
+    """A `tessera quantize` checkpoint served on the Triton path, in the weight layout the
+    linear method builds for it, with every op interpreted: the quantized GEMM against its
+    torch twin on the same tensors, the rest on Triton both times."""
+    source = write_checkpoint(tmp_path / "llama", *FAMILIES["llama"])
+    write_tiny_tokenizer(source)
+    text = tmp_path / "calibration.txt"
+    gen = torch.Generator().manual_seed(2)
+    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, 300, (512,), generator=gen)))
+    out = tmp_path / scheme
+    quantize([str(source), "--scheme", scheme, "--out", str(out), "--group-size", "32",
+              "--calibration-file", str(text), "--calibration-tokens", "256",
+              "--sequence-length", "64"])
+    calls = engine_workload(512, CPU_LENGTHS, CPU_MAX_TOKENS, CPU_SHARED, tail=6)
+    name = QUANTIZED_GEMMS[scheme]
+    with monkeypatch.context() as m:
+        force_kernels(m, use_triton=True)
+        m.setattr(triton_quant, name, getattr(reference, name))
+        want = run_calls(_cpu_llm(str(out), sharpen=False, load_format="auto"), calls)
+    with monkeypatch.context() as m:
+        force_kernels(m, use_triton=True)
+        gemm, ran = getattr(triton_quant, name), Counter()
+        m.setattr(triton_quant, name, lambda *a, **kw: ran.update([name]) or gemm(*a, **kw))
+        got = run_calls(_cpu_llm(str(out), sharpen=False, load_format="auto"), calls)
+    assert ran[name] > 0
+    assert_same_completions(got, want, atol=2e-5)
 
 
 class EagerReplayGraphs(DecodeGraphs):

@@ -32,12 +32,12 @@ class Fp8Method(LinearMethod):
         load_channel_weight(self.name, torch.float8_e4m3fn, layer, param, loaded, shard_id)
 
     def process_weights_after_loading(self, layer):
-        if not layer.weight.is_cuda:
+        if not kernels.uses_triton(layer.weight):
             dense = layer.weight.float() * layer.weight_scale[:, None]
             layer.weight = nn.Parameter(dense.to(layer.params_dtype), requires_grad=False)
 
     def apply(self, layer, x, bias):
-        if x.is_cuda:
+        if layer.weight.dtype == torch.float8_e4m3fn:
             y = kernels.fp8_linear(x, layer.weight, layer.weight_scale)
             return y if bias is None else y + bias
         return F.linear(x, layer.weight, bias)

@@ -45,7 +45,8 @@ class W4A16Method(LinearMethod):
         del layer.int4_shards
         device = layer.weight.device
         layer.group_size, layer.input_perm = w.group_size, _to(w.perm, device)
-        if device.type == "cuda":
+        layer.int4 = None  # the CPU kernel's packing, or the Triton kernel's tensors
+        if kernels.uses_triton(layer.weight):
             layer.qweight = pack_nibbles(w.codes).to(device)
             layer.scales = w.scales.to(device, layer.params_dtype)
             symmetric = bool((w.zero_points == 8).all())
@@ -56,7 +57,7 @@ class W4A16Method(LinearMethod):
     def apply(self, layer, x, bias):
         if layer.input_perm is not None:
             x = x[..., layer.input_perm]
-        if x.is_cuda:
+        if layer.int4 is None:
             y = kernels.w4a16_linear(x, layer.qweight, layer.scales, layer.zero_points,
                                      layer.group_size)
         else:

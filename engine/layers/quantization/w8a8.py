@@ -28,10 +28,10 @@ class W8A8Method(Int8Method):
         pass  # CPU kernels and a Triton one
 
     def candidates(self, layer):
-        return {} if layer.weight.is_cuda else super().candidates(layer)
+        return {} if kernels.uses_triton(layer.weight) else super().candidates(layer)
 
     def apply(self, layer, x, bias):
-        if not x.is_cuda:
+        if layer.kernel_plan is not None:  # the CPU kernels'
             return super().apply(layer, x, bias)
         y = kernels.w8a8_linear(x, layer.weight, layer.weight_scale)
         return y if bias is None else y + bias
