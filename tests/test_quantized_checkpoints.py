@@ -198,6 +198,28 @@ def test_awq_layout_loads_the_same_weights_and_tokens(checkpoints, tmp_path):
     assert tokens[0] == tokens[1]
 
 
+def test_asymmetric_compressed_tensors_groups_load_as_the_library_decompresses_them():
+    """Zero points packed along N (`pack_to_int32(..., packed_dim=0)`), by the library."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = preset_name_to_scheme("W4A16_ASYM", ["Linear"])
+    scheme.weights.group_size = 32
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(5))
+    groups = w.view(24, 3, 32)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights)
+    files = PackedQuantizationCompressor.compress(
+        {"weight": w, "weight_scale": scale, "weight_zero_point": zero}, scheme)
+    library = PackedQuantizationCompressor.decompress(files, scheme)["weight"]
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "config_groups": {"g": scheme.model_dump(mode="json")}}
+    (_, ours), = assemble(((f"l.{k}", v) for k, v in files.items()),
+                          checkpoint_scheme({"quantization_config": config}))
+    assert not (ours.zero_points == 8).all()
+    assert torch.equal(ours.dequantize(), library.float())
+
+
 def test_gptq_act_order_weight_computes_its_formula():
     torch.manual_seed(0)
     n, k, group = 16, 128, 32
