@@ -89,19 +89,22 @@ def group_scales(wg: torch.Tensor, fmt: IntFormat, gram: torch.Tensor | None,
 
 def quantize_groups(w: torch.Tensor, fmt: IntFormat, group_size: int,
                     hessian: torch.Tensor | None, *, gptq_factor: torch.Tensor | None,
-                    clip_search: bool, scale_dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    clip_search: bool, scale_dtype: torch.dtype,
+                    order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric integer codes `[N, K]` (int8 storage) and scales `[N, K / group_size]` of a
     weight `[N, K]`, a scale per row and group of `group_size` input columns (a divisor of
     `GPTQ_BLOCK`, or K: per output channel).
 
     With `gptq_factor` (`gptq_factor(hessian)`, `hessian` = `X^T X` of the layer's
-    calibration inputs, `[K, K]`) the columns are
-    quantized in order and each one's rounding error is spread over the columns still to come
-    in proportion to the inverse Hessian (GPTQ), so the layer's output error, not the weights',
-    is what is minimized; its group's scale is chosen from the weights as updated when the
-    group begins. `clip_search` searches each group's clip ratio (`group_scales`) on the
-    Hessian's diagonal block (needs `hessian` too)."""
+    calibration inputs, `[K, K]`) the columns are quantized one by one and each one's rounding
+    error is spread over the columns still to come in proportion to the inverse Hessian
+    (GPTQ), so the layer's output error, not the weights', is what is minimized. In input
+    order, a group's scale is chosen from the weights as updated when the group begins. With
+    `order` (act-order: a permutation of the columns, the factor being that of the permuted
+    Hessian) every scale is chosen first from the weights as they are, the groups staying the
+    columns' own (static groups: the checkpoint needs no group index). `clip_search` searches
+    each group's clip ratio (`group_scales`) on the Hessian's diagonal block (needs `hessian`
+    too)."""
     w = w.float().clone()
     n, k = w.shape
     codes = torch.empty(n, k)
@@ -119,22 +122,30 @@ def quantize_groups(w: torch.Tensor, fmt: IntFormat, group_size: int,
             codes[:, col:col + group_size] = fmt.codes(wg, scales_at(col, wg)[:, None])
         return codes.to(torch.int8), scales
     u = gptq_factor
-    per_channel = group_size == k
-    assert per_channel or GPTQ_BLOCK % group_size == 0
-    if per_channel:
-        s = scales_at(0, w)
+    static = order is not None or group_size == k
+    assert static or GPTQ_BLOCK % group_size == 0
+    if static:  # every scale up front; columns then in `order` (or as they are)
+        for col in range(0, k, group_size):
+            scales_at(col, w[:, col:col + group_size])
+        column_scales = scales.float().repeat_interleave(group_size, 1)
+        if order is not None:
+            w, column_scales = w[:, order], column_scales[:, order]
     for b0 in range(0, k, GPTQ_BLOCK):
         b1 = min(b0 + GPTQ_BLOCK, k)
         wb, errors = w[:, b0:b1].clone(), torch.empty(n, b1 - b0)
         for i in range(b1 - b0):
             col = b0 + i
-            if not per_channel and col % group_size == 0:
+            if static:
+                s = column_scales[:, col]
+            elif col % group_size == 0:
                 s = scales_at(col, wb[:, i:i + group_size])
             q = fmt.codes(wb[:, i], s)
             codes[:, col] = q
             errors[:, i] = (wb[:, i] - q * s) / u[col, col]
             wb[:, i:] -= errors[:, i:i + 1] * u[col, col:b1]
         w[:, b1:] -= errors @ u[b0:b1, b1:]
+    if order is not None:
+        codes[:, order] = codes.clone()
     return codes.to(torch.int8), scales
 
 
