@@ -170,17 +170,37 @@ class DisaggConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How one engine spreads its model over devices (engine/executor.py, engine/parallel.py)."""
+    # ranks of tensor parallelism: each holds 1/N of every layer; gloo on CPU, NCCL on CUDA
+    tensor_parallel_size: int = 1
+    # A collective that a rank never joins (it died) fails the step after this many seconds.
+    collective_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _check(self, _positive(self, "tensor_parallel_size", "collective_timeout"))
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         check_types(self)
         _check(self, [("device", re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                        "must be cpu, cuda or cuda:N")])
+        if self.parallel.tensor_parallel_size > 1:
+            _check(self, [("device", ":" not in self.device,
+                           "must be cpu or cuda under tensor parallelism (rank r takes "
+                           "cuda:r)")])
+            _check(self.disagg, [("role", self.disagg.role == "colocated",
+                                  "must be colocated under tensor parallelism (not built yet)")])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,7 +16,8 @@ from engine.messages import (AddRequest, EngineReady, EngineStep, KVArrival, KVT
                              RequestOutput, StepStats, TokenLogprobs)
 from engine.kv_cache import KVCache
 from engine.kv_transfer import load_pages
-from engine.model_runner import ModelRunner, RunnerOutput
+from engine.executor import Executor
+from engine.model_runner import RunnerOutput
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import load_tokenizer, model_format, resolve_model_path
 from scheduler.block_manager import BlockManager
@@ -42,7 +43,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         start = time.monotonic()
         self.config = config
-        self.runner = ModelRunner(config)
+        self.executor = Executor(config)
+        self.runner = self.executor.runner  # rank 0's: the model, KV pool and sampling
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.kv_cache.num_pages, config.cache.page_size,
                                           config.cache.enable_prefix_caching)
@@ -145,6 +147,9 @@ class EngineCore:
         policy = parse_kv_policy(self.config.cache.kv_policy if spec is None else spec)
         if policy is not None and any(self.runner.arch.layer_windows):
             raise ValueError("kv_policy is not supported on models with sliding-window layers")
+        if policy is not None and self.runner.tp.size > 1:
+            raise ValueError("kv_policy is not supported under tensor parallelism yet: a "
+                             "rank's attention scores cover its own heads")
         return policy
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -167,7 +172,8 @@ class EngineCore:
 
     def step(self) -> EngineStep:
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched, self.structured) if sched.scheduled else RunnerOutput()
+        result = (self.executor.execute(sched, self.scheduler.requests, self.structured)
+                  if sched.scheduled else RunnerOutput())
         for rid, logprobs in result.prompt_logprobs.items():
             self.prompt_logprobs[rid] += logprobs
         sampled = result.sampled

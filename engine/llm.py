@@ -4,7 +4,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
+                           SchedulerConfig)
 from engine.core import EngineCore
 from engine.messages import AddRequest, TokenLogprobs
 from engine.sampling_params import SamplingParams
@@ -57,7 +58,7 @@ class LLM:
                  quantization: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, tokenizer: str | None = None,
                  dummy_weights_seed: int = 0, kv_cache_dtype: str = "auto",
-                 kv_policy: str = "none"):
+                 kv_policy: str = "none", tensor_parallel_size: int = 1):
         self.config = EngineConfig(
             ModelConfig(model=model, load_format=load_format, dtype=dtype,
                         max_model_len=max_model_len, seed=seed,
@@ -68,7 +69,8 @@ class LLM:
                         gpu_memory_utilization=gpu_memory_utilization,
                         kv_cache_dtype=kv_cache_dtype,
                         enable_prefix_caching=enable_prefix_caching, kv_policy=kv_policy),
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens), device)
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens), device,
+            parallel=ParallelConfig(tensor_parallel_size))
         self.engine = EngineCore(self.config)
         self.tokenizer = (None if load_format == "dummy" and tokenizer is None
                           else load_tokenizer(self.config.model.tokenizer_path))

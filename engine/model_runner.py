@@ -20,7 +20,9 @@ from engine.layers.quantization import get_linear_method, resolve_quantization
 from engine.layers.quantization.kernel_choice import chosen_plans
 from engine.messages import TokenLogprobs
 from engine.models import model_class
+from engine.parallel import TensorParallel
 from engine.sampler import SamplingBatch, gather_logprobs, sample
+from engine.step_plan import PageTables, StepPlan
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import model_format, resolve_model_path
 from kernels import kv_format
@@ -66,6 +68,16 @@ class RunnerOutput:
     attention_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _take_cores(tp: TensorParallel) -> None:
+    """Torch's threads: every core this process may use, or under tensor parallelism on CPU
+    an equal share of them per rank (pinned when there are enough to go round)."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // tp.size)
+    if tp.size > 1 and len(cores) >= tp.size:
+        os.sched_setaffinity(0, cores[tp.rank * share:(tp.rank + 1) * share])
+    torch.set_num_threads(share)
+
+
 @contextmanager
 def default_dtype(dtype: torch.dtype):
     """Build parameters in the serving dtype: no fp32 copy of the model ever exists."""
@@ -78,14 +90,21 @@ def default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
-        self.config = config
+    """One rank's model, KV pool and step execution: the whole model by default, or its share
+    under tensor parallelism (`tp`, engine/parallel.py), where every rank runs each step's
+    forward and LM-head calls together and the engine core's rank samples."""
+
+    def __init__(self, config: EngineConfig, tp: TensorParallel = TensorParallel()):
+        self.config, self.tp = config, tp
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(len(os.sched_getaffinity(0)))
+            _take_cores(tp)
             retain_freed_memory()
-        elif self.device.index is not None:  # Triton and graph capture use the current device
-            torch.cuda.set_device(self.device)
+        else:
+            if tp.size > 1:
+                self.device = torch.device("cuda", tp.rank)
+            if self.device.index is not None:  # Triton and graph capture use this device
+                torch.cuda.set_device(self.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device)
         fmt = model_format(resolve_model_path(config.model.model), config.model.load_format)
         self.linear_method = get_linear_method(resolve_quantization(
@@ -98,15 +117,15 @@ class ModelRunner:
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
         with torch.device(self.device), default_dtype(self.dtype):
-            model = model_cls(arch, max(self.max_model_len, 1), self.linear_method)
+            model = model_cls(arch, max(self.max_model_len, 1), self.linear_method, tp)
         model.load_weights(weights)
         self.model = model.eval()
         self.load_s = time.monotonic() - start
         kv = config.cache.kv_cache_dtype
-        self.kv_spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim,
+        self.kv_spec = KVCacheSpec(arch.num_layers, tp.heads(arch).num_kv_heads, arch.head_dim,
                                    config.cache.page_size, _DTYPES.get(kv, self.dtype),
                                    kv_format.FORMATS.get(kv))
-        num_pages = self._num_kv_pages()
+        num_pages = tp.min(self._num_kv_pages())  # the pool every rank can hold
         check_fits(num_pages, config.cache.page_size, self.max_model_len)
         # A prefill engine's pool is shared memory on CPU: decode engines on this host copy
         # handed-off pages straight out of it (engine/kv_transfer.py).
@@ -114,7 +133,8 @@ class ModelRunner:
                                 shared=config.disagg.role == "prefill"
                                 and self.device.type == "cpu")
         self.graphs, self.compiled = None, None
-        if self.device.type == "cpu" and not config.model.enforce_eager:
+        self.page_tables = PageTables()
+        if self.device.type == "cpu" and not config.model.enforce_eager and tp.size == 1:
             self.compiled = CompiledDecode(self.model, self.kv_cache, config.cache.page_size,
                                            self.max_model_len)
         if self.device.type == "cuda" and not config.model.enforce_eager:
@@ -191,25 +211,25 @@ class ModelRunner:
                             scratch.layers, meta)
         self.model.compute_logits(hidden[meta.query_start_loc[1:] - 1]).float()
 
-    def _prepare(self, out: SchedulerOutput):
-        """The flat batch: token ids, positions, slots and per-request attention metadata."""
-        ids, starts, kv_starts, num_new = [], [], [], []
-        for s in out.scheduled:
-            r, start = s.request, s.request.num_computed_tokens
-            ids.extend(r.token_ids(start, start + s.num_new_tokens))
-            starts.append(start)
-            kv_starts.append(r.num_kv_tokens)
-            num_new.append(s.num_new_tokens)
-        max_pages = max(len(s.request.page_ids) for s in out.scheduled)
-        block_table = torch.tensor([s.request.page_ids + [0] * (max_pages - len(s.request.page_ids))
-                                    for s in out.scheduled], dtype=torch.int64)
+    def _prepare(self, plan: StepPlan, out: SchedulerOutput | None = None):
+        """The flat batch: token ids, positions, slots and per-request attention metadata; the
+        queries a KV policy scores come from the scheduler's output (engine core only)."""
+        tables = self.page_tables.apply(plan)
+        ids = [t for p in plan.requests for t in p.token_ids]
+        starts = [p.start for p in plan.requests]
+        kv_starts = [p.kv_start for p in plan.requests]
+        num_new = [len(p.token_ids) for p in plan.requests]
+        max_pages = max(len(t) for t in tables)
+        block_table = torch.tensor([t + [0] * (max_pages - len(t)) for t in tables],
+                                   dtype=torch.int64)
         positions, meta = AttentionMetadata.for_batch(
             torch.tensor(starts), torch.tensor(num_new), block_table, self.kv_spec.page_size,
             max(num_new), max(a + n for a, n in zip(kv_starts, num_new)),
             torch.tensor(kv_starts))
-        meta.scored = tuple(self._scored(out, starts, kv_starts))
-        return (torch.tensor(ids, device=self.device), positions.to(self.device),
-                meta.to(self.device), meta.query_start_loc[1:] - 1)
+        if out is not None:
+            meta.scored = tuple(self._scored(out, starts, kv_starts))
+        return torch.tensor(ids, device=self.device), positions.to(self.device), \
+            meta.to(self.device)
 
     @staticmethod
     def _scored(out: SchedulerOutput, starts: list[int], kv_starts: list[int]):
@@ -222,33 +242,61 @@ class ModelRunner:
                                     kv_starts[row] + skip, kv_starts[row] + s.num_new_tokens)
             offset += s.num_new_tokens
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, structured: StructuredOutputManager | None = None
-                ) -> RunnerOutput:
-        """Run one step: forward the flat batch, sample, and gather the prompt logprobs."""
-        self.kv_cache.compact(out.kv_compaction)
-        input_ids, positions, meta, last_rows = self._prepare(out)
+    def _forward(self, plan: StepPlan, out: SchedulerOutput | None = None):
+        input_ids, positions, meta = self._prepare(plan, out)
         # A step whose layers append attention scores (meta.scored) runs the eager forward.
         if (self.graphs is not None and meta.max_query_len == 1 and not meta.scored
-                and len(out.scheduled) <= self.graphs.max_batch):
+                and len(plan.requests) <= self.graphs.max_batch):
             hidden = self.graphs.run(input_ids, positions, meta)
         elif self.compiled is not None and not meta.scored and self.compiled.covers(meta):
             hidden = self.compiled.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
-        return RunnerOutput(self._sample(out, hidden, last_rows, structured),
-                            self._prompt_logprobs(out, hidden),
+        return hidden, meta
+
+    def _sample_logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor | None:
+        if not plan.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(plan.sample_rows,
+                                                             device=self.device)])
+
+    def _prompt_logit_blocks(self, plan: StepPlan, hidden: torch.Tensor):
+        """fp32 logits of the prompt-logprob rows, `max_num_seqs` rows at a time (as many as
+        a decode step's logits, which the CUDA KV sizing profiles): a long chunk's
+        `[tokens, vocab]` logits never exist at once."""
+        rows, block = plan.prompt_rows, self.config.scheduler.max_num_seqs
+        for b in range(0, len(rows), block):
+            yield self.model.compute_logits(
+                hidden[torch.tensor(rows[b:b + block], device=self.device)]).float()
+
+    @torch.inference_mode()
+    def follow(self, plan: StepPlan) -> None:
+        """A tensor-parallel worker's step: its share of the forward and of every LM-head
+        call the engine core makes (the logits are gathered across ranks)."""
+        hidden, _ = self._forward(plan)
+        self._sample_logits(plan, hidden)
+        for _ in self._prompt_logit_blocks(plan, hidden):
+            pass
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, plan: StepPlan,
+                structured: StructuredOutputManager | None = None) -> RunnerOutput:
+        """Run one step (`plan` is `out` as workers see it): forward the flat batch, sample,
+        and gather the prompt logprobs."""
+        self.kv_cache.compact(out.kv_compaction)
+        hidden, meta = self._forward(plan, out)
+        return RunnerOutput(self._sample(out, plan, hidden, structured),
+                            self._prompt_logprobs(out, plan, hidden),
                             {out.scheduled[s.row].request.request_id:
                              torch.stack(s.scores).cpu().numpy() for s in meta.scored})
 
-    def _sample(self, out: SchedulerOutput, hidden: torch.Tensor, last_rows: torch.Tensor,
+    def _sample(self, out: SchedulerOutput, plan: StepPlan, hidden: torch.Tensor,
                 structured: StructuredOutputManager | None
                 ) -> dict[str, tuple[int, TokenLogprobs | None]]:
-        sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
-        if not sampling:
+        logits = self._sample_logits(plan, hidden)
+        if logits is None:
             return {}
-        requests = [out.scheduled[i].request for i in sampling]
-        logits = self.model.compute_logits(hidden[last_rows[sampling].to(self.device)])
+        requests = [s.request for s in out.scheduled if s.samples]
         bitmask = structured and structured.bitmask([r.request_id for r in requests])
         batch = SamplingBatch.from_requests(requests, self.arch.vocab_size, bitmask)
         # Plain greedy rows need only an argmax: keep the [B, vocab] logits on the device.
@@ -256,31 +304,23 @@ class ModelRunner:
         return {r.request_id: (t, logprobs[i] if logprobs else None)
                 for i, (r, t) in enumerate(zip(requests, tokens))}
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor
+    def _prompt_logprobs(self, out: SchedulerOutput, plan: StepPlan, hidden: torch.Tensor
                          ) -> dict[str, list[TokenLogprobs]]:
-        """Logprobs of the prompt tokens that this step's chunks predict, for the requests that
-        asked. The rows go through the LM head `max_num_seqs` at a time, as many as a decode
-        step's fp32 logits (which the CUDA KV sizing profiles): a long chunk's `[tokens, vocab]`
-        logits never exist at once."""
-        rows, targets, num_top, asking = [], [], [], []
-        offset = 0  # the request's first row in the flat batch
-        for s in out.scheduled:
-            positions, r = s.prompt_logprob_positions, s.request
-            if positions:
-                base = offset - r.num_computed_tokens
-                rows.extend(range(base + positions.start, base + positions.stop))
-                targets.extend(r.prompt_token_ids[positions.start + 1:positions.stop + 1])
-                num_top.extend([r.sampling_params.prompt_logprobs] * len(positions))
-                asking.append(s)
-            offset += s.num_new_tokens
+        """Logprobs of the prompt tokens that this step's chunks predict (`plan.prompt_rows`),
+        for the requests that asked."""
+        asking = [s for s in out.scheduled if s.prompt_logprob_positions]
         if not asking:
             return {}
-        rows_t = torch.tensor(rows, device=self.device)
+        targets, num_top = [], []
+        for s in asking:
+            positions, r = s.prompt_logprob_positions, s.request
+            targets.extend(r.prompt_token_ids[positions.start + 1:positions.stop + 1])
+            num_top.extend([r.sampling_params.prompt_logprobs] * len(positions))
         targets_t = torch.tensor(targets, device=self.device)
         block = self.config.scheduler.max_num_seqs
         logprobs = []
-        for b in range(0, len(rows), block):
-            logits = self.model.compute_logits(hidden[rows_t[b:b + block]]).float()
+        for b, logits in zip(range(0, len(targets), block),
+                             self._prompt_logit_blocks(plan, hidden)):
             logprobs += gather_logprobs(logits.log_softmax(-1), targets_t[b:b + block],
                                         num_top[b:b + block])
         result, start = {}, 0

@@ -15,17 +15,18 @@ from engine.layers.quantization import LinearMethod
 from engine.loader import ModelArch, Weights
 from engine.layers.mlp import GatedMLP
 from engine.models.llama import LlamaAttention, LlamaForCausalLM, RMSNorm
+from engine.parallel import TensorParallel
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int):
+    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int, tp: TensorParallel):
         super().__init__()
         size, eps = arch.hidden_size, arch.rms_norm_eps
         self.input_layernorm = RMSNorm(size, eps)
-        self.self_attn = LlamaAttention(arch, method, layer)
+        self.self_attn = LlamaAttention(arch, method, layer, tp)
         self.post_attention_layernorm = RMSNorm(size, eps)
         self.pre_feedforward_layernorm = RMSNorm(size, eps)
-        self.mlp = GatedMLP(size, arch.intermediate_size, arch.hidden_act, method)
+        self.mlp = GatedMLP(size, arch.intermediate_size, arch.hidden_act, method, tp)
         self.post_feedforward_layernorm = RMSNorm(size, eps)
 
     def forward(self, x, residual, positions, cos_sin, kv_cache, meta):

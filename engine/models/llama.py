@@ -24,6 +24,7 @@ from engine.layers.moe import MoEMLP
 from engine.layers.quantization import LinearMethod, plan_layer_kernels
 from engine.layers.rotary import cos_sin_cache
 from engine.loader import ModelArch, Weights
+from engine.parallel import Shard, TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -37,16 +38,21 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int):
+    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
-        self.head_dim = arch.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
+        heads, d = tp.heads(arch), arch.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, d
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
+        q, kv = Shard(heads.first_head * d, self.q_size), Shard(heads.first_kv_head * d,
+                                                                 self.kv_size)
         self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
                                bias=arch.attention_bias, method=method,
-                               output_sizes=[self.q_size, self.kv_size, self.kv_size])
-        self.o_proj = Linear(self.q_size, arch.hidden_size, method=method)
+                               output_sizes=[self.q_size, self.kv_size, self.kv_size],
+                               output_shards=None if tp.size == 1 else [q, kv, kv])
+        self.o_proj = Linear(self.q_size, arch.hidden_size, method=method, tp=tp,
+                             input_shard=None if tp.size == 1 else q)
         self.q_norm = self.k_norm = None
         if arch.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
@@ -69,16 +75,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int):
+    def __init__(self, arch: ModelArch, method: LinearMethod, layer: int, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, method, layer)
+        self.self_attn = LlamaAttention(arch, method, layer, tp)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = (MoEMLP(arch.hidden_size, arch.moe_intermediate_size, arch.num_experts,
                            arch.num_experts_per_tok, arch.norm_topk_prob, arch.hidden_act,
                            method)
                     if arch.moe_layers and arch.moe_layers[layer] else
-                    GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act, method))
+                    GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act, method,
+                             tp))
 
     def forward(self, x, residual, positions, cos_sin, kv_cache, meta):
         x, residual = self.input_layernorm(x, residual)
@@ -111,17 +118,23 @@ def _parameter_of(name: str) -> tuple[str, int | tuple | None]:
 class LlamaForCausalLM(nn.Module):
     decoder_layer = LlamaDecoderLayer
 
-    def __init__(self, arch: ModelArch, max_positions: int, linear_method: LinearMethod):
+    def __init__(self, arch: ModelArch, max_positions: int, linear_method: LinearMethod,
+                 tp: TensorParallel = TensorParallel()):
+        """`tp`: this rank's share of every layer (engine/parallel.py); the whole model by
+        default."""
         super().__init__()
-        self.arch = arch
+        tp.check(arch)
+        self.arch, self.tp = arch, tp
         vocab_method = linear_method.vocab_method()
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size,
-                                           method=vocab_method)
-        self.layers = nn.ModuleList(self.decoder_layer(arch, linear_method, i)
+                                           method=vocab_method, tp=tp)
+        self.layers = nn.ModuleList(self.decoder_layer(arch, linear_method, i, tp)
                                     for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = self.embed_tokens if arch.tie_word_embeddings else Linear(
-            arch.hidden_size, arch.vocab_size, method=vocab_method)
+            arch.hidden_size, arch.vocab_size, method=vocab_method,
+            output_shards=None if tp.size == 1 else [tp.split(arch.vocab_size,
+                                                                "the vocabulary")])
         # Each layer's rope table (sliding layers may have their own base: Gemma 3). Plain
         # attributes, not buffers: `.to(dtype)` must not round the tables to bf16.
         cos_sin = cos_sin_cache(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
@@ -144,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        logits = self.tp.all_gather(self.lm_head(hidden))  # each rank has a vocab slice
         if (cap := self.arch.final_softcap) is not None:  # Gemma 2
             logits = torch.tanh(logits / cap) * cap
         return logits

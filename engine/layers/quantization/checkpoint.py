@@ -49,6 +49,15 @@ class Int4Weight:
         out[:, self.perm] = w
         return out
 
+    def narrow(self, dim: int, start: int, length: int) -> "Int4Weight":
+        """Output rows, or whole groups of input columns (a tensor-parallel rank's share)."""
+        if dim == 1 and self.perm is not None:
+            raise ValueError("tensor parallelism cannot split the input of an act-order "
+                             "(g_idx) GPTQ layer")
+        codes, (scales, zeros) = narrow_grouped(self.codes, (self.scales, self.zero_points),
+                                                self.group_size, dim, start, length)
+        return Int4Weight(codes, scales, zeros, self.group_size, self.perm)
+
     @classmethod
     def cat(cls, parts: list["Int4Weight"]) -> "Int4Weight":
         """Stacked along N (fused q|k|v or gate|up), which must share group size and order."""
@@ -62,11 +71,30 @@ class Int4Weight:
                      ("codes", "scales", "zero_points")), first.group_size, first.perm)
 
 
+def narrow_grouped(codes: torch.Tensor, per_group: tuple[torch.Tensor, ...], group_size: int,
+                   dim: int, start: int, length: int) -> tuple[torch.Tensor, tuple]:
+    """Codes `[N, K]` and per-group tensors `[N, K / group_size]` cut along `dim`: rows alike,
+    columns only in whole groups."""
+    if dim == 0:
+        return codes.narrow(0, start, length), tuple(t.narrow(0, start, length)
+                                                     for t in per_group)
+    if start % group_size or length % group_size:
+        raise ValueError(f"a tensor-parallel share of {length} input columns cuts the "
+                         f"quantization groups of {group_size}")
+    return codes.narrow(1, start, length), tuple(
+        t.narrow(1, start // group_size, length // group_size) for t in per_group)
+
+
 @dataclass
 class ChannelWeight:
     """int8 or fp8 `codes [N, K]` with one fp32 scale per output row: `w = codes * scales`."""
     codes: torch.Tensor
     scales: torch.Tensor  # float32 [N]
+
+    def narrow(self, dim: int, start: int, length: int) -> "ChannelWeight":
+        """Output rows with their scales, or input columns (a tensor-parallel rank's share)."""
+        return ChannelWeight(self.codes.narrow(dim, start, length),
+                             self.scales.narrow(0, start, length) if dim == 0 else self.scales)
 
 
 def load_channel_weight(method: str, dtype: torch.dtype, layer, param, loaded,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import kernels
+from engine.layers.quantization.checkpoint import narrow_grouped
 from engine.layers.quantization.int8 import Int8Method
 
 
@@ -35,6 +36,12 @@ class QuantizedWeight:
     def map_rows(self, fn) -> "QuantizedWeight":
         """`fn` applied to the codes, scales and zeros alike (it reorders output rows)."""
         return QuantizedWeight(fn(self.codes), fn(self.scales), fn(self.zeros), self.group_size)
+
+    def narrow(self, dim: int, start: int, length: int) -> "QuantizedWeight":
+        """Output rows, or whole blocks of input columns (a tensor-parallel rank's share)."""
+        codes, (scales, zeros) = narrow_grouped(self.codes, (self.scales, self.zeros),
+                                                self.group_size, dim, start, length)
+        return QuantizedWeight(codes, scales, zeros, self.group_size)
 
     @classmethod
     def cat(cls, parts: list["QuantizedWeight"]) -> "QuantizedWeight":
