@@ -45,6 +45,7 @@ from server.responses_api import (ResponseBuilder, ResponseObject, ResponsesRequ
                                   prepare_response, response_events, to_chat_request)
 from server.serving import (Delta, ServingContext, chat_prompt_ids, collect, fan_out,
                             prepare_chat, prepare_completion, run_off_loop)
+from server.placement import ray_placement
 from server.router import Router
 from server.supervisor import EngineGaveUp, EngineSupervisor
 
@@ -61,11 +62,15 @@ class AppState:
         self.settings = settings
         self.metrics = Metrics(settings.served_model_name)
         self.engine: EngineSupervisor | Router
-        if settings.prefill_engines:
+        replicas = settings.data_parallel_size
+        if settings.prefill_engines or replicas > 1 or \
+                settings.distributed_executor_backend == "ray":
             self.engine = Router(engine_config, settings.prefill_engines,
                                  settings.decode_engines, settings.cpus_per_engine,
                                  sorted(os.sched_getaffinity(0)), settings.max_engine_restarts,
-                                 self.metrics, log_level=settings.log_level)
+                                 self.metrics, log_level=settings.log_level,
+                                 num_replicas=0 if settings.prefill_engines else replicas,
+                                 ray_placement=ray_placement(engine_config, settings))
         else:
             self.engine = EngineSupervisor(engine_config, settings.max_engine_restarts,
                                            on_step=self.metrics.on_step,

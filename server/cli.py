@@ -1,5 +1,5 @@
 """`tessera serve`, `tessera quantize` and `tessera bench serve|throughput|kernels|perplexity|
-kv-quality|kv-transfer|fuzz|soak|faults`.
+kv-quality|kv-transfer|tensor-parallel|fuzz|soak|faults`.
 
 `serve` checks its flags and the model path before it imports the HTTP stack, so a usage
 error comes at once; benchmarks are imported only when asked for.
@@ -17,6 +17,7 @@ _BENCHES = {
     "perplexity": "engine.bench_perplexity",
     "kv-quality": "engine.bench_kv_quality",
     "kv-transfer": "engine.bench_kv_transfer",
+    "tensor-parallel": "engine.bench_tensor_parallel",
     "fuzz": "server.bench_fuzz",
     "soak": "server.bench_soak",
     "faults": "server.bench_faults",
@@ -30,6 +31,8 @@ _BENCH_HELP = """benchmarks (each has its own --help):
               bytes/token, decode step
   kv-transfer a request's KV pages handed to another engine process on this host, against
               the machine's memcpy bandwidth
+  tensor-parallel  the decode step at each tensor-parallel size and rank 0's share of it
+              in collectives (torch.profiler)
   fuzz        schemathesis over the server's /openapi.json: no 5xx, only OpenAI error objects
   soak        thousands of streams dropped after their first chunks: pages freed, RSS per 1,000
   faults      /health latency under a 5 MB tokenization and 600 calls; a SIGKILLed engine's

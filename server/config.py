@@ -49,9 +49,25 @@ class ServerConfig:
     prefill_engines: int = 0
     decode_engines: int = 0
     cpus_per_engine: int = 0  # cores each engine is pinned to; 0 = every engine uses all
+    data_parallel_size: int = 1  # engine replicas behind the router
+    # where engines run: "mp" = child processes of this one, "ray" = Ray actors placed
+    # across the cluster's nodes
+    distributed_executor_backend: str = "mp"
+    ray_address: str | None = None  # a running Ray cluster; None = $RAY_ADDRESS or a new one
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be mp or ray, got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.data_parallel_size > 1 and self.prefill_engines:
+            raise ValueError("data_parallel_size must be 1 with --prefill-engines (the "
+                             "prefill and decode engines are the replicas there)")
+        if self.distributed_executor_backend == "ray" and self.prefill_engines:
+            raise ValueError("distributed_executor_backend ray places replicas; prefill and "
+                             "decode engines run as local processes (mp)")
         for name in ("prefill_engines", "decode_engines", "cpus_per_engine"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -182,6 +198,23 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
              "(with --prefill-engines)")
     add("--cpus-per-engine", type=int,
         help="pin each engine to this many cores of its own, in order (default 0 = all)")
+    add("--tensor-parallel-size", "-tp", type=int,
+        help="split every layer of the model over this many ranks, processes on this host "
+             "talking over torch.distributed (gloo on CPU, NCCL with one GPU each on CUDA) "
+             "(default 1)")
+    add("--data-parallel-size", "-dp", type=int,
+        help="engine replicas behind the one API process, balanced by load and prefix "
+             "affinity (default 1)")
+    add("--distributed-executor-backend", choices=["mp", "ray"],
+        help="where replicas run: mp = child processes of the server (default); ray = Ray "
+             "actors in placement groups spread over the cluster's nodes (pip install "
+             "'tessera[ray]')")
+    add("--ray-address",
+        help="the Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: $RAY_ADDRESS, "
+             "a cluster started on this machine, else a new local one)")
+    add("--collective-timeout", type=float,
+        help="seconds a tensor-parallel collective waits for a rank that never joins (a dead "
+             "worker) before the engine fails (default 60)")
     add("--kv-transfer-timeout", type=float,
         help="seconds a handed-off request's pages may take to reach the decode engine "
              "(default 10)")
@@ -257,7 +290,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
         values["model"] = args.model_tag
     engine = EngineConfig()
     try:
-        for attr in ("model", "cache", "scheduler", "disagg"):
+        for attr in ("model", "cache", "scheduler", "disagg", "parallel"):
             section = getattr(engine, attr)
             setattr(engine, attr, replace(section, **{
                 name: values[name] for name in asdict(section) if name in values}))

@@ -1,8 +1,9 @@
 """The API process's handle on the engine-core process.
 
-Spawns the engine, binds the two ZeroMQ sockets (PUSH requests, PULL outputs), and runs two
-tasks on the event loop: one routes each `RequestOutput` to its request's queue, one watches
-the child process. When the engine dies, or the routing task fails (the engine is then
+Binds the two ZeroMQ sockets (PUSH requests, PULL outputs), starts the engine where its
+placement says (a child process, or a Ray actor: server/placement.py), and runs two tasks on
+the event loop: one routes each `RequestOutput` to its request's queue, one watches the
+engine. When the engine dies, or the routing task fails (the engine is then
 killed, since its outputs can no longer reach anyone), every waiting request receives
 `EngineDead` and new requests are refused, so nothing hangs on a process that is gone. A
 client serves one engine process; `server/supervisor.py` replaces a dead one.
@@ -13,22 +14,19 @@ a decode engine's word on a KV transfer (`KVArrival`) reaches the request's queu
 """
 import asyncio
 import logging
-import multiprocessing
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
 from engine.config import EngineConfig
-from engine.engine_process import run_engine_core
 from engine.messages import (AbortRequests, AddRequest, EngineFailed, EngineReady, EngineStep,
                              ReleaseKV, RequestOutput, StepStats, WireError, decode, encode)
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import DEFAULT_MODEL_NAME
 from server.errors import EngineUnavailable
+from server.placement import LocalEngine, RayEngine
 
 logger = logging.getLogger("tessera.server")
 
@@ -48,7 +46,8 @@ class EngineClient:
     def __init__(self, config: EngineConfig,
                  on_step: Callable[[EngineStep], None] | None = None,
                  log_level: str = "info", fault_after_steps: int | None = None,
-                 name: str = "engine") -> None:
+                 name: str = "engine", placement: LocalEngine | RayEngine | None = None
+                 ) -> None:
         self.config, self.name = config, name
         self.on_step = on_step
         self.log_level = log_level
@@ -57,11 +56,10 @@ class EngineClient:
         self.last_stats: StepStats | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._ctx = zmq.asyncio.Context()
-        self._ipc_dir = tempfile.TemporaryDirectory(prefix="tessera-")
+        self.placement = placement or LocalEngine()
         # Where a decode engine takes handed-off requests (prefill engines send there).
-        self.kv_address = (f"ipc://{Path(self._ipc_dir.name) / 'kv'}"
+        self.kv_address = (self.placement.bind_address("kv")
                            if config.disagg.role == "decode" else None)
-        self._process: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
         self._ready_event = asyncio.Event()
         self.died = asyncio.Event()
@@ -74,24 +72,19 @@ class EngineClient:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+        return self.placement.pid
 
     async def start(self) -> None:
-        """Spawn the engine and return at once; `wait_ready` waits for the weights."""
-        base = Path(self._ipc_dir.name)
-        input_addr, output_addr = f"ipc://{base / 'input'}", f"ipc://{base / 'output'}"
+        """Start the engine and return at once; `wait_ready` waits for the weights."""
         self._input = self._ctx.socket(zmq.PUSH)
-        self._input.bind(input_addr)
+        self._input.bind(self.placement.bind_address("input"))
         self._output = self._ctx.socket(zmq.PULL)
-        self._output.bind(output_addr)
-        spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(target=run_engine_core, name="tessera-engine-core",
-                                      args=(self.config, input_addr, output_addr,
-                                            self.config.model.model or DEFAULT_MODEL_NAME,
-                                            self.log_level, self.kv_address),
-                                      daemon=True)
-        self._process.start()
-        logger.info("engine core process started (pid %d)", self._process.pid)
+        self._output.bind(self.placement.bind_address("output"))
+        endpoint = zmq.LAST_ENDPOINT  # the bound address (a TCP bind picks its port)
+        await self.placement.start(
+            self.config, self._input.getsockopt_string(endpoint),
+            self._output.getsockopt_string(endpoint),
+            self.config.model.model or DEFAULT_MODEL_NAME, self.log_level, self.kv_address)
         self._tasks = [asyncio.create_task(self._route_outputs()),
                        asyncio.create_task(self._watch_process())]
 
@@ -126,7 +119,7 @@ class EngineClient:
         except Exception as exc:
             logger.exception("routing engine outputs failed; killing the engine core")
             self._fail(f"routing engine outputs failed: {type(exc).__name__}: {exc}")
-            self._process.kill()
+            self.placement.kill()
 
     def _route_step(self, step: EngineStep) -> None:
         self.last_stats = step.stats
@@ -141,10 +134,10 @@ class EngineClient:
                 queue.put_nowait(item)
 
     async def _watch_process(self) -> None:
-        while self._process.is_alive():
+        while self.placement.alive():
             await asyncio.sleep(_WATCH_INTERVAL_S)
         await asyncio.sleep(_WATCH_INTERVAL_S)  # route an `EngineFailed` sent just before exit
-        self._fail(f"engine core process exited with code {self._process.exitcode}")
+        self._fail(self.placement.exit_reason())
 
     def _fail(self, reason: str) -> None:
         """Before ready, `wait_ready` raises the reason (the caller reports it)."""
@@ -209,8 +202,7 @@ class EngineClient:
         """Kill the engine: it ignores SIGTERM (see `run_engine_core`) and holds no state."""
         for task in self._tasks:
             task.cancel()
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-            await asyncio.to_thread(self._process.join, 5)
+        self.placement.kill()
+        await asyncio.to_thread(self.placement.join, 5)
         self._ctx.destroy(linger=0)
-        self._ipc_dir.cleanup()
+        self.placement.close()

@@ -103,6 +103,9 @@ class Metrics:
             "tessera:engine_kv_cache_pages_used", "KV pages held by live requests (and, on a "
             "prefill engine, by handed-off requests under lease), by engine.",
             ["model_name", "engine"], registry=reg)
+        self.engine_requests = Counter(
+            "tessera:engine_requests_total", "Requests the router sent to each engine first "
+            "(a replica, or a prefill engine).", ["model_name", "engine"], registry=reg)
         self.kv_transfer_bytes = counter("tessera:kv_transfer_bytes_total",
                                          "Bytes of KV pages loaded from prefill engines.")
         self.kv_transfer_time = histogram("tessera:kv_transfer_seconds",
@@ -142,6 +145,9 @@ class Metrics:
         self.kv_failures.labels(self.model_name, cause).inc()
         if recomputed:
             self.kv_recomputes.inc()
+
+    def on_routed(self, engine: str) -> None:
+        self.engine_requests.labels(self.model_name, engine).inc()
 
     def on_reject(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import partial
 
 from engine.config import EngineConfig
 from engine.messages import (AbortRequests, AddRequest, EngineReady, KVArrival, ReleaseKV,
@@ -32,6 +33,7 @@ from engine.messages import (AbortRequests, AddRequest, EngineReady, KVArrival, 
 from engine.sampling_params import SamplingParams
 from scheduler.block_manager import page_hash
 from server.engine_client import EngineClient, EngineDead
+from server.placement import LocalEngine, RayEngine, RayPlacement
 from server.errors import EngineUnavailable
 from server.metrics import Metrics
 from server.supervisor import EngineSupervisor
@@ -40,6 +42,7 @@ logger = logging.getLogger("tessera.server")
 
 _AFFINITY_ENTRIES = 4096  # first-page hashes remembered for prefix affinity
 _AFFINITY_SLACK = 4  # requests more in flight than the least loaded that affinity may take
+_PLACEMENT_TIMEOUT_S = 60.0  # for the Ray cluster to reserve every replica's bundle
 
 
 def engine_cpus(index: int, cpus_per_engine: int, available: list[int]) -> list[int]:
@@ -52,25 +55,35 @@ def engine_cpus(index: int, cpus_per_engine: int, available: list[int]) -> list[
 
 
 class Router:
+    """Prefill and decode engines (`num_prefill`, `num_decode`), or `num_replicas` colocated
+    engines (data parallelism), local processes or, with `ray_placement`, Ray actors in its
+    placement group."""
+
     def __init__(self, config: EngineConfig, num_prefill: int, num_decode: int,
                  cpus_per_engine: int, available_cpus: list[int], max_restarts: int,
-                 metrics: Metrics, log_level: str = "info") -> None:
-        self.config, self.metrics = config, metrics
+                 metrics: Metrics, log_level: str = "info", num_replicas: int = 0,
+                 ray_placement: RayPlacement | None = None) -> None:
+        self.config, self.metrics, self.ray_placement = config, metrics, ray_placement
         roles = ["prefill"] * num_prefill + ["decode"] * num_decode
         self.engines: list[EngineSupervisor] = []
-        for i, role in enumerate(roles):
-            name = f"{role}-{roles[:i].count(role)}"
-            disagg = replace(config.disagg, role=role,
-                             cpu_ids=engine_cpus(i, cpus_per_engine, available_cpus))
+        for i, role in enumerate(roles + ["colocated"] * num_replicas):
+            name = f"{role}-{roles[:i].count(role)}" if role != "colocated" else f"replica-{i}"
+            # Ray actors get their cores from their bundle.
+            cpus = [] if ray_placement else engine_cpus(i, cpus_per_engine, available_cpus)
+            disagg = replace(config.disagg, role=role, cpu_ids=cpus)
             self.engines.append(EngineSupervisor(
                 replace(config, disagg=disagg), max_restarts,
                 on_step=lambda step, name=name: metrics.on_step(step, name),
                 on_ready=metrics.on_ready, on_restart=metrics.engine_restarts.inc,
-                log_level=log_level, name=name))
+                log_level=log_level, name=name,
+                new_placement=partial(RayEngine, ray_placement, i) if ray_placement
+                else LocalEngine))
         self.in_flight = {e.name: 0 for e in self.engines}
         self._affinity: OrderedDict[int, str] = OrderedDict()
 
     async def start(self) -> EngineReady:
+        if self.ray_placement is not None:
+            await self.ray_placement.ready(_PLACEMENT_TIMEOUT_S)
         readies = await asyncio.gather(*(e.start() for e in self.engines))
         return readies[0]
 
@@ -125,9 +138,10 @@ class Router:
         arrival = arrival_time or time.time()
         prefill = self._pick("prefill", prompt_token_ids)
         decode = self._pick("decode")
-        first = prefill or decode
+        first = prefill or decode or self._pick("colocated", prompt_token_ids)
         if first is None:
             raise EngineDead("no engine is ready")
+        self.metrics.on_routed(first.name)
         run = _Run(self, request_id)
         run.hold(first)
         if prefill is not None and decode is not None:
@@ -146,6 +160,8 @@ class Router:
                 except TimeoutError:
                     item = None
                 failure = self._failure(item)
+                if failure is not None and prefill is None and decode is None:
+                    raise item  # a replica died: its requests end with it (503)
                 if failure is not None:
                     run.transfer_done()
                     await self._recover(run, failure, prompt_token_ids, params, arrival)

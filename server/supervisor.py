@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.messages import EngineReady, EngineStep, RequestOutput
 from engine.sampling_params import SamplingParams
 from server.engine_client import EngineClient
+from server.placement import LocalEngine, RayEngine
 
 logger = logging.getLogger("tessera.server")
 
@@ -36,9 +37,11 @@ class EngineSupervisor:
     def __init__(self, config: EngineConfig, max_restarts: int,
                  on_step: Callable[[EngineStep], None], on_ready: Callable[[EngineReady], None],
                  on_restart: Callable[[], None], log_level: str = "info",
-                 name: str = "engine") -> None:
+                 name: str = "engine",
+                 new_placement: Callable[[], LocalEngine | RayEngine] = LocalEngine) -> None:
+        """`new_placement` says where each engine it starts runs (server/placement.py)."""
         self.config, self.max_restarts, self.log_level = config, max_restarts, log_level
-        self.name = name
+        self.name, self.new_placement = name, new_placement
         self.on_step, self.on_ready, self.on_restart = on_step, on_ready, on_restart
         fault = os.environ.get(ROUTING_FAULT_ENV)
         self.client = self._new_client(int(fault) if fault else None)
@@ -47,7 +50,8 @@ class EngineSupervisor:
 
     def _new_client(self, fault_after_steps: int | None = None) -> EngineClient:
         return EngineClient(self.config, on_step=self.on_step, log_level=self.log_level,
-                            fault_after_steps=fault_after_steps, name=self.name)
+                            fault_after_steps=fault_after_steps, name=self.name,
+                            placement=self.new_placement())
 
     async def start(self) -> EngineReady:
         """Start the first engine; its failure raises `EngineDead` (no restart: the
@@ -99,6 +103,7 @@ class EngineSupervisor:
         """The engine's role, state and KV pages, for `/health`."""
         c, stats = self.client, self.client.last_stats
         return [{"name": self.name, "role": self.config.disagg.role, "pid": c.pid,
+                 "node": c.placement.node,
                  "state": "ready" if c.healthy else "down",
                  "kv_pages_used": stats.num_kv_pages_used if stats else None,
                  "kv_pages_total": stats.num_kv_pages_total if stats else None,

@@ -1,0 +1,161 @@
+"""Where an engine core runs: a child process of the API process (`mp`), or a Ray actor in a
+placement group that spreads replicas over the cluster's nodes (`ray`).
+
+The engine client (server/engine_client.py) binds its sockets where the placement says (IPC
+paths on this host, TCP on this node's address for Ray, whose actors may live on other nodes),
+starts the engine core with the addresses it got, and watches it: a Ray actor that dies, or whose
+node dies, ends its `run` call, which `alive` sees. Ray is imported only by the `ray` backend
+(an optional extra: `pip install 'tessera[ray]'`); nothing here imports torch.
+"""
+import logging
+import multiprocessing
+import os
+import tempfile
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.engine_process import run_engine_core
+from server.config import ServerConfig
+
+logger = logging.getLogger("tessera.server")
+
+
+class LocalEngine:
+    """The engine core as a spawned child process."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="tessera-")
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self.node = "local"
+
+    def bind_address(self, name: str) -> str:
+        return f"ipc://{Path(self._dir.name) / name}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self, *args) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        self._process = spawn.Process(target=run_engine_core, name="tessera-engine-core",
+                                      args=args, daemon=True)
+        self._process.start()
+        logger.info("engine core process started (pid %d)", self._process.pid)
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def exit_reason(self) -> str:
+        return f"engine core process exited with code {self._process.exitcode}"
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+
+    def join(self, timeout: float) -> None:
+        if self._process is not None:
+            self._process.join(timeout)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+class _EngineActor:
+    """A Ray actor whose one long call runs the engine core in the actor's process."""
+
+    def where(self) -> tuple[int, str]:
+        import ray
+
+        return os.getpid(), ray.util.get_node_ip_address()
+
+    def run(self, *args) -> None:
+        run_engine_core(*args)
+
+
+class RayPlacement:
+    """One placement group for all replicas: a bundle of `cpus` CPUs (and `gpus` GPUs) each,
+    spread over the nodes where they fit (Ray's SPREAD strategy)."""
+
+    def __init__(self, replicas: int, cpus: int, gpus: int, address: str | None) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        self.group = placement_group([bundle] * replicas, strategy="SPREAD")
+        self.cpus, self.gpus = cpus, gpus
+        logger.info("Ray cluster: %s; placing %d replicas of %s", ray.cluster_resources(),
+                    replicas, bundle)
+
+    async def ready(self, timeout_s: float) -> None:
+        import asyncio
+
+        try:
+            await asyncio.wait_for(self.group.ready(), timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"the Ray cluster cannot place the replicas within "
+                               f"{timeout_s:.0f} s: each needs {self.cpus} CPUs"
+                               f"{f' and {self.gpus} GPUs' if self.gpus else ''}") from None
+
+
+def ray_placement(engine: EngineConfig, settings: ServerConfig) -> RayPlacement | None:
+    """The replicas' placement group under `--distributed-executor-backend ray`: each bundle
+    has `--cpus-per-engine` CPUs (at least 1) and, on CUDA, a GPU per tensor-parallel rank."""
+    if settings.distributed_executor_backend != "ray":
+        return None
+    gpus = engine.parallel.tensor_parallel_size if engine.device.startswith("cuda") else 0
+    return RayPlacement(settings.data_parallel_size, max(1, settings.cpus_per_engine), gpus,
+                        settings.ray_address)
+
+
+class RayEngine:
+    """The engine core in a Ray actor, in bundle `index` of the replicas' placement group."""
+
+    def __init__(self, placement: RayPlacement, index: int) -> None:
+        import ray
+
+        self._ray, self._placement, self._index = ray, placement, index
+        self._actor = self._done = None
+        self.pid: int | None = None
+        self.node = ray.util.get_node_ip_address()  # until the actor says where it is
+
+    def bind_address(self, name: str) -> str:
+        return f"tcp://{self._ray.util.get_node_ip_address()}:*"
+
+    async def start(self, *args) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        p = self._placement
+        actor_class = self._ray.remote(_EngineActor)
+        self._actor = actor_class.options(
+            num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                p.group, placement_group_bundle_index=self._index)).remote()
+        where = self._actor.where.remote()  # answered before `run` takes the actor
+        self._done = self._actor.run.remote(*args)
+        self.pid, self.node = await where
+        logger.info("engine core started in a Ray actor (pid %d on %s)", self.pid, self.node)
+
+    def alive(self) -> bool:
+        ready, _ = self._ray.wait([self._done], timeout=0)
+        return not ready
+
+    def exit_reason(self) -> str:
+        try:
+            self._ray.get(self._done, timeout=0)
+            return "the engine core's Ray actor returned"
+        except Exception as exc:  # RayActorError: the actor or its node died
+            return f"the engine core's Ray actor died: {type(exc).__name__}"
+
+    def kill(self) -> None:
+        if self._actor is not None:
+            self._ray.kill(self._actor, no_restart=True)
+
+    def join(self, timeout: float) -> None:
+        if self._done is not None:
+            self._ray.wait([self._done], timeout=timeout)
+
+    def close(self) -> None:
+        """Nothing to clean up on this host."""
