@@ -4,7 +4,8 @@ share of it that rank 0 spends in collectives (torch.profiler), in the same run.
 For each size the offline engine takes `--batch` requests of `--context` prompt tokens, runs
 their prompts, then times `--steps` decode steps (`EngineCore.step`, scheduler included; the
 median is printed) and profiles as many more on rank 0: the collectives' share is the summed
-self CPU time of the all-reduce and all-gather ops over the steps' wall time. On a CPU, ranks
+wall time of rank 0's all-reduce and all-gather calls, waiting for the other ranks included,
+over the steps' wall time. On a CPU, ranks
 split the cores (`cores / size` threads each), so the figure is overhead, not speed.
 """
 import argparse
@@ -17,9 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from engine.cpu_info import reported_cpu_flags
 from engine.llm import LLM
 from engine.messages import AddRequest
+from engine.parallel import COLLECTIVE
 from engine.sampling_params import SamplingParams
-
-_COLLECTIVES = ("allreduce", "all_reduce", "allgather", "all_gather")
 
 
 def _decode_steps(llm: LLM, args: argparse.Namespace) -> dict:
@@ -41,8 +41,7 @@ def _decode_steps(llm: LLM, args: argparse.Namespace) -> dict:
         for _ in range(args.steps):
             engine.step()
         wall = time.perf_counter() - start
-    collective_us = sum(e.self_cpu_time_total for e in prof.key_averages()
-                        if any(c in e.key.lower() for c in _COLLECTIVES))
+    collective_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key == COLLECTIVE)
     while engine.has_unfinished():
         engine.step()
     return {"decode_step_ms": round(1e3 * statistics.median(times), 2),
@@ -53,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tessera bench tensor-parallel",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="default: bundled SmolLM2-135M")
+    parser.add_argument("--load-format", default="auto", help="dummy: random weights from an "
+                        "HF config directory")
     parser.add_argument("--sizes", default="1,3", help="tensor-parallel sizes (default 1,3)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default="none")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+        llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, quantization=args.quantization,
                   enforce_eager=True, max_model_len=args.context + 2 * args.steps + 8,
                   tensor_parallel_size=size)
         try:

@@ -12,8 +12,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from engine.loader import ModelArch
+
+
+COLLECTIVE = "tensor_parallel_collective"  # the profiler's name for a collective's whole call
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of `x` over the ranks (in place)."""
         if self.size > 1:
-            dist.all_reduce(x)
+            with record_function(COLLECTIVE):  # its wall time, waiting for peers included
+                dist.all_reduce(x)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +85,8 @@ class TensorParallel:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous())
+        with record_function(COLLECTIVE):
+            dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
     def min(self, value: int) -> int:
