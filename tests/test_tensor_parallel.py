@@ -120,3 +120,18 @@ def test_step_plan_sends_page_diffs_and_whole_tables_after_a_reset():
     plan, rows = step(4)
     assert plan.requests[0].reset and rows == [[7]]
     assert planner.plan(SchedulerOutput(), set()).finished == ["a"]
+
+
+def test_a_killed_worker_fails_the_step_instead_of_hanging():
+    llm = LLM(model=str(TINY_MODEL), load_format="dummy", dtype="float32",
+              tensor_parallel_size=2)
+    try:
+        engine = llm.engine
+        engine.add_request(AddRequest("a", [5, 6, 7], GREEDY, 0.0))
+        engine.step()
+        engine.executor.workers[0].kill()
+        with pytest.raises(RuntimeError):  # gloo: the peer closed its connection
+            while engine.has_unfinished():
+                engine.step()
+    finally:
+        llm.engine.executor.shutdown()
