@@ -144,6 +144,7 @@ class SchedulerConfig:
 
 
 ROLES = ("colocated", "prefill", "decode")
+EXECUTORS = ("mp", "ray")
 KV_LOAD_FAILURES = ("recompute", "fail")
 
 
@@ -176,10 +177,16 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     # A collective that a rank never joins (it died) fails the step after this many seconds.
     collective_timeout: float = 60.0
+    # where replicas (server/placement.py) and ranks (engine/executor.py) run: "mp" =
+    # processes on this host, "ray" = Ray actors in placement groups on the cluster's nodes
+    distributed_executor_backend: str = "mp"
+    ray_address: str | None = None  # a running Ray cluster; None = $RAY_ADDRESS or a new one
 
     def __post_init__(self) -> None:
         check_types(self)
-        _check(self, _positive(self, "tensor_parallel_size", "collective_timeout"))
+        _check(self, _positive(self, "tensor_parallel_size", "collective_timeout") + [
+            ("distributed_executor_backend", self.distributed_executor_backend in EXECUTORS,
+             f"must be one of {', '.join(EXECUTORS)}")])
 
 
 @dataclass

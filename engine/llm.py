@@ -58,7 +58,8 @@ class LLM:
                  quantization: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, tokenizer: str | None = None,
                  dummy_weights_seed: int = 0, kv_cache_dtype: str = "auto",
-                 kv_policy: str = "none", tensor_parallel_size: int = 1):
+                 kv_policy: str = "none", tensor_parallel_size: int = 1,
+                 distributed_executor_backend: str = "mp"):
         self.config = EngineConfig(
             ModelConfig(model=model, load_format=load_format, dtype=dtype,
                         max_model_len=max_model_len, seed=seed,
@@ -70,7 +71,8 @@ class LLM:
                         kv_cache_dtype=kv_cache_dtype,
                         enable_prefix_caching=enable_prefix_caching, kv_policy=kv_policy),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens), device,
-            parallel=ParallelConfig(tensor_parallel_size))
+            parallel=ParallelConfig(tensor_parallel_size,
+                                    distributed_executor_backend=distributed_executor_backend))
         self.engine = EngineCore(self.config)
         self.tokenizer = (None if load_format == "dummy" and tokenizer is None
                           else load_tokenizer(self.config.model.tokenizer_path))

@@ -1,10 +1,11 @@
-"""A tensor-parallel worker process: rank r > 0 of an engine, run by `engine/executor.py`.
+"""A tensor-parallel worker: rank r > 0 of an engine, started by `engine/executor.py`.
 
-`python -m engine.worker RANK SIZE INIT_METHOD PLANS_ADDR READY_ADDR` with the engine's config as
-JSON on stdin. The worker joins the process group, builds its share of the model and KV pool,
-says `WorkerReady` (or `WorkerFailed`), then follows each `StepPlan` it receives. The engine
-core ends it; if that process dies instead, the worker notices within a second and exits (as
-the engine core watches the API process).
+A process on the engine's host (`python -m engine.worker RANK SIZE INIT_METHOD PLANS_ADDR
+READY_ADDR`, the engine's config as JSON on stdin), or a Ray actor (`RayWorker`). The worker
+joins the process group, builds its share of the model and KV pool, says `WorkerReady` (or
+`WorkerFailed`), then follows each `StepPlan` it receives. The engine core ends it; if the
+engine core dies instead, a process notices within a second and exits (as the engine core
+watches the API process), and Ray ends an actor whose owner is gone.
 """
 import logging
 import os
@@ -40,20 +41,18 @@ def resident_bytes(module) -> int:
                for t in (*module.parameters(), *module.buffers()))
 
 
-def main(argv: list[str]) -> None:
+def serve(config_json: bytes, rank: int, size: int, init_method: str, plans_addr: str,
+          ready_addr: str, parent: int | None) -> None:
+    """Be rank `rank`: join the group, build the share, follow plans. `parent`: the engine
+    core's pid, whose exit ends the worker (None under Ray, which ends an actor whose owner
+    is gone)."""
     import zmq
 
     from engine.model_runner import ModelRunner
     from engine.parallel import init_tensor_parallel
     from engine.step_plan import decode_plan
 
-    rank, size, init_method, plans_addr, ready_addr = argv
-    rank, size = int(rank), int(size)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # the engine core ends its workers
-    config = msgspec.json.decode(sys.stdin.buffer.read(), type=EngineConfig)
-    configure_logging(os.environ.get("TESSERA_LOG_LEVEL", "info"))
-    parent = os.getppid()
+    config = msgspec.json.decode(config_json, type=EngineConfig)
     ctx = zmq.Context()
     plans = ctx.socket(zmq.PULL)
     plans.connect(plans_addr)
@@ -67,12 +66,29 @@ def main(argv: list[str]) -> None:
         logger.debug("worker start-up failed", exc_info=True)
         ready.send(msgspec.msgpack.encode(WorkerFailed(rank, one_line(exc))))
         ctx.destroy(linger=5000)
-        sys.exit(1)
+        raise SystemExit(1) from None
     ready.send(msgspec.msgpack.encode(WorkerReady(rank, resident_bytes(runner.model))))
-    while os.getppid() == parent:
+    while parent is None or os.getppid() == parent:
         if plans.poll(_PARENT_CHECK_MS):
             runner.follow(decode_plan(plans.recv()))
     ctx.destroy(linger=0)
+
+
+class RayWorker:
+    """A rank as a Ray actor (engine/executor.py places it in its engine's placement group)."""
+
+    def serve(self, *args) -> None:
+        configure_logging(os.environ.get("TESSERA_LOG_LEVEL", "info"))
+        serve(*args, parent=None)
+
+
+def main(argv: list[str]) -> None:
+    rank, size, init_method, plans_addr, ready_addr = argv
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the engine core ends its workers
+    configure_logging(os.environ.get("TESSERA_LOG_LEVEL", "info"))
+    serve(sys.stdin.buffer.read(), int(rank), int(size), init_method, plans_addr, ready_addr,
+          os.getppid())
 
 
 if __name__ == "__main__":

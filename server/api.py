@@ -64,7 +64,7 @@ class AppState:
         self.engine: EngineSupervisor | Router
         replicas = settings.data_parallel_size
         if settings.prefill_engines or replicas > 1 or \
-                settings.distributed_executor_backend == "ray":
+                engine_config.parallel.distributed_executor_backend == "ray":
             self.engine = Router(engine_config, settings.prefill_engines,
                                  settings.decode_engines, settings.cpus_per_engine,
                                  sorted(os.sched_getaffinity(0)), settings.max_engine_restarts,

@@ -50,24 +50,14 @@ class ServerConfig:
     decode_engines: int = 0
     cpus_per_engine: int = 0  # cores each engine is pinned to; 0 = every engine uses all
     data_parallel_size: int = 1  # engine replicas behind the router
-    # where engines run: "mp" = child processes of this one, "ray" = Ray actors placed
-    # across the cluster's nodes
-    distributed_executor_backend: str = "mp"
-    ray_address: str | None = None  # a running Ray cluster; None = $RAY_ADDRESS or a new one
 
     def __post_init__(self) -> None:
         check_types(self)
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
-        if self.distributed_executor_backend not in ("mp", "ray"):
-            raise ValueError(f"distributed_executor_backend must be mp or ray, got "
-                             f"{self.distributed_executor_backend!r}")
         if self.data_parallel_size > 1 and self.prefill_engines:
             raise ValueError("data_parallel_size must be 1 with --prefill-engines (the "
                              "prefill and decode engines are the replicas there)")
-        if self.distributed_executor_backend == "ray" and self.prefill_engines:
-            raise ValueError("distributed_executor_backend ray places replicas; prefill and "
-                             "decode engines run as local processes (mp)")
         for name in ("prefill_engines", "decode_engines", "cpus_per_engine"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -206,9 +196,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="engine replicas behind the one API process, balanced by load and prefix "
              "affinity (default 1)")
     add("--distributed-executor-backend", choices=["mp", "ray"],
-        help="where replicas run: mp = child processes of the server (default); ray = Ray "
-             "actors in placement groups spread over the cluster's nodes (pip install "
-             "'tessera[ray]')")
+        help="where replicas and tensor-parallel ranks run: mp = processes on this host "
+             "(default); ray = Ray actors in placement groups on the cluster's nodes (pip "
+             "install 'tessera[ray]')")
     add("--ray-address",
         help="the Ray cluster to join, e.g. auto or 10.0.0.1:6379 (default: $RAY_ADDRESS, "
              "a cluster started on this machine, else a new local one)")
@@ -297,6 +287,9 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser,
         engine = replace(engine, device=values.get("device", engine.device))
         values.setdefault("api_key", os.environ.get("TESSERA_API_KEY") or None)
         server = ServerConfig(**{k: values[k] for k in asdict(ServerConfig()) if k in values})
+        if engine.parallel.distributed_executor_backend == "ray" and server.prefill_engines:
+            raise ValueError("distributed_executor_backend ray places replicas and their "
+                             "ranks; prefill and decode engines run as local processes (mp)")
     except ValueError as exc:
         _flag_error(parser, exc, args.config, preset_keys)
     return engine, server

@@ -73,45 +73,49 @@ class _EngineActor:
 
 
 class RayPlacement:
-    """One placement group for all replicas: a bundle of `cpus` CPUs (and `gpus` GPUs) each,
-    spread over the nodes where they fit (Ray's SPREAD strategy)."""
+    """A placement group per replica, a bundle per tensor-parallel rank (`cpus` CPUs, and a
+    GPU on CUDA), packed onto one node where they fit (PACK); the engine core takes bundle 0
+    and starts its workers in the others (engine/executor.py). Ray places the groups on the
+    cluster's nodes."""
 
-    def __init__(self, replicas: int, cpus: int, gpus: int, address: str | None) -> None:
+    def __init__(self, replicas: int, ranks: int, cpus: int, gpus: int,
+                 address: str | None) -> None:
         import ray
         from ray.util.placement_group import placement_group
 
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING)
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        self.group = placement_group([bundle] * replicas, strategy="SPREAD")
-        self.cpus, self.gpus = cpus, gpus
-        logger.info("Ray cluster: %s; placing %d replicas of %s", ray.cluster_resources(),
-                    replicas, bundle)
+        self.bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        self.groups = [placement_group([self.bundle] * ranks, strategy="PACK")
+                       for _ in range(replicas)]
+        logger.info("Ray cluster: %s; placing %d replicas of %d ranks of %s",
+                    ray.cluster_resources(), replicas, ranks, self.bundle)
 
     async def ready(self, timeout_s: float) -> None:
         import asyncio
 
         try:
-            await asyncio.wait_for(self.group.ready(), timeout_s)
+            await asyncio.wait_for(asyncio.gather(*(g.ready() for g in self.groups)),
+                                   timeout_s)
         except TimeoutError:
             raise RuntimeError(f"the Ray cluster cannot place the replicas within "
-                               f"{timeout_s:.0f} s: each needs {self.cpus} CPUs"
-                               f"{f' and {self.gpus} GPUs' if self.gpus else ''}") from None
+                               f"{timeout_s:.0f} s: each rank needs {self.bundle}") from None
 
 
 def ray_placement(engine: EngineConfig, settings: ServerConfig) -> RayPlacement | None:
-    """The replicas' placement group under `--distributed-executor-backend ray`: each bundle
-    has `--cpus-per-engine` CPUs (at least 1) and, on CUDA, a GPU per tensor-parallel rank."""
-    if settings.distributed_executor_backend != "ray":
+    """The replicas' placement groups under `--distributed-executor-backend ray`: each rank's
+    bundle has `--cpus-per-engine` CPUs (at least 1) and, on CUDA, a GPU."""
+    parallel = engine.parallel
+    if parallel.distributed_executor_backend != "ray":
         return None
-    gpus = engine.parallel.tensor_parallel_size if engine.device.startswith("cuda") else 0
-    return RayPlacement(settings.data_parallel_size, max(1, settings.cpus_per_engine), gpus,
-                        settings.ray_address)
+    return RayPlacement(settings.data_parallel_size, parallel.tensor_parallel_size,
+                        max(1, settings.cpus_per_engine),
+                        1 if engine.device.startswith("cuda") else 0, parallel.ray_address)
 
 
 class RayEngine:
-    """The engine core in a Ray actor, in bundle `index` of the replicas' placement group."""
+    """The engine core of replica `index` in a Ray actor, in its placement group's bundle 0."""
 
     def __init__(self, placement: RayPlacement, index: int) -> None:
         import ray
@@ -130,9 +134,9 @@ class RayEngine:
         p = self._placement
         actor_class = self._ray.remote(_EngineActor)
         self._actor = actor_class.options(
-            num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0,
+            num_cpus=p.bundle["CPU"], num_gpus=p.bundle.get("GPU", 0), max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                p.group, placement_group_bundle_index=self._index)).remote()
+                p.groups[self._index], placement_group_bundle_index=0)).remote()
         where = self._actor.where.remote()  # answered before `run` takes the actor
         self._done = self._actor.run.remote(*args)
         self.pid, self.node = await where

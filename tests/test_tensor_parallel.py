@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from engine.executor import LocalWorkers, RayWorkers
 from engine.llm import LLM
 from engine.messages import AddRequest
 from engine.sampling_params import SamplingParams
@@ -129,9 +130,34 @@ def test_a_killed_worker_fails_the_step_instead_of_hanging():
         engine = llm.engine
         engine.add_request(AddRequest("a", [5, 6, 7], GREEDY, 0.0))
         engine.step()
-        engine.executor.workers[0].kill()
+        engine.executor.workers.processes[0].kill()
         with pytest.raises(RuntimeError):  # gloo: the peer closed its connection
             while engine.has_unfinished():
                 engine.step()
     finally:
         llm.engine.executor.shutdown()
+
+
+def test_ray_placed_ranks_equal_local_ranks():
+    """Under `distributed_executor_backend="ray"` rank 1 is a Ray actor in the engine's
+    placement group, reached over TCP; the tokens are the local ranks'."""
+    ray = pytest.importorskip("ray")
+    prompts = [[5, 17, 99, 3, 42, 7, 250, 11], list(range(20, 61))]
+    runs = {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for backend in ("mp", "ray"):
+            llm = LLM(model=str(TINY_MODEL), load_format="dummy", dtype="float32",
+                      max_num_batched_tokens=16, tensor_parallel_size=2,
+                      distributed_executor_backend=backend)
+            try:
+                runs[backend] = _run(llm, prompts)[0]
+                executor = llm.engine.executor
+                assert isinstance(executor.workers, RayWorkers if backend == "ray"
+                                  else LocalWorkers)
+                assert len(executor.weight_bytes) == 2  # rank 1 reported in
+            finally:
+                llm.engine.executor.shutdown()
+    finally:
+        ray.shutdown()
+    assert runs["ray"] == runs["mp"]
