@@ -8,8 +8,11 @@ divide the heads are refused with the reason.
 import json
 
 import pytest
+import torch
 
 from engine.executor import LocalWorkers, RayWorkers
+from engine.layers.quantization.checkpoint import ChannelWeight, Int4Weight
+from engine.layers.quantization.gguf import QuantizedWeight
 from engine.llm import LLM
 from engine.messages import AddRequest
 from engine.sampling_params import SamplingParams
@@ -161,3 +164,26 @@ def test_ray_placed_ranks_equal_local_ranks():
     finally:
         ray.shutdown()
     assert runs["ray"] == runs["mp"]
+
+
+def test_quantized_weights_narrow_to_their_dequantized_values():
+    """A rank's share of a GGUF Q4 block weight, an int4 group weight or an int8 channel
+    weight holds exactly the values of that share of the whole; a share that cuts a group
+    is refused."""
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (6, 32), dtype=torch.uint8)
+    q4 = QuantizedWeight(codes, torch.rand(6, 4), torch.rand(6, 4), 8)
+    int4 = Int4Weight(codes, torch.rand(6, 4), torch.randint(0, 16, (6, 4), dtype=torch.uint8), 8)
+    channel = ChannelWeight(torch.randint(-127, 128, (6, 32), dtype=torch.int8), torch.rand(6))
+
+    def values(w):
+        return w.codes.float() * w.scales[:, None] if isinstance(w, ChannelWeight) \
+            else w.dequantize()
+
+    for weight in (q4, int4, channel):
+        for dim, start, length in ((0, 2, 3), (1, 8, 16)):
+            assert torch.equal(values(weight.narrow(dim, start, length)),
+                               values(weight).narrow(dim, start, length))
+    for weight in (q4, int4):
+        with pytest.raises(ValueError, match="cuts the quantization groups"):
+            weight.narrow(1, 4, 8)
