@@ -1,5 +1,5 @@
-"""Where an engine core runs: a child process of the API process (`mp`), or a Ray actor in a
-placement group that spreads replicas over the cluster's nodes (`ray`).
+"""Where an engine core runs: a child process of the API process (`mp`), or a Ray actor in its
+replica's placement group, on whichever node Ray placed it (`ray`).
 
 The engine client (server/engine_client.py) binds its sockets where the placement says (IPC
 paths on this host, TCP on this node's address for Ray, whose actors may live on other nodes),
