@@ -101,8 +101,8 @@ class ModelRunner:
             _take_cores(tp)
             retain_freed_memory()
         else:
-            if tp.size > 1:
-                self.device = torch.device("cuda", tp.rank)
+            if tp.size > 1:  # rank r on GPU r; a Ray actor sees only its own GPU
+                self.device = torch.device("cuda", tp.rank % torch.cuda.device_count())
             if self.device.index is not None:  # Triton and graph capture use this device
                 torch.cuda.set_device(self.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device)
