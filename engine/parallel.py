@@ -22,9 +22,11 @@ COLLECTIVE = "tensor_parallel_collective"  # the profiler's name for a collectiv
 
 @dataclass(frozen=True)
 class Shard:
-    """The part of a checkpoint tensor's dimension one rank keeps: `length` from `start`."""
+    """The part of a checkpoint tensor's dimension of size `whole` that one rank keeps:
+    `length` from `start`."""
     start: int
     length: int
+    whole: int
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class TensorParallel:
             raise ValueError(f"tensor_parallel_size {self.size} does not divide {what} "
                              f"({total})")
         length = total // self.size
-        return Shard(self.rank * length, length)
+        return Shard(self.rank * length, length, total)
 
     def heads(self, arch: ModelArch) -> AttentionHeads:
         """Each rank takes `num_heads / size` query heads; KV heads split alike, or, when
@@ -62,6 +64,12 @@ class TensorParallel:
             raise ValueError(f"tensor_parallel_size {self.size} is neither a divisor nor a "
                              f"multiple of the KV heads ({kv_heads})")
         return AttentionHeads(q.length, q.start, 1, self.rank * kv_heads // self.size)
+
+    def head_shards(self, arch: ModelArch) -> tuple[Shard, Shard]:
+        """This rank's rows of q, and of k (or v), in a q|k|v projection."""
+        heads, d = self.heads(arch), arch.head_dim
+        return (Shard(heads.first_head * d, heads.num_heads * d, arch.num_heads * d),
+                Shard(heads.first_kv_head * d, heads.num_kv_heads * d, arch.num_kv_heads * d))
 
     def check(self, arch: ModelArch) -> None:
         """Refuse at start, with the reason, a model this many ranks cannot split."""

@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from engine.executor import LocalWorkers, RayWorkers
+from engine.layers.linear import Linear
 from engine.layers.quantization.checkpoint import ChannelWeight, Int4Weight
+from engine.layers.quantization.dense import DenseMethod
 from engine.layers.quantization.gguf import QuantizedWeight
 from engine.llm import LLM
 from engine.messages import AddRequest
+from engine.parallel import Shard, TensorParallel
 from engine.sampling_params import SamplingParams
 from engine.step_plan import PageTables, StepPlanner
 from scheduler.request import Request
@@ -187,3 +190,17 @@ def test_quantized_weights_narrow_to_their_dequantized_values():
     for weight in (q4, int4):
         with pytest.raises(ValueError, match="cuts the quantization groups"):
             weight.narrow(1, 4, 8)
+
+
+def test_a_fused_checkpoint_tensor_loads_each_parts_share():
+    """Phi-3 stores q|k|v whole: rank 1 of 2 keeps the same rows as from q, k, v apart."""
+    tp = TensorParallel(rank=1, size=2)
+    q, kv = Shard(4, 4, 8), Shard(2, 2, 4)
+    parts = [torch.randn(8, 6), torch.randn(4, 6), torch.randn(4, 6)]
+    apart, whole = (Linear(6, 16, method=DenseMethod(), output_sizes=[8, 4, 4],
+                           output_shards=[q, kv, kv], tp=tp) for _ in range(2))
+    for i, part in enumerate(parts):
+        apart.weight.weight_loader(apart.weight, part, i)
+    whole.weight.weight_loader(whole.weight, torch.cat(parts))
+    expected = torch.cat([parts[0][4:8], parts[1][2:4], parts[2][2:4]])
+    assert torch.equal(apart.weight, expected) and torch.equal(whole.weight, expected)

@@ -45,6 +45,13 @@ class Linear(nn.Module):
 
     def _load_share(self, load, param: nn.Parameter, loaded, shard_id: int | None = None):
         """`load` this rank's share of a whole checkpoint tensor (or quantized weight)."""
+        if shard_id is None and self.output_shards is not None and len(self.output_shards) > 1:
+            # A checkpoint holding the fused projection whole (Phi-3): each part's share.
+            start = 0
+            for i, shard in enumerate(self.output_shards):
+                self._load_share(load, param, loaded.narrow(0, start, shard.whole), i)
+                start += shard.whole
+            return
         if self.output_shards is not None:
             loaded = narrow(loaded, 0, self.output_shards[shard_id or 0])
         if self.input_shard is not None and param is self.weight:

@@ -24,7 +24,7 @@ from engine.layers.moe import MoEMLP
 from engine.layers.quantization import LinearMethod, plan_layer_kernels
 from engine.layers.rotary import cos_sin_cache
 from engine.loader import ModelArch, Weights
-from engine.parallel import Shard, TensorParallel
+from engine.parallel import TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -45,8 +45,7 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, d
         self.q_size = self.num_heads * d
         self.kv_size = self.num_kv_heads * d
-        q, kv = Shard(heads.first_head * d, self.q_size), Shard(heads.first_kv_head * d,
-                                                                 self.kv_size)
+        q, kv = tp.head_shards(arch)
         self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
                                bias=arch.attention_bias, method=method,
                                output_sizes=[self.q_size, self.kv_size, self.kv_size],
