@@ -145,6 +145,13 @@ def w8a8_linear(x, weight, weight_scale):
     return reference.w8a8_linear(x, weight, weight_scale)
 
 
+def w8a8_gemm(codes, x_scale, weight, weight_scale, out_dtype):
+    if uses_triton(codes):
+        from kernels import triton_quant
+        return triton_quant.w8a8_gemm(codes, x_scale, weight, weight_scale, out_dtype)
+    return reference.w8a8_gemm(codes, x_scale, weight, weight_scale, out_dtype)
+
+
 def rms_norm_quant_int8(x, weight, eps, residual=None):
     if uses_triton(x):
         from kernels import triton_quant

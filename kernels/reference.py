@@ -408,6 +408,12 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
+def w8a8_gemm(codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+              weight_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """`w8a8_linear` of activations already int8 per token (`codes [M, K]`, `x_scale [M]`)."""
+    return int8_gemm(codes, x_scale[:, None], weight, weight_scale).to(out_dtype)
+
+
 def rms_norm_quant_int8(x: torch.Tensor, weight: torch.Tensor, eps: float,
                         residual: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -260,16 +260,25 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
                 tiles: GemmTiles | None = None, split_k: int | None = None) -> torch.Tensor:
     """`x[..., K]` quantized to int8 per token, times int8 `weight[N, K]` (fp32
     `weight_scale[N]` per channel) in int32, both scales applied after; x's dtype."""
-    size_k, size_n = x.shape[-1], weight.shape[0]
+    codes, x_scale = quantize_per_token_int8(x.reshape(-1, x.shape[-1]))
+    out = w8a8_gemm(codes, x_scale, weight, weight_scale, x.dtype, tiles, split_k)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def w8a8_gemm(codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+              weight_scale: torch.Tensor, out_dtype: torch.dtype,
+              tiles: GemmTiles | None = None, split_k: int | None = None) -> torch.Tensor:
+    """`w8a8_linear` of activations already int8 per token (`codes [M, K]`, fp32
+    `x_scale [M]`: `quantize_per_token_int8`'s or `rms_norm_quant_int8`'s), `[M, N]` in
+    `out_dtype`."""
+    (size_m, size_k), size_n = codes.shape, weight.shape[0]
     assert weight.stride(-1) == 1
-    codes, x_scale = quantize_per_token_int8(x.reshape(-1, size_k))
-    size_m = codes.shape[0]
     tiles = tiles or _tiles(size_m)
     splits, per_split = _split_plan(size_m, size_n, triton.cdiv(size_k, W8A8_BLOCK_K), tiles,
                                     split_k)
-    out = torch.empty(size_m, size_n, dtype=x.dtype, device=x.device)
+    out = torch.empty(size_m, size_n, dtype=out_dtype, device=codes.device)
     target = out if splits == 1 else torch.empty(splits, size_m, size_n, dtype=torch.int32,
-                                                 device=x.device)
+                                                 device=codes.device)
     _w8a8_kernel[(triton.cdiv(size_m, tiles.block_m), triton.cdiv(size_n, tiles.block_n),
                   splits)](
         codes, x_scale, weight, weight_scale, target, size_m, size_n, size_k, codes.stride(0),
@@ -278,7 +287,7 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if splits > 1:
         _reduce(target, out, x_scale, weight_scale)
-    return out.view(*x.shape[:-1], size_n)
+    return out
 
 
 def rms_norm_quant_int8(x: torch.Tensor, weight: torch.Tensor, eps: float,

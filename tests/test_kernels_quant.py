@@ -209,7 +209,7 @@ def test_dispatch_sends_quantized_linears_to_the_gpu_module(monkeypatch):
     """Through `kernels` at the default tiles and splits, as the layers call them."""
     monkeypatch.setattr(kernels, "uses_triton", lambda x: True)
     calls = []
-    for name in ("w4a16_linear", "w8a8_linear", "quantize_per_token_int8",
+    for name in ("w4a16_linear", "w8a8_linear", "w8a8_gemm", "quantize_per_token_int8",
                  "rms_norm_quant_int8", "fp8_linear"):
         kernel = getattr(triton_quant, name)
         monkeypatch.setattr(triton_quant, name,
@@ -223,6 +223,10 @@ def test_dispatch_sends_quantized_linears_to_the_gpu_module(monkeypatch):
                                _cpu_reference(reference.w8a8_linear, x, *int8), atol=0, rtol=0)
     assert torch.equal(kernels.quantize_per_token_int8(x)[0],
                        _cpu_reference(lambda t: reference.quantize_per_token_int8(t)[0], x))
+    tokens = reference.quantize_per_token_int8(x.cpu())
+    torch.testing.assert_close(
+        kernels.w8a8_gemm(*(t.to(DEVICE) for t in tokens), *int8, x.dtype),
+        _cpu_reference(reference.w8a8_gemm, *tokens, *int8, x.dtype), atol=0, rtol=0)
     norm_weight = torch.randn(256)
     codes, _, _ = kernels.rms_norm_quant_int8(x, norm_weight, 1e-6)
     want_codes, _, _ = reference.rms_norm_quant_int8(x, norm_weight, 1e-6)
@@ -230,5 +234,5 @@ def test_dispatch_sends_quantized_linears_to_the_gpu_module(monkeypatch):
     fp8 = (torch.randn(48, 256).to(torch.float8_e4m3fn), torch.rand(48) * 0.01)
     torch.testing.assert_close(kernels.fp8_linear(x, *fp8), reference.fp8_linear(x, *fp8),
                                **TOLERANCES[torch.bfloat16])
-    assert set(calls) == {"w4a16_linear", "w8a8_linear", "quantize_per_token_int8",
-                          "rms_norm_quant_int8", "fp8_linear"}
+    assert set(calls) == {"w4a16_linear", "w8a8_linear", "w8a8_gemm",
+                          "quantize_per_token_int8", "rms_norm_quant_int8", "fp8_linear"}

@@ -290,7 +290,18 @@ def test_engine_on_interpreted_triton_matches_reference(tmp_path, monkeypatch, f
     assert_same_completions(got, want, atol=2e-5)  # measured: Llama <= 5e-7, Qwen3-MoE 5e-6
 
 
-QUANTIZED_GEMMS = {"w4a16": "w4a16_linear", "w8a8": "w8a8_linear", "fp8": "fp8_linear"}
+def _norm_then_quantize(x, weight, eps, residual=None):
+    """The twin of the fused RMSNorm int8 quantizer: Triton's norm, then the torch quantizer."""
+    out, residual = triton_ops.rms_norm(x, weight, eps, residual)
+    return *reference.quantize_per_token_int8(out.reshape(-1, out.shape[-1])), residual
+
+
+# The Triton functions each scheme's linears run, with their twins.
+QUANTIZED_GEMMS = {"w4a16": {"w4a16_linear": reference.w4a16_linear},
+                   "w8a8": {"w8a8_linear": reference.w8a8_linear,
+                            "w8a8_gemm": reference.w8a8_gemm,
+                            "rms_norm_quant_int8": _norm_then_quantize},
+                   "fp8": {"fp8_linear": reference.fp8_linear}}
 
 
 @needs_interpreter
@@ -310,17 +321,21 @@ def test_quantized_checkpoint_on_interpreted_triton_matches_the_twin_gemm(tmp_pa
               "--calibration-file", str(text), "--calibration-tokens", "256",
               "--sequence-length", "64"])
     calls = engine_workload(512, CPU_LENGTHS, CPU_MAX_TOKENS, CPU_SHARED, tail=6)
-    name = QUANTIZED_GEMMS[scheme]
+    twins = QUANTIZED_GEMMS[scheme]
     with monkeypatch.context() as m:
         force_kernels(m, use_triton=True)
-        m.setattr(triton_quant, name, getattr(reference, name))
+        for name, twin in twins.items():
+            m.setattr(triton_quant, name, twin)
         want = run_calls(_cpu_llm(str(out), sharpen=False, load_format="auto"), calls)
     with monkeypatch.context() as m:
         force_kernels(m, use_triton=True)
-        gemm, ran = getattr(triton_quant, name), Counter()
-        m.setattr(triton_quant, name, lambda *a, **kw: ran.update([name]) or gemm(*a, **kw))
+        ran = Counter()
+        for name in twins:
+            fn = getattr(triton_quant, name)
+            m.setattr(triton_quant, name,
+                      lambda *a, _fn=fn, _n=name, **kw: ran.update([_n]) or _fn(*a, **kw))
         got = run_calls(_cpu_llm(str(out), sharpen=False, load_format="auto"), calls)
-    assert ran[name] > 0
+    assert set(ran) == set(twins), ran  # w8a8: the fused norm quantizer feeds q|k|v, gate|up
     assert_same_completions(got, want, atol=2e-5)
 
 

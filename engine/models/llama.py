@@ -22,18 +22,26 @@ from engine.layers.linear import Linear, VocabEmbedding
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoEMLP
 from engine.layers.quantization import LinearMethod, plan_layer_kernels
+from engine.layers.quantization.base import QuantizedTokens
 from engine.layers.rotary import cos_sin_cache
 from engine.loader import ModelArch, Weights
 from engine.parallel import TensorParallel
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    """With `int8_output`, on the Triton path the output is quantized per token in the same
+    pass (`QuantizedTokens`), for linears whose method takes it (`takes_int8_tokens`)."""
+
+    def __init__(self, size: int, eps: float, int8_output: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
-        self.eps = eps
+        self.eps, self.int8_output = eps, int8_output
 
     def forward(self, x, residual=None):
+        if self.int8_output and kernels.uses_triton(x):
+            codes, scales, residual = kernels.rms_norm_quant_int8(x, self.weight, self.eps,
+                                                                  residual)
+            return QuantizedTokens(codes, scales, x.dtype), residual
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -76,13 +84,17 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, method: LinearMethod, layer: int, tp: TensorParallel):
         super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        moe = bool(arch.moe_layers and arch.moe_layers[layer])
+        # Each norm feeds one linear (q|k|v; gate|up), which may take its output as int8.
+        int8 = method.takes_int8_tokens
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, int8)
         self.self_attn = LlamaAttention(arch, method, layer, tp)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps,
+                                                int8 and not moe)  # the router reads floats
         self.mlp = (MoEMLP(arch.hidden_size, arch.moe_intermediate_size, arch.num_experts,
                            arch.num_experts_per_tok, arch.norm_topk_prob, arch.hidden_act,
                            method)
-                    if arch.moe_layers and arch.moe_layers[layer] else
+                    if moe else
                     GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act, method,
                              tp))
 

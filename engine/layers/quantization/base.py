@@ -13,11 +13,25 @@ the caller, picks the part it keeps: `shard_id` names a fused shard today; a ten
 layer will narrow `loaded` to its rank's partition of the output or input dimension there, and
 a mixture-of-experts layer will take an expert index into its stacked weight the same way.
 """
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class QuantizedTokens:
+    """Activations already int8 per token: an RMSNorm fused with the quantizer gives these to
+    the linears after it when their method takes them (`LinearMethod.takes_int8_tokens`)."""
+    codes: torch.Tensor  # int8 [T, K]
+    scales: torch.Tensor  # fp32 [T]
+    dtype: torch.dtype  # of the activations they stand for
 
 
 class LinearMethod:
     name: str  # its `--quantization` name
+    # On the Triton path `apply` also takes `QuantizedTokens` (int8 per token), so the RMSNorm
+    # before the layer quantizes in its own pass (kernels.rms_norm_quant_int8).
+    takes_int8_tokens: bool = False
     # GGML tensor types whose codes this method loads as they are (`read_gguf`); a GGUF layer
     # linear of any other type is refused, and with none every tensor is dequantized to floats.
     gguf_types: tuple[str, ...] = ()

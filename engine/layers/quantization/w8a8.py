@@ -4,11 +4,14 @@ checkpoint has them (`w8a8`: compressed-tensors int-quantized, SmoothQuant-style
 The checkpoint's codes and scales are loaded as they are, unrotated (`Int8Method` with a
 rotation block of 1), so both of its CPU kernels serve them; which runs at which step size is
 measured per machine as for `--quantization int8`. On CUDA one kernel runs, the Triton int8
-GEMM (`kernels.w8a8_linear`). Token embedding and LM head stay floats.
+GEMM (`kernels.w8a8_linear`), and q|k|v and gate|up take their input already quantized by the
+RMSNorm before them (`kernels.rms_norm_quant_int8`, `kernels.w8a8_gemm`). Token embedding and
+LM head stay floats.
 """
 import torch
 
 import kernels
+from engine.layers.quantization.base import QuantizedTokens
 from engine.layers.quantization.checkpoint import load_channel_weight
 from engine.layers.quantization.dense import DenseMethod
 from engine.layers.quantization.int8 import Int8Method
@@ -16,6 +19,7 @@ from engine.layers.quantization.int8 import Int8Method
 
 class W8A8Method(Int8Method):
     name = "w8a8"
+    takes_int8_tokens = True
 
     def create_weights(self, layer, in_features, out_features):
         super().create_weights(layer, in_features, out_features)
@@ -33,7 +37,10 @@ class W8A8Method(Int8Method):
     def apply(self, layer, x, bias):
         if layer.kernel_plan is not None:  # the CPU kernels'
             return super().apply(layer, x, bias)
-        y = kernels.w8a8_linear(x, layer.weight, layer.weight_scale)
+        if isinstance(x, QuantizedTokens):  # quantized by the RMSNorm before the layer
+            y = kernels.w8a8_gemm(x.codes, x.scales, layer.weight, layer.weight_scale, x.dtype)
+        else:
+            y = kernels.w8a8_linear(x, layer.weight, layer.weight_scale)
         return y if bias is None else y + bias
 
     def vocab_method(self):
