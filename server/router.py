@@ -18,6 +18,11 @@ decides the same way itself.
 
 Each engine has its own supervisor, which restarts it after a crash; a dead engine takes no
 new requests until it is ready again.
+
+With replicas instead (`--data-parallel-size`), every engine is colocated and a request goes
+to one of them by the same rule as a prefill (load, then prefix affinity); a replica that dies
+fails only the requests it held. Replicas are local processes or Ray actors
+(server/placement.py); the router sees only their clients either way.
 """
 import asyncio
 import logging
