@@ -10,6 +10,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
+from scheduler.head_config import load_head_config
 from scheduler.kv_policy import parse_kv_policy
 
 # The names of `--quantization`: "auto", then one per linear method in
@@ -122,6 +123,9 @@ class CacheConfig:
     # KV eviction for requests that name none (scheduler/kv_policy.py): "none", or
     # "streaming:sinks=S,window=W"
     kv_policy: str = "none"
+    # Head-wise budgets (scheduler/head_config.py): a JSON file naming the KV heads that keep
+    # only sinks and a window, in a pool of their own
+    kv_head_config: str | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -131,6 +135,10 @@ class CacheConfig:
             ("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"must be one of {', '.join(KV_CACHE_DTYPES)}")])
         parse_kv_policy(self.kv_policy)
+        if self.kv_head_config is not None:
+            load_head_config(self.kv_head_config)
+            _check(self, [("kv_policy", parse_kv_policy(self.kv_policy) is None,
+                           "must be none with --kv-head-config (one eviction rule at a time)")])
 
 
 @dataclass
@@ -208,6 +216,13 @@ class EngineConfig:
                            "cuda:r)")])
             _check(self.disagg, [("role", self.disagg.role == "colocated",
                                   "must be colocated under tensor parallelism (not built yet)")])
+        if self.cache.kv_head_config is not None:
+            _check(self.parallel, [("tensor_parallel_size",
+                                    self.parallel.tensor_parallel_size == 1,
+                                    "must be 1 with --kv-head-config (not built yet)")])
+            _check(self.disagg, [("role", self.disagg.role == "colocated",
+                                  "must be colocated with --kv-head-config (the handoff sends "
+                                  "one pool; not built yet)")])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,7 @@ from engine.tokenizer import load_tokenizer, model_format, resolve_model_path
 from scheduler.block_manager import BlockManager
 from scheduler.kv_policy import KVPolicy, parse_kv_policy
 from scheduler.request import Request
-from scheduler.scheduler import Scheduler, SchedulerOutput
+from scheduler.scheduler import Scheduler, SchedulerOutput, StreamingHeads
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,15 @@ class EngineCore:
         self.executor = Executor(config)
         self.runner = self.executor.runner  # rank 0's: the model, KV pool and sampling
         self.max_model_len = self.runner.max_model_len
+        # Under a head config the streaming heads' tokens of a prompt prefix are not in the
+        # pages a prefix hit would take: no prefix caching.
+        head_config = self.runner.head_config
         self.block_manager = BlockManager(self.runner.kv_cache.num_pages, config.cache.page_size,
-                                          config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+                                          config.cache.enable_prefix_caching
+                                          and head_config is None)
+        streaming = head_config and StreamingHeads(head_config.policy, BlockManager(
+            self.runner.streaming_cache.num_pages, config.cache.page_size, False))
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, streaming)
         self.structured: StructuredOutputManager | None = None  # built on first use
         # Seeds of sampled requests that bring none (vLLM's --seed): drawn in arrival order.
         self.seeds = random.Random(config.model.seed)
@@ -150,6 +156,9 @@ class EngineCore:
         if policy is not None and self.runner.tp.size > 1:
             raise ValueError("kv_policy is not supported under tensor parallelism yet: a "
                              "rank's attention scores cover its own heads")
+        if policy is not None and self.runner.head_config is not None:
+            raise ValueError("kv_policy cannot be combined with the server's --kv-head-config "
+                             "(its streaming heads already evict)")
         return policy
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:

@@ -26,13 +26,19 @@ class KVCacheSpec:
     page_size: int
     dtype: torch.dtype  # of plain pages; of what quantized ones dequantize to
     quant: QuantFormat | None = None
+    # The KV heads each layer's pages hold when they differ by layer (one pool of a head
+    # config's two); by default `num_kv_heads` everywhere.
+    layer_heads: tuple[int, ...] | None = None
+
+    def heads(self, layer: int) -> int:
+        return self.num_kv_heads if self.layer_heads is None else self.layer_heads[layer]
 
     @property
     def token_bytes(self) -> int:
         """Bytes of one token's K and V across all layers, codes and scales counted."""
         per_head = (self.quant.token_head_bytes(self.head_dim) if self.quant else
                     self.head_dim * self.dtype.itemsize)
-        return 2 * self.num_layers * self.num_kv_heads * per_head
+        return 2 * sum(map(self.heads, range(self.num_layers))) * per_head
 
     @property
     def page_bytes(self) -> int:
@@ -56,6 +62,19 @@ def gpu_kv_budget(total: int, used: int, headroom: int, utilization: float) -> i
     largest warm-up step's peak, plus the CUDA graph pool).
     """
     return int(total * utilization) - used - headroom
+
+
+def split_pages(num_pages: int, dense: KVCacheSpec, full: KVCacheSpec,
+                streaming: KVCacheSpec, wanted: int, least: int) -> tuple[int, int]:
+    """A head config's two pools in the memory of `num_pages` pages of every head (`dense`):
+    the streaming heads' pool gets the `wanted` pages, but no more memory than its heads'
+    share (so the full-context pool holds as many tokens as dense pages would, or more) and no
+    fewer than the `least` one request needs; the full-context pool gets the rest. Returns
+    (full pages, streaming pages)."""
+    memory = num_pages * dense.page_bytes
+    share = memory * streaming.token_bytes // dense.token_bytes
+    streaming_pages = max(min(wanted, share // streaming.page_bytes), least)
+    return (memory - streaming_pages * streaming.page_bytes) // full.page_bytes, streaming_pages
 
 
 def check_fits(num_pages: int, page_size: int, max_model_len: int) -> None:
@@ -90,8 +109,8 @@ class KVCache:
             self.shared_path = f"/proc/{os.getpid()}/fd/{fd}"
             self.layers = self._map(self.shared_path)
         else:
-            self.layers = [(self._pool(device), self._pool(device))
-                           for _ in range(spec.num_layers)]
+            self.layers = [(self._pool(device, i), self._pool(device, i))
+                           for i in range(spec.num_layers)]
 
     @classmethod
     def attach(cls, spec: KVCacheSpec, num_pages: int, shared_path: str) -> "KVCache":
@@ -107,7 +126,8 @@ class KVCache:
 
     def _layout(self) -> list[tuple["torch.Tensor | kv_format.QuantizedPages",
                                     "torch.Tensor | kv_format.QuantizedPages"]]:
-        return [(self._pool("meta"), self._pool("meta")) for _ in range(self.spec.num_layers)]
+        return [(self._pool("meta", i), self._pool("meta", i))
+                for i in range(self.spec.num_layers)]
 
     def _shared_bytes(self) -> int:
         return sum(-(-t.numel() * t.element_size() // self._ALIGN) * self._ALIGN
@@ -137,12 +157,13 @@ class KVCache:
 
         return [(pool(k), pool(v)) for k, v in self._layout()]
 
-    def _pool(self, device: torch.device | str) -> "torch.Tensor | kv_format.QuantizedPages":
+    def _pool(self, device: torch.device | str,
+              layer: int) -> "torch.Tensor | kv_format.QuantizedPages":
         s = self.spec
         if s.quant:
-            return kv_format.allocate(s.quant, self.num_pages, s.page_size, s.num_kv_heads,
+            return kv_format.allocate(s.quant, self.num_pages, s.page_size, s.heads(layer),
                                       s.head_dim, device)
-        return torch.zeros(self.num_pages, s.page_size, s.num_kv_heads, s.head_dim,
+        return torch.zeros(self.num_pages, s.page_size, s.heads(layer), s.head_dim,
                            dtype=s.dtype, device=device)
 
     def _tensors(self, pools=None):

@@ -58,7 +58,8 @@ class LLM:
                  quantization: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, tokenizer: str | None = None,
                  dummy_weights_seed: int = 0, kv_cache_dtype: str = "auto",
-                 kv_policy: str = "none", tensor_parallel_size: int = 1,
+                 kv_policy: str = "none", kv_head_config: str | None = None,
+                 tensor_parallel_size: int = 1,
                  distributed_executor_backend: str = "mp"):
         self.config = EngineConfig(
             ModelConfig(model=model, load_format=load_format, dtype=dtype,
@@ -69,7 +70,8 @@ class LLM:
                         kv_cache_memory=kv_cache_memory,
                         gpu_memory_utilization=gpu_memory_utilization,
                         kv_cache_dtype=kv_cache_dtype,
-                        enable_prefix_caching=enable_prefix_caching, kv_policy=kv_policy),
+                        enable_prefix_caching=enable_prefix_caching, kv_policy=kv_policy,
+                        kv_head_config=kv_head_config),
             SchedulerConfig(max_num_seqs, max_num_batched_tokens), device,
             parallel=ParallelConfig(tensor_parallel_size,
                                     distributed_executor_backend=distributed_executor_backend))

@@ -3,7 +3,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -14,8 +14,9 @@ from engine.cpu_info import cpu_flags
 from engine.cpu_memory import retain_freed_memory
 from engine.cpu_compile import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
-from engine.kv_cache import DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits, gpu_kv_budget
-from engine.layers.attention import AttentionMetadata, ScoredQueries
+from engine.kv_cache import (DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits,
+                             gpu_kv_budget, split_pages)
+from engine.layers.attention import AttentionMetadata, HeadSplit, ScoredQueries
 from engine.layers.quantization import get_linear_method, resolve_quantization
 from engine.layers.quantization.kernel_choice import chosen_plans
 from engine.messages import TokenLogprobs
@@ -26,6 +27,7 @@ from engine.step_plan import PageTables, StepPlan
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import model_format, resolve_model_path
 from kernels import kv_format
+from scheduler.head_config import load_head_config
 from scheduler.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -126,22 +128,62 @@ class ModelRunner:
                                    config.cache.page_size, _DTYPES.get(kv, self.dtype),
                                    kv_format.FORMATS.get(kv))
         num_pages = tp.min(self._num_kv_pages())  # the pool every rank can hold
+        self.streaming_cache: KVCache | None = None
+        self.head_config = None
+        if config.cache.kv_head_config is not None:
+            num_pages = self._split_heads(num_pages)
         check_fits(num_pages, config.cache.page_size, self.max_model_len)
         # A prefill engine's pool is shared memory on CPU: decode engines on this host copy
         # handed-off pages straight out of it (engine/kv_transfer.py).
         self.kv_cache = KVCache(self.kv_spec, num_pages, self.device,
                                 shared=config.disagg.role == "prefill"
                                 and self.device.type == "cpu")
+        self.kv_layers = self.kv_cache.layers
+        if self.streaming_cache is not None:
+            group = arch.num_heads // arch.num_kv_heads
+            self.kv_layers = [
+                HeadSplit.of(full, streaming, torch.from_numpy(mask).to(self.device), group)
+                for full, streaming, mask in zip(self.kv_cache.layers, self.streaming_cache.layers,
+                                                 self.streaming_heads)]
         self.graphs, self.compiled = None, None
         self.page_tables = PageTables()
-        if self.device.type == "cpu" and not config.model.enforce_eager and tp.size == 1:
+        eager = config.model.enforce_eager or self.head_config is not None
+        if self.device.type == "cpu" and not eager and tp.size == 1:
             self.compiled = CompiledDecode(self.model, self.kv_cache, config.cache.page_size,
                                            self.max_model_len)
-        if self.device.type == "cuda" and not config.model.enforce_eager:
+        if self.device.type == "cuda" and not eager:
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers,
                                        config.scheduler.max_num_seqs,
                                        -(-self.max_model_len // config.cache.page_size),
                                        self.max_model_len, self.device)
+
+    def _split_heads(self, num_pages: int) -> int:
+        """Under a head config: the streaming heads' pool, and `self.kv_spec` narrowed to the
+        full-context heads, in the memory of `num_pages` pages of all heads. The streaming pool
+        is sized for `max_num_seqs` windows plus one step's tokens, but takes no more than its
+        heads' share of the memory; returns the full-context pool's pages."""
+        arch, cache, sched = self.arch, self.config.cache, self.config.scheduler
+        if any(arch.layer_windows or ()):
+            raise ValueError("--kv-head-config is not supported on models with sliding-window "
+                             "layers (they evict by position already)")
+        self.head_config = load_head_config(cache.kv_head_config)
+        self.streaming_heads = self.head_config.streaming_mask(arch.num_layers,
+                                                               arch.num_kv_heads)
+        if self.streaming_heads.all() or not self.streaming_heads.any():
+            raise ValueError(f"--kv-head-config {cache.kv_head_config}: name some KV heads "
+                             "streaming but not all (for all, use --kv-policy streaming)")
+        dense = self.kv_spec
+        self.kv_spec = replace(dense, layer_heads=tuple((~self.streaming_heads).sum(1).tolist()))
+        streaming = replace(dense, layer_heads=tuple(self.streaming_heads.sum(1).tolist()))
+        held = self.head_config.sinks + self.head_config.window + 1
+        step = min(sched.max_num_batched_tokens, self.max_model_len)
+        full_pages, streaming_pages = split_pages(
+            num_pages, dense, self.kv_spec, streaming,
+            sched.max_num_seqs * -(-held // dense.page_size)
+            + -(-sched.max_num_batched_tokens // dense.page_size),
+            -(-(held - 1 + step) // dense.page_size))
+        self.streaming_cache = KVCache(streaming, streaming_pages, self.device)
+        return full_pages
 
     def kernels_chosen(self) -> dict[str, str]:
         """The CPU kernel per step size of each quantized layer shape (empty when dense)."""
@@ -216,20 +258,29 @@ class ModelRunner:
         queries a KV policy scores come from the scheduler's output (engine core only)."""
         tables = self.page_tables.apply(plan)
         ids = [t for p in plan.requests for t in p.token_ids]
-        starts = [p.start for p in plan.requests]
+        starts = torch.tensor([p.start for p in plan.requests])
+        num_new = torch.tensor([len(p.token_ids) for p in plan.requests])
         kv_starts = [p.kv_start for p in plan.requests]
-        num_new = [len(p.token_ids) for p in plan.requests]
+        positions, meta = self._metadata(starts, num_new, tables, kv_starts)
+        if self.streaming_cache is not None:
+            _, meta.streaming = self._metadata(starts, num_new,
+                                               self.page_tables.streaming_rows(plan),
+                                               [p.streaming.kv_start for p in plan.requests])
+        if out is not None:
+            meta.scored = tuple(self._scored(out, starts.tolist(), kv_starts))
+        return torch.tensor(ids, device=self.device), positions.to(self.device), \
+            meta.to(self.device)
+
+    def _metadata(self, starts: torch.Tensor, num_new: torch.Tensor, tables: list[list[int]],
+                  kv_starts: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Positions and attention metadata of the flat batch on these page tables."""
         max_pages = max(len(t) for t in tables)
         block_table = torch.tensor([t + [0] * (max_pages - len(t)) for t in tables],
                                    dtype=torch.int64)
-        positions, meta = AttentionMetadata.for_batch(
-            torch.tensor(starts), torch.tensor(num_new), block_table, self.kv_spec.page_size,
-            max(num_new), max(a + n for a, n in zip(kv_starts, num_new)),
-            torch.tensor(kv_starts))
-        if out is not None:
-            meta.scored = tuple(self._scored(out, starts, kv_starts))
-        return torch.tensor(ids, device=self.device), positions.to(self.device), \
-            meta.to(self.device)
+        kv_starts_t = torch.tensor(kv_starts)
+        return AttentionMetadata.for_batch(
+            starts, num_new, block_table, self.kv_spec.page_size, int(num_new.max()),
+            int((kv_starts_t + num_new).max()), kv_starts_t)
 
     @staticmethod
     def _scored(out: SchedulerOutput, starts: list[int], kv_starts: list[int]):
@@ -251,7 +302,7 @@ class ModelRunner:
         elif self.compiled is not None and not meta.scored and self.compiled.covers(meta):
             hidden = self.compiled.run(input_ids, positions, meta)
         else:
-            hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+            hidden = self.model(input_ids, positions, self.kv_layers, meta)
         return hidden, meta
 
     def _sample_logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -284,6 +335,8 @@ class ModelRunner:
         """Run one step (`plan` is `out` as workers see it): forward the flat batch, sample,
         and gather the prompt logprobs."""
         self.kv_cache.compact(out.kv_compaction)
+        if self.streaming_cache is not None:
+            self.streaming_cache.compact(out.streaming_compaction)
         hidden, meta = self._forward(plan, out)
         return RunnerOutput(self._sample(out, plan, hidden, structured),
                             self._prompt_logprobs(out, plan, hidden),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scheduler.request import Request
+from scheduler.request import HeldKV, Request
 
 
 def page_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
@@ -100,9 +100,10 @@ class BlockManager:
             hits.append(page_id)
         return hits
 
-    def allocate(self, request: Request, num_new_tokens: int,
+    def allocate(self, request: Request | HeldKV, num_new_tokens: int,
                  hit_pages: list[int] = ()) -> bool:
-        """Give the request pages for `num_new_tokens` more tokens (taking `hit_pages` first).
+        """Give the request (or its second hold) pages for `num_new_tokens` more tokens
+        (taking `hit_pages` first).
 
         All or nothing: returns False and changes nothing when the free pages do not suffice.
         """
@@ -121,7 +122,11 @@ class BlockManager:
             request.page_ids.append(page_id)
         return True
 
-    def evict(self, request: Request, slots: list[int]) -> KVCompaction | None:
+    def release_unheld(self, request: Request | HeldKV) -> None:
+        """Give back the pages past the tokens it holds (an allocation taken back)."""
+        self._truncate(request, request.num_kv_tokens)
+
+    def evict(self, request: Request | HeldKV, slots: list[int]) -> KVCompaction | None:
         """Drop the tokens in KV `slots` (indices into the request's held tokens).
 
         The last kept tokens move into the emptied slots below the new length and the pages
@@ -175,7 +180,8 @@ class BlockManager:
         self._truncate(request, new_len)
         return plan
 
-    def _own_pages_written(self, request: Request, indices: set[int]) -> KVCompaction | None:
+    def _own_pages_written(self, request: Request | HeldKV,
+                           indices: set[int]) -> KVCompaction | None:
         """Before tokens are moved into the request's pages at `indices`: each one another
         request also holds is swapped for a copy (the plan's page copies), each it alone holds
         leaves the prefix cache. None, and nothing changed, when the free pages do not suffice."""
@@ -195,7 +201,7 @@ class BlockManager:
             self._forget(request.page_ids[index])
         return plan
 
-    def _truncate(self, request: Request, new_len: int) -> None:
+    def _truncate(self, request: Request | HeldKV, new_len: int) -> None:
         """The request holds `new_len` tokens: pages past them are released."""
         num_pages = -(-new_len // self.page_size)
         for page_id in request.page_ids[num_pages:]:
@@ -242,7 +248,7 @@ class BlockManager:
                 page.hash, page.token_ids = h, chunk
                 self.cached[h] = page.page_id
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request | HeldKV) -> None:
         """Release the request's pages; pages left unreferenced join the free queue's tail."""
         for page_id in reversed(request.page_ids):
             self._release(page_id)

@@ -16,6 +16,26 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(eq=False)
+class HeldKV:
+    """What a request holds in a second page pool: its streaming heads' sinks and window under
+    a head config (scheduler/head_config.py). The block manager takes it as it takes a request."""
+    request_id: str
+    page_ids: list[int] = field(default_factory=list)
+    num_kv_tokens: int = 0
+    kv_positions: np.ndarray = field(default_factory=lambda: np.empty((1, 1, 0), np.int64))
+
+    def set_computed(self, num_tokens: int) -> None:
+        self.num_kv_tokens = num_tokens
+        self.kv_positions = np.arange(num_tokens)[None, None]
+
+    def advance(self, start: int, num_tokens: int) -> None:
+        """Tokens `start .. start + num_tokens - 1` were written after the held ones."""
+        self.kv_positions = np.concatenate(
+            [self.kv_positions, np.arange(start, start + num_tokens)[None, None]], -1)
+        self.num_kv_tokens += num_tokens
+
+
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -39,6 +59,8 @@ class Request:
     # `[layers, kv_heads, slots]`, summed step by step (moved with the tokens it scores).
     attention_scores: np.ndarray | None = None
     page_ids: list[int] = field(default_factory=list)
+    # Under a head config: the streaming heads' tokens, in their own pool
+    streaming: HeldKV | None = None
     num_cached_tokens: int = -1  # prompt tokens hit in the prefix cache; -1 until first admitted
     # Prompt positions < this have had their next token's logprob computed (prompt_logprobs);
     # kept across preemption, so a recomputed chunk does not produce them twice.
@@ -56,6 +78,8 @@ class Request:
         self.num_computed_tokens = self.num_kv_tokens = num_tokens
         self.kv_positions = np.arange(num_tokens if self.kv_policy else 0)[None, None]
         self.attention_scores = None
+        if self.streaming is not None:
+            self.streaming.set_computed(num_tokens)
 
     def add_attention_scores(self, scores: np.ndarray) -> None:
         """Add a step's scores; the slots grow by the step's tokens."""
@@ -71,6 +95,8 @@ class Request:
             new = np.arange(self.num_computed_tokens, self.num_computed_tokens + num_tokens)
             self.kv_positions = np.concatenate([self.kv_positions, np.broadcast_to(
                 new, self.kv_positions.shape[:2] + new.shape)], -1)
+        if self.streaming is not None:
+            self.streaming.advance(self.num_computed_tokens, num_tokens)
         self.num_computed_tokens += num_tokens
         self.num_kv_tokens += num_tokens
 

@@ -14,7 +14,10 @@ freed and it goes back to the front of the queue to recompute its tokens later.
 
 A request under a KV policy (scheduler/kv_policy.py) first evicts what the policy names, before
 its pages for the step are counted; the step plan carries the page copies and token moves that
-the engine runs before the step writes.
+the engine runs before the step writes. Under a head config (scheduler/head_config.py) each
+request also holds its streaming heads' tokens in a pool of their own (`StreamingHeads`):
+they evict by the streaming rule before every step, and a step's pages are taken from both
+pools or from neither.
 """
 import logging
 import time
@@ -25,7 +28,8 @@ import numpy as np
 
 from engine.config import SchedulerConfig
 from scheduler.block_manager import BlockManager, KVCompaction
-from scheduler.request import Request, RequestStatus
+from scheduler.kv_policy import StreamingPolicy
+from scheduler.request import HeldKV, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +55,20 @@ class ScheduledRequest:
 
 
 @dataclass
+class StreamingHeads:
+    """The streaming heads' page pool under a head config, and their eviction rule."""
+    policy: StreamingPolicy
+    block_manager: BlockManager
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up at first admission
     prefix_cache_hits: int = 0
     kv_compaction: KVCompaction = field(default_factory=KVCompaction)
+    streaming_compaction: KVCompaction = field(default_factory=KVCompaction)  # its own pool
 
     @property
     def num_tokens(self) -> int:
@@ -64,14 +76,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 streaming: StreamingHeads | None = None):
         self.config = config
         self.block_manager = block_manager
+        self.streaming = streaming
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
 
     def add_request(self, request: Request) -> None:
+        if self.streaming is not None:
+            request.streaming = HeldKV(request.request_id)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -99,7 +115,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not (self._evict(request, out) and self.block_manager.allocate(request, n)):
+            while not (self._evict(request, out) and self._allocate(request, n)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.num_preemptions += 1
@@ -116,7 +132,7 @@ class Scheduler:
             num_cached = len(hits) * self.block_manager.page_size
             n = min(request.num_tokens - num_cached, budget)
             request.set_computed(num_cached)
-            if not self.block_manager.allocate(request, n, hits):
+            if not self._allocate(request, n, hits):
                 request.set_computed(0)
                 break
             self.waiting.popleft()
@@ -131,9 +147,26 @@ class Scheduler:
             budget -= n
         return out
 
+    def _allocate(self, request: Request, n: int, hits: list[int] = ()) -> bool:
+        """Pages for `n` more tokens in every pool the request holds tokens in, or none."""
+        held = request.streaming
+        if held is not None and not self.streaming.block_manager.allocate(held, n):
+            return False
+        if self.block_manager.allocate(request, n, hits):
+            return True
+        if held is not None:
+            self.streaming.block_manager.release_unheld(held)
+        return False
+
     def _evict(self, request: Request, out: SchedulerOutput) -> bool:
         """Evict what the request's policy names; False when a page it must copy first finds
         no free page (nothing changed)."""
+        if request.streaming is not None:
+            held = request.streaming
+            slots = self.streaming.policy.slots_to_evict(held.kv_positions[0, 0],
+                                                         request.num_computed_tokens)
+            if slots:  # its pages are its own (no prefix hits): nothing to copy
+                out.streaming_compaction.extend(self.streaming.block_manager.evict(held, slots))
         policy = request.kv_policy
         if policy is None:
             return True
@@ -157,7 +190,7 @@ class Scheduler:
         self.running.remove(request)
         logger.warning("preempted request %s: %d computed tokens lost, will recompute",
                        request.request_id, request.num_computed_tokens)
-        self.block_manager.free(request)
+        self._free(request)
         request.set_computed(0)
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
@@ -202,5 +235,10 @@ class Scheduler:
             self.running.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        self.block_manager.free(request)
+        self._free(request)
         del self.requests[request.request_id]
+
+    def _free(self, request: Request) -> None:
+        self.block_manager.free(request)
+        if request.streaming is not None:
+            self.streaming.block_manager.free(request.streaming)

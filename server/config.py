@@ -152,6 +152,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--kv-policy", metavar="NAME:key=value,...",
         help="KV eviction for requests that name none (kv_policy in the body): none (default) "
              "or streaming:sinks=S,window=W (the first S tokens and the last W)")
+    add("--kv-head-config", metavar="FILE",
+        help="head-wise KV budgets: a JSON file (from `tessera calibrate heads`) naming the KV "
+             "heads that keep only sinks and a window, in a page pool of their own")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
         help="share pages of identical prompt prefixes (default on)")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,

@@ -29,6 +29,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     scored: tuple[ScoredQueries, ...] = ()
+    # Under a head config: where the streaming heads' tokens live (their own pool and tables)
+    streaming: "AttentionMetadata | None" = None
 
     @classmethod
     def for_batch(cls, starts: torch.Tensor, num_new: torch.Tensor, block_table: torch.Tensor,
@@ -54,7 +56,40 @@ class AttentionMetadata:
     def to(self, device: torch.device) -> "AttentionMetadata":
         return replace(self, slot_mapping=self.slot_mapping.to(device),
                        query_start_loc=self.query_start_loc.to(device),
-                       seq_lens=self.seq_lens.to(device), block_table=self.block_table.to(device))
+                       seq_lens=self.seq_lens.to(device), block_table=self.block_table.to(device),
+                       streaming=self.streaming and self.streaming.to(device))
+
+
+@dataclass
+class HeadSplit:
+    """One layer's KV under a head config (scheduler/head_config.py): the pools of its
+    full-context KV heads and those of its streaming heads (pages of their own, addressed by
+    `AttentionMetadata.streaming`), and which KV heads, and so which query heads, each serves."""
+    full: tuple
+    streaming: tuple
+    full_kv_heads: torch.Tensor
+    streaming_kv_heads: torch.Tensor
+    full_q_heads: torch.Tensor
+    streaming_q_heads: torch.Tensor
+
+    @classmethod
+    def of(cls, full: tuple, streaming: tuple, is_streaming: torch.Tensor,
+           group: int) -> "HeadSplit":
+        """`is_streaming[kv_heads]` of this layer; `group` query heads per KV head."""
+        kv = torch.arange(len(is_streaming), device=is_streaming.device)
+        q = is_streaming.repeat_interleave(group)
+        q_heads = torch.arange(len(q), device=q.device)
+        return cls(full, streaming, kv[~is_streaming], kv[is_streaming], q_heads[~q],
+                   q_heads[q])
+
+    def sides(self, meta: AttentionMetadata):
+        """(pools, KV heads, query heads, metadata) of each side that has heads."""
+        for pools, kv_heads, q_heads, m in (
+                (self.full, self.full_kv_heads, self.full_q_heads, meta),
+                (self.streaming, self.streaming_kv_heads, self.streaming_q_heads,
+                 meta.streaming)):
+            if len(kv_heads):
+                yield pools, kv_heads, q_heads, m
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -62,7 +97,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: float, sliding_window: int | None = None,
                     softcap: float | None = None) -> torch.Tensor:
     """Each query attends to its request's keys up to its own position, or to the last
-    `sliding_window` of them; `softcap` caps the scores (kernels.reference.paged_attention)."""
+    `sliding_window` of them; `softcap` caps the scores (kernels.reference.paged_attention).
+    Under a head config each side of the layer's `HeadSplit` attends in its own pool."""
+    if isinstance(kv_cache, HeadSplit):
+        out = torch.empty_like(q)
+        for pools, kv_heads, q_heads, m in kv_cache.sides(meta):
+            out[:, q_heads] = paged_attention(q[:, q_heads], k[:, kv_heads], v[:, kv_heads],
+                                              pools, m, scale, sliding_window, softcap)
+        return out
     k_cache, v_cache = kv_cache
     if isinstance(k_cache, QuantizedPages) and k_cache.format.rotates_keys(k.shape[-1]):
         # (q H)(k H)^T = q k^T for the orthonormal Hadamard H: the keys are quantized in a
