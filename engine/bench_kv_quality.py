@@ -2,7 +2,7 @@
 memory and speed.
 
 For each `--kv-cache-dtype` (the first, `auto` by default, is the baseline of the same run),
-then each of `--kv-policies` (on the first format):
+then each of `--kv-policies` and of `--kv-head-configs` (on the first format):
 
 - perplexity on a long text, windows of `--ppl-window` tokens scored as `tessera bench
   perplexity` scores them;
@@ -10,7 +10,9 @@ then each of `--kv-policies` (on the first format):
   `--lengths` (tokens; `max` is the model's context), `--trials` numbers per cell, greedy,
   exact match of the first number answered;
 - KV bytes per token (codes and scales, all layers, K and V) and, under a policy, the share of
-  the perplexity run's computed tokens still held when each window ended;
+  the perplexity run's computed tokens still held when each window ended (under a head config,
+  the share of the bytes: every token at the full-context heads, sinks + window at the
+  streaming heads);
 - one decode step at `--decode-batch` requests of `--decode-context` tokens each, or as many as
   a policy keeps if fewer (the model's forward and its logits, the pages filled without a
   prefill, as timing needs no content).
@@ -40,6 +42,7 @@ from engine.cpu_info import reported_cpu_flags
 from engine.layers.attention import AttentionMetadata
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from scheduler.head_config import load_head_config
 from scheduler.kv_policy import parse_kv_policy
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
@@ -60,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-policies", default="",
                    help="semicolon-separated kv_policy specs, each a row on the first format, "
                         "e.g. 'streaming:sinks=4,window=2044;streaming:sinks=0,window=2048'")
+    p.add_argument("--kv-head-configs", default="",
+                   help="semicolon-separated head config files (tessera calibrate heads), each "
+                        "a row on the first format")
     p.add_argument("--chunk", type=int, default=256, help="prompt tokens per step")
     p.add_argument("--file", default=DEFAULT_FILE, help="text for perplexity")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="score the text's first N")
@@ -81,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad := [f for f in args.formats if f not in KV_CACHE_DTYPES]:
         p.error(f"unknown KV cache dtype {bad[0]!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
     args.policies = [spec for spec in args.kv_policies.split(";") if spec.strip()]
+    args.head_configs = [path for path in args.kv_head_configs.split(";") if path.strip()]
+    for path in args.head_configs:
+        try:
+            load_head_config(path)
+        except ValueError as e:
+            p.error(str(e))
     for spec in args.policies:
         try:
             parse_kv_policy(spec)
@@ -124,14 +136,19 @@ def decode_step_seconds(llm: LLM, batch: int, context: int, steps: int) -> float
     width = -(-context // page)
     block_table = torch.arange(batch * width, device=runner.device).view(batch, width)
     starts = torch.full((batch,), context - 1, device=runner.device)
-    positions, meta = AttentionMetadata.for_batch(
-        starts, torch.ones(batch, dtype=torch.int64, device=runner.device), block_table, page,
-        1, context)
+    ones = torch.ones(batch, dtype=torch.int64, device=runner.device)
+    positions, meta = AttentionMetadata.for_batch(starts, ones, block_table, page, 1, context)
+    if runner.head_config is not None:  # the streaming heads hold sinks + window
+        held = min(context, runner.head_config.sinks + runner.head_config.window + 1)
+        width = -(-held // page)
+        _, meta.streaming = AttentionMetadata.for_batch(
+            starts, ones, torch.arange(batch * width, device=runner.device).view(batch, width)
+            % runner.streaming_cache.num_pages, page, 1, held, torch.full_like(starts, held - 1))
     ids = torch.zeros(batch, dtype=torch.int64, device=runner.device)
     times = []
     for _ in range(steps + 1):  # the first warms up
         start = time.perf_counter()
-        hidden = runner.model(ids, positions, runner.kv_cache.layers, meta)
+        hidden = runner.model(ids, positions, runner.kv_layers, meta)
         runner.model.compute_logits(hidden).float()
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
@@ -139,10 +156,12 @@ def decode_step_seconds(llm: LLM, batch: int, context: int, steps: int) -> float
     return statistics.median(times[1:])
 
 
-def measure(args: argparse.Namespace, fmt: str, policy: str | None) -> dict:
+def measure(args: argparse.Namespace, fmt: str, policy: str | None,
+            head_config: str | None = None) -> dict:
     page = 16
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype,
               quantization=args.quantization, kv_cache_dtype=fmt, kv_policy=policy or "none",
+              kv_head_config=head_config,
               max_model_len=args.max_model_len, page_size=page,
               max_num_batched_tokens=args.chunk,
               num_kv_pages=max(args.decode_batch * -(-args.decode_context // page),
@@ -159,11 +178,20 @@ def measure(args: argparse.Namespace, fmt: str, policy: str | None) -> dict:
     kept = parse_kv_policy(policy)
     context = min(args.decode_context, kept.held_tokens(args.decode_context) + 1) if kept \
         else args.decode_context
+    computed = [end - begin for begin, end, _ in plan]
+    held = 1 - sum(evicted) / sum(computed)
+    bytes_per_token = runner.kv_spec.token_bytes
+    if runner.streaming_cache is not None:
+        streaming = runner.streaming_cache.spec.token_bytes
+        keeps = runner.head_config.sinks + runner.head_config.window
+        held = sum(bytes_per_token * n + streaming * min(n, keeps) for n in computed) / (
+            (bytes_per_token + streaming) * sum(computed))
+        bytes_per_token += streaming
     return {
         "kv_cache_dtype": runner.kv_spec.storage,
-        "kv_policy": policy,
-        "kv_bytes_per_token": runner.kv_spec.token_bytes,
-        "kv_held": 1 - sum(evicted) / sum(end - begin for begin, end, _ in plan),
+        "kv_policy": policy or (head_config and f"heads:{Path(head_config).name}"),
+        "kv_bytes_per_token": bytes_per_token,
+        "kv_held": held,
         "perplexity": math.exp(math.fsum(nll) / len(nll)),
         "passkey": passkey(llm, lengths, depths, args.trials, args.seed),
         "decode_context": context,
@@ -240,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     # a fresh process per format: one engine's freed memory never shapes the next one's steps
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         rows = pool.starmap(measure, [(args, fmt, None) for fmt in args.formats]
-                            + [(args, args.formats[0], spec) for spec in args.policies])
+                            + [(args, args.formats[0], spec) for spec in args.policies]
+                            + [(args, args.formats[0], None, path)
+                               for path in args.head_configs])
     compare(rows)
     if args.json:
         print(json.dumps({"cpu_flags": reported_cpu_flags(), "rows": rows}))

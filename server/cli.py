@@ -1,5 +1,5 @@
-"""`tessera serve`, `tessera quantize` and `tessera bench serve|throughput|kernels|perplexity|
-kv-quality|kv-transfer|tensor-parallel|fuzz|soak|faults`.
+"""`tessera serve`, `tessera quantize`, `tessera calibrate heads` and `tessera bench
+serve|throughput|kernels|perplexity|kv-quality|kv-transfer|tensor-parallel|fuzz|soak|faults`.
 
 `serve` checks its flags and the model path before it imports the HTTP stack, so a usage
 error comes at once; benchmarks are imported only when asked for.
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("serve", help="start the OpenAI-compatible server", add_help=False)
     commands.add_parser("quantize", help="write a compressed-tensors checkpoint (w8a8, w4a16, "
                         "fp8) of a model", add_help=False)
+    calibrate = commands.add_parser("calibrate", help="write a head config for "
+                                    "--kv-head-config (calibrate heads --help)")
+    calibrate.add_argument("what", choices=["heads"])
     bench = commands.add_parser("bench", help="run a benchmark", epilog=_BENCH_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("which", choices=sorted(_BENCHES))
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     elif argv[:1] == ["quantize"]:
         from engine.quantize import main as quantize
         quantize(argv[1:])
+    elif argv[:2] == ["calibrate", "heads"]:
+        from engine.calibrate_heads import main as calibrate_heads
+        calibrate_heads(argv[2:])
     elif argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in _BENCHES:
         importlib.import_module(_BENCHES[argv[1]]).main(argv[2:])
     else:

@@ -155,18 +155,22 @@ def test_a_prefix_hit_on_quantized_pages_gives_the_cold_runs_tokens():
     assert warm.engine.block_manager.num_free_pages == warm.engine.block_manager.num_pages
 
 
-def test_bench_kv_quality_puts_each_format_and_policy_beside_the_first(capsys):
-    """A bounded `tessera bench kv-quality`: every figure per format and policy, the baseline
-    (the first format) first; the policy runs on it."""
+def test_bench_kv_quality_puts_each_format_and_policy_beside_the_first(capsys, tmp_path):
+    """A bounded `tessera bench kv-quality`: every figure per format, policy and head config,
+    the baseline (the first format) first; the policy and the head config run on it."""
     from engine import bench_kv_quality
 
+    heads = tmp_path / "heads.json"  # every layer's KV head 0 streams
+    heads.write_text(json.dumps({"sinks": 4, "window": 28,
+                                 "streaming": [[layer, 0] for layer in range(30)]}))
     bench_kv_quality.main([
         "--kv-cache-dtypes", "int4", "--kv-policies", "streaming:sinks=4,window=28",
+        "--kv-head-configs", str(heads),
         "--chunk", "16", "--ppl-tokens", "96", "--ppl-window", "64",
         "--lengths", "128", "--depths", "0.5", "--trials", "2", "--max-model-len", "256",
         "--decode-batch", "2", "--decode-context", "64", "--decode-steps", "1", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    int4, streaming = result["rows"]
+    int4, streaming, headwise = result["rows"]
     assert [int4["kv_cache_dtype"], streaming["kv_cache_dtype"]] == ["int4", "int4"]
     assert int4["kv_bytes_per_token"] == 2 * 30 * 3 * 36 and int4["kv_held"] == 1
     assert list(int4["passkey"]) == ["128@0.5"] and 0 <= int4["passkey_mean"] <= 1
@@ -176,3 +180,8 @@ def test_bench_kv_quality_puts_each_format_and_policy_beside_the_first(capsys):
     assert 0.5 < streaming["kv_held"] < 1 and streaming["perplexity"] > 1
     assert streaming["tokens_per_byte_vs_baseline"] == pytest.approx(1 / streaming["kv_held"])
     assert streaming["decode_context"] == 33
+    # A third of the heads hold 32 of each window's 63 and 34 tokens.
+    assert headwise["kv_policy"] == "heads:heads.json"
+    assert headwise["kv_bytes_per_token"] == int4["kv_bytes_per_token"]
+    assert headwise["kv_held"] == pytest.approx((2 * 97 + 2 * 32) / (3 * 97))
+    assert headwise["perplexity"] > 1 and headwise["decode_step_ms"] > 0

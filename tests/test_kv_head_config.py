@@ -139,3 +139,21 @@ def test_a_request_naming_a_kv_policy_is_refused(llm):
     with pytest.raises(ValueError, match="cannot be combined"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_policy="h2o:budget=8"))
     assert np.all([bm.num_free_pages == bm.num_pages for bm in pools(llm)])
+
+
+def test_calibrate_heads_streams_the_heads_that_look_least_far_back(tmp_path, capsys):
+    """A bounded `tessera calibrate heads`: the file loads as a head config, and the heads it
+    streams are the half whose queries paid the least attention beyond sinks + window."""
+    from engine import calibrate_heads
+    from scheduler.head_config import load_head_config
+
+    path = tmp_path / "heads.json"
+    calibrate_heads.main(["--out", str(path), "--length", "160", "--prompts", "2",
+                          "--window", "60", "--queries", "4", "--dtype", "float32"])
+    config = load_head_config(str(path))
+    assert (config.sinks, config.window, len(config.streaming)) == (4, 60, 45)
+    scores = np.array(json.loads(path.read_text())["scores"])
+    streams = config.streaming_mask(LAYERS, KV_HEADS)
+    assert scores.shape == (LAYERS, KV_HEADS) and 0 <= scores.min() < scores.max() <= 1
+    assert scores[streams].max() <= scores[~streams].min()
+    assert "45 of 90 KV heads stream" in capsys.readouterr().out
