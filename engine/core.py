@@ -95,7 +95,13 @@ class EngineCore:
             f"  KV cache  {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
             f"{_size(pages * r.kv_spec.page_bytes)} ({r.kv_spec.storage}, "
             f"{r.kv_spec.token_bytes:,} bytes per token), prefix caching "
-            f"{'on' if c.cache.enable_prefix_caching else 'off'}",
+            f"{'on' if self.block_manager.enable_prefix_caching else 'off'}",
+            *([f"  streaming {len(r.head_config.streaming)} KV heads keep sinks "
+               f"{r.head_config.sinks} + window {r.head_config.window}: "
+               f"{r.streaming_cache.num_pages} pages of their own, "
+               f"{_size(r.streaming_cache.num_pages * r.streaming_cache.spec.page_bytes)} "
+               f"({r.streaming_cache.spec.token_bytes:,} bytes per token)"]
+              if r.head_config else []),
             f"  limits    max_model_len {self.max_model_len}, max_num_seqs "
             f"{c.scheduler.max_num_seqs}, max_num_batched_tokens "
             f"{c.scheduler.max_num_batched_tokens}"])
