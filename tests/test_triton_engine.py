@@ -304,18 +304,27 @@ QUANTIZED_GEMMS = {"w4a16": {"w4a16_linear": reference.w4a16_linear},
                    "fp8": {"fp8_linear": reference.fp8_linear}}
 
 
+@pytest.fixture(scope="module")
+def quantization_source(tmp_path_factory):
+    """The random Llama checkpoint and calibration text every scheme below quantizes, written
+    once for the module."""
+    root = tmp_path_factory.mktemp("quantization-source")
+    source = write_checkpoint(root / "llama", *FAMILIES["llama"])
+    write_tiny_tokenizer(source)
+    text = root / "calibration.txt"
+    gen = torch.Generator().manual_seed(2)
+    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, 300, (512,), generator=gen)))
+    return source, text
+
+
 @needs_interpreter
 @pytest.mark.parametrize("scheme", list(QUANTIZED_GEMMS))
-def test_quantized_checkpoint_on_interpreted_triton_matches_the_twin_gemm(tmp_path, monkeypatch,
-                                                                          scheme):
+def test_quantized_checkpoint_on_interpreted_triton_matches_the_twin_gemm(
+        tmp_path, monkeypatch, quantization_source, scheme):
     """A `tessera quantize` checkpoint served on the Triton path, in the weight layout the
     linear method builds for it, with every op interpreted: the quantized GEMM against its
     torch twin on the same tensors, the rest on Triton both times."""
-    source = write_checkpoint(tmp_path / "llama", *FAMILIES["llama"])
-    write_tiny_tokenizer(source)
-    text = tmp_path / "calibration.txt"
-    gen = torch.Generator().manual_seed(2)
-    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, 300, (512,), generator=gen)))
+    source, text = quantization_source
     out = tmp_path / scheme
     quantize([str(source), "--scheme", scheme, "--out", str(out), "--group-size", "32",
               "--calibration-file", str(text), "--calibration-tokens", "256",
