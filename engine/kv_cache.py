@@ -168,11 +168,12 @@ class KVCache:
 
     def _tensors(self, pools=None):
         """Every tensor of the layers' pools (`pools`, by default all): K and V, codes, scales
-        and zeros alike, as all are `[num_pages, page_size, num_kv_heads, ...]`."""
+        and zeros alike, as all are `[num_pages, page_size, num_kv_heads, ...]`; none of a
+        layer without heads in this pool (a head config's)."""
         for layer in self.layers if pools is None else pools:
             for pool in layer:
                 parts = pool if isinstance(pool, kv_format.QuantizedPages) else (pool,)
-                yield from (t for t in parts if t is not None)
+                yield from (t for t in parts if t is not None and t.numel())
 
     def compact(self, plan: KVCompaction) -> None:
         """Carry out the step's evictions: the page copies, then the token moves."""

@@ -14,9 +14,11 @@ from tests import oracle
 from tests.test_kv_eviction import CHUNK, PAGE, SINKS, TEXT, WINDOW, streaming_visible
 
 LAYERS, KV_HEADS = 30, 3
-# Every layer streams one or two of its three KV heads, a different choice per layer.
+# Most layers stream two of their three KV heads, a different choice per layer; layers 0, 12
+# and 24 stream all three and layers 1 and 2 none (so each pool has layers without heads).
 STREAMING = [(layer, head) for layer in range(LAYERS) for head in range(KV_HEADS)
-             if (layer + head) % 3 != 0 or (layer % 4 == 0 and head == layer % 3)]
+             if layer not in (1, 2)
+             and ((layer + head) % 3 != 0 or (layer % 4 == 0 and head == layer % 3))]
 
 
 def write_config(path, streaming, sinks=SINKS, window=WINDOW) -> str:
@@ -87,7 +89,7 @@ def test_a_long_request_holds_the_memory_the_narrower_pages_save(llm):
     used = (-(-n // PAGE) * runner.kv_spec.page_bytes
             + -(-held // PAGE) * runner.streaming_cache.spec.page_bytes)
     dense = -(-n // PAGE) * PAGE * LAYERS * KV_HEADS * per_head_token
-    assert 1 - used / dense > 0.5  # 63 of 90 heads hold 28 of ~140 tokens
+    assert 1 - used / dense > 0.5  # 59 of 90 heads hold 28 of ~140 tokens
     while engine.has_unfinished():
         engine.step()
     assert all(bm.num_free_pages == bm.num_pages for bm in pools(llm))
