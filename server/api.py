@@ -81,6 +81,7 @@ class AppState:
             settings.max_waiting_requests, settings.max_queued_prompt_tokens,
             settings.max_choices_per_request), self.metrics.on_reject)
         self.tokenizer_path = engine_config.model.tokenizer_path
+        self.takes_kv_policy = engine_config.cache.kv_head_config is None
         self.serving: ServingContext | None = None
         self.stop_server = stop_server
         self.failure: str | None = None
@@ -93,7 +94,8 @@ class AppState:
         self.serving = ServingContext(self.engine, self.admission, tokenizer, self.metrics,
                                       self.settings.served_model_name, ready.max_model_len,
                                       ready.vocab_size, self.settings.log_prompts,
-                                      self.settings.chat_template or tokenizer.chat_template)
+                                      self.settings.chat_template or tokenizer.chat_template,
+                                      self.takes_kv_policy)
         logger.info("ready in %.1f s: serving %s (max_model_len %d) on http://%s:%d",
                     time.monotonic() - started, self.settings.served_model_name,
                     ready.max_model_len, self.settings.host, self.settings.port)

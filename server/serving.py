@@ -49,6 +49,7 @@ class ServingContext:
     vocab_size: int
     log_prompts: bool = False
     chat_template: str | None = None  # --chat-template, else the tokenizer's
+    takes_kv_policy: bool = True  # False under --kv-head-config: its streaming heads evict
 
     def __post_init__(self) -> None:
         self.token_texts = TokenTexts(self.tokenizer)
@@ -87,6 +88,9 @@ def _check_common(ctx: ServingContext, request: SamplingRequest) -> StructuredOu
     if extreme:
         raise APIError(f"logit_bias values must be in [-100, 100], got {', '.join(extreme)}",
                        param="logit_bias")
+    if request.kv_policy not in (None, "none") and not ctx.takes_kv_policy:
+        raise APIError("kv_policy cannot be combined with this server's --kv-head-config (its "
+                       "streaming heads already evict)", param="kv_policy")
     if any(not 0 <= t < ctx.vocab_size for t in request.stop_token_ids or []):
         raise APIError(f"stop_token_ids must be in [0, {ctx.vocab_size})",
                        param="stop_token_ids")

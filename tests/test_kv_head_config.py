@@ -4,6 +4,7 @@ heads to sinks + window at the original positions, the memory a request holds fa
 the narrower pages save, and both pools return to all-free (CPU, fp32)."""
 import json
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -159,3 +160,29 @@ def test_calibrate_heads_streams_the_heads_that_look_least_far_back(tmp_path, ca
     assert scores.shape == (LAYERS, KV_HEADS) and 0 <= scores.min() < scores.max() <= 1
     assert scores[streams].max() <= scores[~streams].min()
     assert "45 of 90 KV heads stream" in capsys.readouterr().out
+
+
+def test_a_server_with_a_head_config_serves_and_answers_a_kv_policy_with_a_400(tmp_path):
+    """A real server on the tiny model (2 layers of 2 KV heads, one streaming in each) driven
+    by the openai client: a completion longer than sinks + window runs, a request naming a
+    kv_policy is a 400 naming it, and no page stays used."""
+    import openai
+
+    from tests.conftest import metric_value, start_tiny_server, stop_server
+
+    config = write_config(tmp_path / "heads.json", [(0, 1), (1, 0)], sinks=2, window=8)
+    server = start_tiny_server(tmp_path, ["--kv-head-config", config, "--max-model-len", "64"])
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt="hello there", max_tokens=24,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 24
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=model, prompt="hi", max_tokens=2,
+                                      extra_body={"kv_policy": "streaming:sinks=4,window=16"})
+        assert refused.value.body["param"] == "kv_policy"
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        assert metric_value(metrics, "tessera:kv_cache_usage_perc") == 0
+    finally:
+        stop_server(server)
