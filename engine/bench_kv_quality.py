@@ -103,15 +103,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def passkey_prompt(llm: LLM, length: int, depth: float, key: int) -> list[int]:
-    """`length` tokens: filler with the needle at `depth`, then the question."""
+def passkey_prompt(llm: LLM, length: int, depth: float, key: int) -> tuple[list[int], range]:
+    """`length` tokens: filler with the needle at `depth`, then the question; and where the
+    needle is."""
     tok = llm.tokenizer
     needle, question = tok.encode(" " + NEEDLE.format(key=key)), tok.encode(QUESTION)
     filler = tok.encode(FILLER)
     room = length - len(needle) - len(question)
     body = (filler * (room // len(filler) + 1))[:room]
     at = int(room * depth)
-    return body[:at] + needle + body[at:] + question
+    return body[:at] + needle + body[at:] + question, range(at, at + len(needle))
 
 
 def passkey(llm: LLM, lengths: list[int], depths: list[float], trials: int, seed: int
@@ -120,7 +121,7 @@ def passkey(llm: LLM, lengths: list[int], depths: list[float], trials: int, seed
     rng = random.Random(seed)
     cells = [(n, d) for n in lengths for d in depths]
     keys = {cell: [rng.randrange(10000, 100000) for _ in range(trials)] for cell in cells}
-    prompts = [passkey_prompt(llm, n - 8, d, k) for (n, d) in cells for k in keys[n, d]]
+    prompts = [passkey_prompt(llm, n - 8, d, k)[0] for (n, d) in cells for k in keys[n, d]]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8))
     answers = iter(re.findall(r"\d+", o.outputs[0].text)[:1] for o in outs)
     return {f"{n}@{d}": sum(next(answers) == [str(k)] for k in keys[n, d]) / trials

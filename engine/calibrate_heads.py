@@ -2,13 +2,15 @@
 (`--kv-head-config`, scheduler/head_config.py).
 
 Passkey prompts (bench kv-quality's: a five-digit number planted in filler, at depths spread
-over the context) run through the model with every head holding the whole context. For the
-question's last `--queries` queries the engine returns the attention each KV head pays every
-key (the statistics SnapKV scores by, `ScoredQueries`). A head's score is the share of that
-attention that falls outside the first `--sinks` positions and the last `--window`: what it
-would lose as a streaming head, averaged over its query heads, the queries and the prompts
-(RazorAttention's retrieval-head criterion, measured on the retrieval the heads are kept for).
-The `--streaming-fraction` of heads with the lowest scores stream.
+over the context) run through the model with every head holding the whole context, each
+followed by its answer (teacher-forced). For the queries that retrieve, the question's last
+`--queries` and the answer's, the engine returns the attention each KV head pays every key
+(the statistics SnapKV scores by, `ScoredQueries`). A head's score is the share of that
+attention that falls on the needle, averaged over its query heads, those queries and the
+prompts: the heads that look the needle up far back are retrieval heads (RazorAttention's and
+the Retrieval Head paper's criterion); the `--streaming-fraction` of heads with the lowest
+scores stream. Only the retrieving queries count: the needle's own keys and values were
+computed when it was read, within every head's window.
 """
 import argparse
 import random
@@ -35,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of the KV heads that stream (default %(default)s)")
     p.add_argument("--length", type=int, default=2048, help="calibration prompt tokens")
     p.add_argument("--prompts", type=int, default=8, help="prompts, needles at spread depths")
-    p.add_argument("--queries", type=int, default=8, help="scored queries at each prompt's end")
+    p.add_argument("--queries", type=int, default=8,
+                   help="scored queries at the question's end, besides the answer's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not 0 < args.streaming_fraction < 1:
@@ -46,11 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @torch.inference_mode()
-def distant_attention(llm: LLM, ids: list[int], queries: int, sinks: int,
-                      window: int) -> np.ndarray:
+def needle_attention(llm: LLM, ids: list[int], needle: range, queries: int) -> np.ndarray:
     """`[layers, kv_heads]`: the share of the attention the last `queries` queries of `ids`
-    pay to positions `sinks .. len(ids) - window - 1`, one full-KV prefill on the engine's
-    (idle) pages."""
+    pay to the positions `needle`, one full-KV prefill on the engine's (idle) pages."""
     runner, n = llm.engine.runner, len(ids)
     dev, page = runner.device, runner.kv_spec.page_size
     block_table = torch.arange(-(-n // page), device=dev)[None]
@@ -61,26 +62,35 @@ def distant_attention(llm: LLM, ids: list[int], queries: int, sinks: int,
     meta.scored = (scored,)
     runner.model(torch.tensor(ids, device=dev), positions, runner.kv_layers, meta)
     scores = torch.stack(scored.scores).float()  # [layers, kv_heads, n]
-    return (scores[..., sinks:n - window].sum(-1) / scores.sum(-1)).cpu().numpy()
+    return (scores[..., needle.start:needle.stop].sum(-1) / scores.sum(-1)).cpu().numpy()
+
+
+def score_heads(llm: LLM, length: int, prompts: int, queries: int, seed: int) -> np.ndarray:
+    """Each KV head's needle share, averaged over `prompts` passkey prompts."""
+    rng = random.Random(seed)
+    shares = []
+    for depth in np.linspace(0.05, 0.95, prompts):
+        key = rng.randrange(10000, 100000)
+        answer = llm.tokenizer.encode(f" {key}.")
+        ids, needle = passkey_prompt(llm, length - len(answer), depth, key)
+        shares.append(needle_attention(llm, ids + answer, needle, queries + len(answer)))
+    return np.mean(shares, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, enforce_eager=True,
               max_model_len=args.length, max_num_batched_tokens=args.length)
-    rng = random.Random(args.seed)
-    depths = np.linspace(0.05, 0.95, args.prompts)
-    scores = np.mean([distant_attention(
-        llm, passkey_prompt(llm, args.length, d, rng.randrange(10000, 100000)), args.queries,
-        args.sinks, args.window) for d in depths], 0)
+    scores = score_heads(llm, args.length, args.prompts, args.queries, args.seed)
     count = round(scores.size * args.streaming_fraction)
     order = np.argsort(scores, axis=None)[:count]
     streaming = list(zip(*np.unravel_index(order, scores.shape)))
     write_head_config(args.out, args.sinks, args.window, streaming, scores)
     kept = np.sort(scores, axis=None)
     print(f"{count} of {scores.size} KV heads stream (sinks {args.sinks}, window "
-          f"{args.window}); distant attention share: streaming heads <= {kept[count - 1]:.3f}, "
-          f"full-context heads >= {kept[count]:.3f}, max {kept[-1]:.3f} -> {args.out}")
+          f"{args.window}); attention share on the needle: streaming heads <= "
+          f"{kept[count - 1]:.3f}, full-context heads >= {kept[count]:.3f}, max {kept[-1]:.3f} "
+          f"-> {args.out}")
     return 0
 
 

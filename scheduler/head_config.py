@@ -56,8 +56,11 @@ def load_head_config(path: str) -> HeadConfig:
 
 def write_head_config(path: str, sinks: int, window: int, streaming: list[tuple[int, int]],
                       scores: np.ndarray) -> None:
-    with open(path, "w") as f:
-        json.dump({"sinks": sinks, "window": window,
-                   "streaming": [list(map(int, h)) for h in sorted(streaming)],
-                   "scores": np.round(scores, 6).tolist()}, f, indent=1)
-        f.write("\n")
+    fields = {"sinks": sinks, "window": window,
+              "streaming": [list(map(int, h)) for h in sorted(streaming)],
+              "scores": np.round(scores, 4).tolist()}
+    with open(path, "w") as f:  # a line per field (and per layer's scores)
+        f.write("{\n" + ",\n".join(
+            f' "{k}": ' + (json.dumps(v) if k != "scores" else
+                           "[\n  " + ",\n  ".join(map(json.dumps, v)) + "\n ]")
+            for k, v in fields.items()) + "\n}\n")

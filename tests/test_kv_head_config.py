@@ -144,9 +144,9 @@ def test_a_request_naming_a_kv_policy_is_refused(llm):
     assert np.all([bm.num_free_pages == bm.num_pages for bm in pools(llm)])
 
 
-def test_calibrate_heads_streams_the_heads_that_look_least_far_back(tmp_path, capsys):
+def test_calibrate_heads_streams_the_heads_that_look_least_at_the_needle(tmp_path, capsys):
     """A bounded `tessera calibrate heads`: the file loads as a head config, and the heads it
-    streams are the half whose queries paid the least attention beyond sinks + window."""
+    streams are the half whose retrieving queries paid the needle the least attention."""
     from engine import calibrate_heads
     from scheduler.head_config import load_head_config
 
