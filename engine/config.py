@@ -134,10 +134,10 @@ class CacheConfig:
              "must be in (0, 1]"),
             ("kv_cache_dtype", self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"must be one of {', '.join(KV_CACHE_DTYPES)}")])
-        parse_kv_policy(self.kv_policy)
+        policy = parse_kv_policy(self.kv_policy)
         if self.kv_head_config is not None:
             load_head_config(self.kv_head_config)
-            _check(self, [("kv_policy", parse_kv_policy(self.kv_policy) is None,
+            _check(self, [("kv_policy", policy is None,
                            "must be none with --kv-head-config (one eviction rule at a time)")])
 
 
