@@ -34,7 +34,7 @@ def dry_run(out: Path, wheels: Path, *args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHON": sys.executable}
     env.pop("OUT", None)
     return subprocess.run([GPU / "check.sh", "--dry-run", "--out", out, "--wheels", wheels, *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=480)
 
 
 def jsonl(path: Path) -> list[dict]:

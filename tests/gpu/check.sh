@@ -20,9 +20,10 @@
 # target figure, its target and the ratio. At most 8 files, as the device tool brings back.
 #
 # --dry-run runs every stage on this CPU: tiny shapes, interpreted Triton, a tiny dummy Llama,
-# the kernel tests only, and the wheels installed with this machine's own copies of the
-# packages the GPU image lacks hidden (tests/gpu/dryrun/sitecustomize.py). It proves the script
-# and the wheel set; its figures measure nothing.
+# the quantized kernels' tests only (the suite runs every kernel test anyway), and the wheels
+# installed with this machine's own copies of the packages the GPU image lacks hidden
+# (tests/gpu/dryrun/sitecustomize.py). It proves the script and the wheel set; its figures
+# measure nothing, and its budgets (several times an idle 2-core run) only catch a hang.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -58,7 +59,7 @@ export PYTHONUNBUFFERED=1
 # unsplit) and their bench rows ~10 more and time 40 GEMMs: not measured yet, 60 s and 45 s
 # above the stages' earlier budgets.
 declare -A budgets=([tests]=180 [kernels]=90 [throughput]=120)
-[ $dry = 1 ] && budgets=([tests]=90 [kernels]=90 [throughput]=90)
+[ $dry = 1 ] && budgets=([tests]=120 [kernels]=120 [throughput]=120)
 
 record() {  # stage status seconds note
   printf '{"stage": "%s", "status": "%s", "seconds": %s, "note": "%s"}\n' "$1" "$2" "$3" "$4" \
@@ -135,7 +136,7 @@ run_stage() {  # name command...: run under the stage's budget, record how it en
 tessera=("$py" -m server.cli)
 if [ $dry = 1 ]; then
   export TRITON_INTERPRET=1
-  test_files=(tests/test_kernels.py tests/test_kernels_quant.py)
+  test_files=(tests/test_kernels_quant.py)
   kernels_args=(--tiny --dtype float32)
   throughput_args=(--device cpu --dtype float32 --model configs/tiny-llama --roofline
                    --num-prompts 4 --input-len 16 --output-len 8 --max-num-seqs 4)
