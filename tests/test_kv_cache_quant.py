@@ -83,11 +83,12 @@ def test_page_bytes_count_codes_and_scales_exactly(name, head_bytes):
 # The largest gap (nats) between `auto`'s top choice and the quantized run's token, both fed
 # the quantized run's history, over these prompts (fp32, 32 tokens each), about twice the worst
 # measured: int8 rounds each value by at most 1/254 of its head's largest and measured 0.005
-# (0.018 over 48 tokens); fp8 keeps 3 mantissa bits (up to 1/16 off) and measured 0.44; int4
-# has 16 levels per head (rotated keys) and measured 1.80: its runs follow `auto` only while no
+# (0.018 over 48 tokens); fp8 keeps 3 mantissa bits (up to 1/16 off) and measured 0.72 (0.44
+# before keys were rotated: its perplexity fell, this tail statistic at a near tie rose); int4
+# has 16 levels per head and measured 1.80: its runs follow `auto` only while no
 # near tie comes up, and this bounds how far its choices stray (a token at most e^3.5 = 33x
 # less likely than `auto`'s). A wider gap is a broken format, not rounding.
-MARGINS = {"int8": 0.05, "fp8": 1.0, "int4": 3.5}
+MARGINS = {"int8": 0.05, "fp8": 1.5, "int4": 3.5}
 
 
 @pytest.fixture(scope="module")

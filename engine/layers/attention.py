@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import kernels
-from kernels.kv_format import QuantizedPages
+from kernels.kv_format import QuantizedPages, rotates_keys
 
 
 @dataclass
@@ -106,9 +106,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                               pools, m, scale, sliding_window, softcap)
         return out
     k_cache, v_cache = kv_cache
-    if isinstance(k_cache, QuantizedPages) and k_cache.format.rotates_keys(k.shape[-1]):
+    if isinstance(k_cache, QuantizedPages) and rotates_keys(k.shape[-1]):
         # (q H)(k H)^T = q k^T for the orthonormal Hadamard H: the keys are quantized in a
-        # basis where no channel's outliers set every channel's step
+        # basis where no channel's outliers dominate the scores' rounding (kernels/kv_format.py)
         q, k = (kernels.rotate(x, x.shape[-1]).to(x.dtype) for x in (q, k))
     kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     for s in meta.scored:
