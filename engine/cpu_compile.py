@@ -19,16 +19,15 @@ import time
 
 import torch
 
-from engine.kv_cache import KVCache
 from engine.layers.attention import AttentionMetadata
 from engine.layers.quantization.kernel_choice import cache_dir
 
 
 class CompiledDecode:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, page_size: int,
+    def __init__(self, model: torch.nn.Module, kv_layers: list, num_pages: int, page_size: int,
                  max_model_len: int):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-        self.kv_cache, self.page_size = kv_cache, page_size
+        self.kv_layers, self.num_pages, self.page_size = kv_layers, num_pages, page_size
         self.forward = torch.compile(model.forward, dynamic=True)
         start = time.perf_counter()
         # 11 pages: a count no model dimension is likely to equal (torch would tie the two).
@@ -44,7 +43,7 @@ class CompiledDecode:
         """A decode step at `context` on the cache's first pages (free: no request exists yet;
         what it writes there is overwritten before anything reads it)."""
         pages = -(-context // self.page_size)
-        block_table = torch.arange(pages).view(1, pages) % self.kv_cache.num_pages
+        block_table = torch.arange(pages).view(1, pages) % self.num_pages
         positions, meta = AttentionMetadata.for_batch(
             torch.tensor([context - 1]), torch.ones(1, dtype=torch.int64), block_table,
             self.page_size, 1, context)
@@ -53,4 +52,4 @@ class CompiledDecode:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states `[1, hidden]` of a one-request decode step."""
-        return self.forward(input_ids, positions, self.kv_cache.layers, meta)
+        return self.forward(input_ids, positions, self.kv_layers, meta)

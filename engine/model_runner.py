@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from engine import loader
+from engine import kv_offsets, loader
 from engine.config import EngineConfig
 from engine.cpu_info import cpu_flags
 from engine.cpu_memory import retain_freed_memory
@@ -16,7 +16,7 @@ from engine.cpu_compile import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import (DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits,
                              gpu_kv_budget, split_pages)
-from engine.layers.attention import AttentionMetadata, HeadSplit, ScoredQueries
+from engine.layers.attention import AttentionMetadata, CenteredKV, HeadSplit, ScoredQueries
 from engine.layers.quantization import get_linear_method, resolve_quantization
 from engine.layers.quantization.kernel_choice import chosen_plans
 from engine.messages import TokenLogprobs
@@ -145,14 +145,19 @@ class ModelRunner:
                 HeadSplit.of(full, streaming, torch.from_numpy(mask).to(self.device), group)
                 for full, streaming, mask in zip(self.kv_cache.layers, self.streaming_cache.layers,
                                                  self.streaming_heads)]
+        quant = self.kv_spec.quant
+        if quant is not None and quant.centers_keys and arch.attn_softcap is None:
+            offsets = kv_offsets.calibrate(self.model, self.kv_spec, arch.vocab_size,
+                                           self.max_model_len, self.device)
+            self.kv_layers = [CenteredKV(layer, mu) for layer, mu in zip(self.kv_layers, offsets)]
         self.graphs, self.compiled = None, None
         self.page_tables = PageTables()
         eager = config.model.enforce_eager or self.head_config is not None
         if self.device.type == "cpu" and not eager and tp.size == 1:
-            self.compiled = CompiledDecode(self.model, self.kv_cache, config.cache.page_size,
-                                           self.max_model_len)
+            self.compiled = CompiledDecode(self.model, self.kv_layers, self.kv_cache.num_pages,
+                                           config.cache.page_size, self.max_model_len)
         if self.device.type == "cuda" and not eager:
-            self.graphs = DecodeGraphs(self.model, self.kv_cache.layers,
+            self.graphs = DecodeGraphs(self.model, self.kv_layers,
                                        config.scheduler.max_num_seqs,
                                        -(-self.max_model_len // config.cache.page_size),
                                        self.max_model_len, self.device)

@@ -20,7 +20,12 @@ few large channels are the keys' own: unrotated, those channels' rounding domina
 int4 and int8 they set the step of every channel); rotated, both vectors spread over all
 channels and the error averages out. SmolLM2, GPL-3's first 4096 tokens, perplexity over bf16
 KV: int8 +0.29% unrotated, +0.09% rotated; fp8 +1.28%, +0.47%; int4 keys alone +17%, +8%
-(int4 values alone +1.4%). At head_dim 64 against bf16's 128 bytes per token-head:
+(int4 values alone +1.4%). int4, with 16 levels, goes two steps further. Its keys are stored
+minus a calibrated offset per channel (engine/kv_offsets.py), which every score ignores. Its
+values are stored rotated too: attention's output is a weighted sum of them, rotated back
+once. int4 went from +10.4% to +3.1% (keys centred and values rotated; either alone: +5.4%,
++8.1%); on int8 and fp8 neither moved the figure beyond the run-to-run spread (centring values
+made int4 worse, rotated or not). At head_dim 64 against bf16's 128 bytes per token-head:
 int8 66 bytes (1.94x), int4 36 (3.56x). Scales and zeros are rounded to bf16 before the codes
 are computed from them, so the codes absorb that rounding: each value is off by at most half a
 step (int8, int4) or fp8's own rounding of `x / scale`. bf16 rather than fp16 for the scales:
@@ -42,6 +47,8 @@ class QuantFormat:
     qmax: float  # the largest code magnitude (symmetric) or code (asymmetric: codes 0..qmax)
     asymmetric: bool
     group_size: int | None  # channels sharing a scale; None = the whole head
+    centers_keys: bool  # keys stored minus per-channel offsets (engine/kv_offsets.py)
+    rotates_values: bool  # values stored Hadamard-rotated too (see the module's notes)
 
     @property
     def codes_per_byte(self) -> int:
@@ -59,16 +66,18 @@ class QuantFormat:
 
 
 FORMATS = {f.name: f for f in (
-    QuantFormat("fp8", torch.float8_e4m3fn, 448.0, False, None),
-    QuantFormat("int8", torch.int8, 127.0, False, None),
-    QuantFormat("int4", torch.uint8, 15.0, True, 64),
+    QuantFormat("fp8", torch.float8_e4m3fn, 448.0, False, None, centers_keys=False,
+                rotates_values=False),
+    QuantFormat("int8", torch.int8, 127.0, False, None, centers_keys=False,
+                rotates_values=False),
+    QuantFormat("int4", torch.uint8, 15.0, True, 64, centers_keys=True, rotates_values=True),
 )}
 _BY_CODE_DTYPE = {f.code_dtype: f for f in FORMATS.values()}
 
 
-def rotates_keys(head_dim: int) -> bool:
-    """Whether quantized pages hold keys Hadamard-rotated, queries rotated alike by the
-    attention layer (a power-of-two head only)."""
+def rotatable(head_dim: int) -> bool:
+    """Whether quantized pages hold keys (and int4 values) Hadamard-rotated, queries (and the
+    attention's output) rotated alike by the attention layer: a power-of-two head only."""
     return head_dim & (head_dim - 1) == 0
 
 

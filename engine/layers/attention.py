@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import kernels
-from kernels.kv_format import QuantizedPages, rotates_keys
+from kernels.kv_format import QuantizedPages, rotatable
 
 
 @dataclass
@@ -92,6 +92,14 @@ class HeadSplit:
                 yield pools, kv_heads, q_heads, m
 
 
+@dataclass
+class CenteredKV:
+    """One layer's KV (pools or a `HeadSplit`) holding keys minus a constant offset per KV
+    head and channel, `[num_kv_heads, head_dim]` (engine/kv_offsets.py)."""
+    inner: "tuple | HeadSplit"
+    k_offset: torch.Tensor
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                     scale: float, sliding_window: int | None = None,
@@ -99,6 +107,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Each query attends to its request's keys up to its own position, or to the last
     `sliding_window` of them; `softcap` caps the scores (kernels.reference.paged_attention).
     Under a head config each side of the layer's `HeadSplit` attends in its own pool."""
+    if isinstance(kv_cache, CenteredKV):  # softmax(q (k - mu)^T) = softmax(q k^T)
+        return paged_attention(q, k - kv_cache.k_offset, v, kv_cache.inner, meta, scale,
+                               sliding_window, softcap)
     if isinstance(kv_cache, HeadSplit):
         out = torch.empty_like(q)
         for pools, kv_heads, q_heads, m in kv_cache.sides(meta):
@@ -106,15 +117,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                               pools, m, scale, sliding_window, softcap)
         return out
     k_cache, v_cache = kv_cache
-    if isinstance(k_cache, QuantizedPages) and rotates_keys(k.shape[-1]):
+    rotated = isinstance(k_cache, QuantizedPages) and rotatable(k.shape[-1])
+    rotate_values = rotated and k_cache.format.rotates_values
+    if rotated:
         # (q H)(k H)^T = q k^T for the orthonormal Hadamard H: the keys are quantized in a
         # basis where no channel's outliers dominate the scores' rounding (kernels/kv_format.py)
         q, k = (kernels.rotate(x, x.shape[-1]).to(x.dtype) for x in (q, k))
+    if rotate_values:  # sum_i p_i (v_i H) = (sum_i p_i v_i) H, undone by H = H^-1 below
+        v = kernels.rotate(v, v.shape[-1]).to(v.dtype)
     kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     for s in meta.scored:
         s.scores.append(kernels.attention_scores(q[s.first:s.first + s.count], k_cache,
                                                  meta.block_table[s.row], s.seq_len,
                                                  s.first_slot, scale, softcap))
-    return kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                                   meta.block_table, scale, meta.max_query_len,
-                                   meta.max_seq_len, sliding_window, softcap)
+    out = kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                  meta.block_table, scale, meta.max_query_len,
+                                  meta.max_seq_len, sliding_window, softcap)
+    return kernels.rotate(out, out.shape[-1]).to(out.dtype) if rotate_values else out
