@@ -54,7 +54,8 @@ class EngineCore:
                                           and head_config is None)
         streaming = head_config and StreamingHeads(head_config.policy, BlockManager(
             self.runner.streaming_cache.num_pages, config.cache.page_size, False))
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, streaming)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, streaming,
+                                   self._sliding_window())
         self.structured: StructuredOutputManager | None = None  # built on first use
         # Seeds of sampled requests that bring none (vLLM's --seed): drawn in arrival order.
         self.seeds = random.Random(config.model.seed)
@@ -71,6 +72,14 @@ class EngineCore:
         self._source_pools: dict[str, KVCache] = {}  # prefill engines' shared pools, mapped
         self._kv_policy(None)  # a default the model cannot take stops the start
         logger.info("%s", self.startup_summary(time.monotonic() - start))
+
+    def _sliding_window(self) -> int | None:
+        """The window past which requests give back their pages: every layer's, when all have
+        the same one. A prefill engine keeps its pages, to hand them all to a decode engine."""
+        windows = set(self.runner.arch.layer_windows or [None])
+        if len(windows) > 1 or self.config.disagg.role == "prefill":
+            return None
+        return windows.pop()
 
     def startup_summary(self, started_s: float) -> str:
         """One readable block: what was loaded, in which dtype and why, and the KV pool."""
@@ -102,6 +111,8 @@ class EngineCore:
                f"{_size(r.streaming_cache.num_pages * r.streaming_cache.spec.page_bytes)} "
                f"({r.streaming_cache.spec.token_bytes:,} bytes per token)"]
               if r.head_config else []),
+            *([f"  sliding   every layer reads the last {w} tokens: a request's pages before "
+               "them go back to the pool"] if (w := self.scheduler.sliding_window) else []),
             f"  limits    max_model_len {self.max_model_len}, max_num_seqs "
             f"{c.scheduler.max_num_seqs}, max_num_batched_tokens "
             f"{c.scheduler.max_num_batched_tokens}"])

@@ -280,8 +280,10 @@ class ModelRunner:
                   kv_starts: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
         """Positions and attention metadata of the flat batch on these page tables."""
         max_pages = max(len(t) for t in tables)
+        # Padding and released pages (block_manager.RELEASED, out of every query's sliding
+        # window, so masked) read page 0.
         block_table = torch.tensor([t + [0] * (max_pages - len(t)) for t in tables],
-                                   dtype=torch.int64)
+                                   dtype=torch.int64).clamp_(min=0)
         kv_starts_t = torch.tensor(kv_starts)
         return AttentionMetadata.for_batch(
             starts, num_new, block_table, self.kv_spec.page_size, int(num_new.max()),

@@ -7,6 +7,10 @@ has one name in every process and on every host: routers match prefixes across e
 A page whose ref count drops to 0 goes to the back of the free queue but keeps its hash: until
 it is handed out again (oldest first, LRU), a later request with that prefix takes it back
 without recomputing it.
+
+Under a sliding window every layer reads only a request's recent tokens, so the pages wholly
+before the window go back to the pool as the request advances (`release_before`). Their table
+entries become `RELEASED`; the other tokens keep their slots, so a slot is still a position.
 """
 import hashlib
 from array import array
@@ -16,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scheduler.request import HeldKV, Request
+
+RELEASED = -1  # a page-table entry whose page went back to the pool: no query reads it again
 
 
 def page_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
@@ -125,6 +131,15 @@ class BlockManager:
     def release_unheld(self, request: Request | HeldKV) -> None:
         """Give back the pages past the tokens it holds (an allocation taken back)."""
         self._truncate(request, request.num_kv_tokens)
+
+    def release_before(self, request: Request | HeldKV, slot: int) -> None:
+        """Give back the pages holding only slots below `slot` (no query will read them again);
+        pages released before stop the walk down, so a step costs what it releases."""
+        index = min(slot // self.page_size, len(request.page_ids)) - 1
+        while index >= 0 and request.page_ids[index] != RELEASED:
+            self._release(request.page_ids[index])
+            request.page_ids[index] = RELEASED
+            index -= 1
 
     def evict(self, request: Request | HeldKV, slots: list[int]) -> KVCompaction | None:
         """Drop the tokens in KV `slots` (indices into the request's held tokens).
@@ -243,7 +258,10 @@ class BlockManager:
         tokens = request.token_ids(start, num_full * self.page_size)
         for h, chunk in self._page_hashes(tokens, num_full - len(hashes), parent):
             hashes.append(h)
-            page = self.pages[request.page_ids[len(hashes) - 1]]
+            page_id = request.page_ids[len(hashes) - 1]
+            if page_id == RELEASED:  # released before named: cannot be hit, nothing to name
+                continue
+            page = self.pages[page_id]
             if page.hash is None and h not in self.cached:
                 page.hash, page.token_ids = h, chunk
                 self.cached[h] = page.page_id
@@ -251,6 +269,7 @@ class BlockManager:
     def free(self, request: Request | HeldKV) -> None:
         """Release the request's pages; pages left unreferenced join the free queue's tail."""
         for page_id in reversed(request.page_ids):
-            self._release(page_id)
+            if page_id != RELEASED:
+                self._release(page_id)
         request.page_ids = []
         self.page_hashes.pop(request.request_id, None)

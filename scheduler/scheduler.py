@@ -17,7 +17,8 @@ its pages for the step are counted; the step plan carries the page copies and to
 the engine runs before the step writes. Under a head config (scheduler/head_config.py) each
 request also holds its streaming heads' tokens in a pool of their own (`StreamingHeads`):
 they evict by the streaming rule before every step, and a step's pages are taken from both
-pools or from neither.
+pools or from neither. On a model whose every layer has the same sliding window, a request
+gives back the pages wholly before its window before each step (`BlockManager.release_before`).
 """
 import logging
 import time
@@ -77,10 +78,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 streaming: StreamingHeads | None = None):
+                 streaming: StreamingHeads | None = None, sliding_window: int | None = None):
         self.config = config
         self.block_manager = block_manager
         self.streaming = streaming
+        self.sliding_window = sliding_window
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
@@ -161,6 +163,9 @@ class Scheduler:
     def _evict(self, request: Request, out: SchedulerOutput) -> bool:
         """Evict what the request's policy names; False when a page it must copy first finds
         no free page (nothing changed)."""
+        if self.sliding_window is not None:  # the step's first query reads from this slot on
+            self.block_manager.release_before(
+                request, request.num_computed_tokens + 1 - self.sliding_window)
         if request.streaming is not None:
             held = request.streaming
             slots = self.streaming.policy.slots_to_evict(held.kv_positions[0, 0],
