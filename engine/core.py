@@ -225,7 +225,7 @@ class EngineCore:
                 None if r.sampling_params.logprobs is None else [lp],
                 r.num_prompt_tokens, r.num_cached_tokens, r.scheduled_time,
                 r.first_token_time, self.prompt_logprobs.pop(r.request_id, None),
-                r.num_evicted_tokens if r.kv_policy else None, address is not None
+                r.reported_evictions, address is not None
                 and r.finish_reason is None))
         num_prompt = sum(max(0, min(s.request.num_computed_tokens, s.request.num_prompt_tokens)
                              - (s.request.num_computed_tokens - s.num_new_tokens))
@@ -354,20 +354,28 @@ class EngineCore:
         return KVArrival(request.request_id, "recompute"), None
 
     def _stats(self, sched: SchedulerOutput, num_prompt: int, num_generation: int) -> StepStats:
-        bm = self.block_manager
+        pools = self._pools()
+        total = sum(bm.num_pages for bm in pools)
         return StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_kv_pages_total=bm.num_pages, num_kv_pages_used=bm.num_pages - bm.num_free_pages,
+            num_kv_pages_total=total, num_kv_pages_used=total - sum(bm.num_free_pages
+                                                                   for bm in pools),
             num_scheduled_tokens=sched.num_tokens, num_prompt_tokens=num_prompt,
             num_generation_tokens=num_generation, num_preemptions=sched.num_preemptions,
             prefix_cache_queries=sched.prefix_cache_queries,
             prefix_cache_hits=sched.prefix_cache_hits)
 
+    def _pools(self) -> list[BlockManager]:
+        """The page pools the metrics count: under a head config both (the streaming heads'
+        pages are narrower)."""
+        streaming = self.scheduler.streaming
+        return [self.block_manager] + ([streaming.block_manager] if streaming else [])
+
     def ready_message(self, model_name: str) -> EngineReady:
         r = self.runner
         return EngineReady(model_name, self.max_model_len, str(r.dtype).removeprefix("torch."),
                            self.config.device, r.kv_spec.page_size,
-                           r.kv_spec.storage, r.kv_cache.num_pages,
+                           r.kv_spec.storage, sum(bm.num_pages for bm in self._pools()),
                            r.arch.vocab_size, r.linear_method.name, r.kernels_chosen())
 
     def idle_stats(self) -> EngineStep:

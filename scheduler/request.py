@@ -73,6 +73,14 @@ class Request:
     def num_evicted_tokens(self) -> int:
         return self.num_computed_tokens - self.num_kv_tokens
 
+    @property
+    def reported_evictions(self) -> int | None:
+        """What usage reports as evicted: the tokens its kv_policy evicted, or those its
+        streaming heads did under a head config (each of them); None when nothing evicts."""
+        if self.streaming is not None:
+            return self.num_computed_tokens - self.streaming.num_kv_tokens
+        return self.num_evicted_tokens if self.kv_policy else None
+
     def set_computed(self, num_tokens: int) -> None:
         """Start over from `num_tokens` computed and held tokens (admission, preemption)."""
         self.num_computed_tokens = self.num_kv_tokens = num_tokens

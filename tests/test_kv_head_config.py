@@ -91,6 +91,9 @@ def test_a_long_request_holds_the_memory_the_narrower_pages_save(llm):
             + -(-held // PAGE) * runner.streaming_cache.spec.page_bytes)
     dense = -(-n // PAGE) * PAGE * LAYERS * KV_HEADS * per_head_token
     assert 1 - used / dense > 0.5  # 59 of 90 heads hold 28 of ~140 tokens
+    stats = engine.idle_stats().stats  # what the metrics show: both pools' pages
+    assert stats.num_kv_pages_total == full.num_pages + streaming.num_pages
+    assert stats.num_kv_pages_used == -(-n // PAGE) + -(-held // PAGE)
     while engine.has_unfinished():
         engine.step()
     assert all(bm.num_free_pages == bm.num_pages for bm in pools(llm))
@@ -178,6 +181,9 @@ def test_a_server_with_a_head_config_serves_and_answers_a_kv_policy_with_a_400(t
         out = client.completions.create(model=model, prompt="hello there", max_tokens=24,
                                         extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 24
+        # Each streaming head holds sinks + window + the last step's token of what was computed.
+        computed = out.usage.prompt_tokens + 24 - 1
+        assert out.usage.kv_evicted_tokens == computed - (2 + 8 + 1)
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(model=model, prompt="hi", max_tokens=2,
                                       extra_body={"kv_policy": "streaming:sinks=4,window=16"})
