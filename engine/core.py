@@ -47,13 +47,14 @@ class EngineCore:
         self.runner = self.executor.runner  # rank 0's: the model, KV pool and sampling
         self.max_model_len = self.runner.max_model_len
         # Under a head config the streaming heads' tokens of a prompt prefix are not in the
-        # pages a prefix hit would take: no prefix caching.
-        head_config = self.runner.head_config
-        self.block_manager = BlockManager(self.runner.kv_cache.num_pages, config.cache.page_size,
-                                          config.cache.enable_prefix_caching
-                                          and head_config is None)
-        streaming = head_config and StreamingHeads(head_config.policy, BlockManager(
-            self.runner.streaming_cache.num_pages, config.cache.page_size, False))
+        # pages a prefix hit would take: no prefix caching. A second pool of sliding layers
+        # hits the pages of its window (`Scheduler._prefix_hits`).
+        r, page_size = self.runner, config.cache.page_size
+        caching = config.cache.enable_prefix_caching and r.head_config is None
+        self.block_manager = BlockManager(r.kv_cache.num_pages, page_size, caching)
+        streaming = r.streaming_cache and StreamingHeads(
+            BlockManager(r.streaming_cache.num_pages, page_size, caching),
+            r.head_config and r.head_config.policy, r.second_pool_window())
         self.scheduler = Scheduler(config.scheduler, self.block_manager, streaming,
                                    self._sliding_window())
         self.structured: StructuredOutputManager | None = None  # built on first use
@@ -111,6 +112,12 @@ class EngineCore:
                f"{_size(r.streaming_cache.num_pages * r.streaming_cache.spec.page_bytes)} "
                f"({r.streaming_cache.spec.token_bytes:,} bytes per token)"]
               if r.head_config else []),
+            *([f"  sliding   {int(r.streaming_heads[:, 0].sum())} sliding layers read the last "
+               f"{w} tokens, in {r.streaming_cache.num_pages} pages of their own "
+               f"({r.streaming_cache.spec.token_bytes:,} bytes per token); a request's pages "
+               "before its window go back to the pool"]
+              if (w := self.scheduler.streaming and self.scheduler.streaming.sliding_window)
+              else []),
             *([f"  sliding   every layer reads the last {w} tokens: a request's pages before "
                "them go back to the pool"] if (w := self.scheduler.sliding_window) else []),
             f"  limits    max_model_len {self.max_model_len}, max_num_seqs "

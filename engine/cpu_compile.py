@@ -24,29 +24,38 @@ from engine.layers.quantization.kernel_choice import cache_dir
 
 
 class CompiledDecode:
-    def __init__(self, model: torch.nn.Module, kv_layers: list, num_pages: int, page_size: int,
-                 max_model_len: int):
+    def __init__(self, model: torch.nn.Module, kv_layers: list, pool_pages: list[int],
+                 page_size: int, max_model_len: int):
+        """`pool_pages`: the pages of each pool the layers read, the main one first (a second
+        one holds a head config's streaming heads or a model's sliding layers)."""
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-        self.kv_layers, self.num_pages, self.page_size = kv_layers, num_pages, page_size
+        self.kv_layers, self.page_size = kv_layers, page_size
         self.forward = torch.compile(model.forward, dynamic=True)
         start = time.perf_counter()
-        # 11 pages: a count no model dimension is likely to equal (torch would tie the two).
-        self._warm_up(min(11 * page_size - 3, max_model_len))
+        # 11 and 7 pages: counts no model dimension is likely to equal (torch would tie them).
+        contexts = [min(n * page_size - 3, max_model_len) for n in (11, 7)]
+        self._warm_up(list(zip(contexts, pool_pages)))
         self.compile_s = time.perf_counter() - start
 
     def covers(self, meta: AttentionMetadata) -> bool:
         return (meta.max_query_len == 1 and meta.block_table.shape[0] == 1
-                and meta.max_seq_len > self.page_size)
+                and min(m.max_seq_len for m in (meta, meta.streaming) if m) > self.page_size)
 
     @torch.inference_mode()
-    def _warm_up(self, context: int) -> None:
-        """A decode step at `context` on the cache's first pages (free: no request exists yet;
-        what it writes there is overwritten before anything reads it)."""
-        pages = -(-context // self.page_size)
-        block_table = torch.arange(pages).view(1, pages) % self.num_pages
-        positions, meta = AttentionMetadata.for_batch(
-            torch.tensor([context - 1]), torch.ones(1, dtype=torch.int64), block_table,
-            self.page_size, 1, context)
+    def _warm_up(self, pools: list[tuple[int, int]]) -> None:
+        """A decode step at a `(context, pages)` per pool on its first pages (free: no request
+        exists yet; what it writes there is overwritten before anything reads it)."""
+        metas = []
+        for context, num_pages in pools:
+            pages = -(-context // self.page_size)
+            block_table = torch.arange(pages).view(1, pages) % num_pages
+            positions, meta = AttentionMetadata.for_batch(
+                torch.tensor([context - 1]), torch.ones(1, dtype=torch.int64), block_table,
+                self.page_size, 1, context)
+            metas.append((positions, meta))
+        (positions, meta), *second = metas
+        if second:
+            meta.streaming = second[0][1]
         self.run(torch.zeros(1, dtype=torch.int64), positions, meta)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,

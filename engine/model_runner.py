@@ -132,6 +132,8 @@ class ModelRunner:
         self.head_config = None
         if config.cache.kv_head_config is not None:
             num_pages = self._split_heads(num_pages)
+        elif (window := self.second_pool_window()) is not None:
+            num_pages = self._split_sliding_layers(num_pages, window)
         check_fits(num_pages, config.cache.page_size, self.max_model_len)
         # A prefill engine's pool is shared memory on CPU: decode engines on this host copy
         # handed-off pages straight out of it (engine/kv_transfer.py).
@@ -152,41 +154,72 @@ class ModelRunner:
             self.kv_layers = [CenteredKV(layer, mu) for layer, mu in zip(self.kv_layers, offsets)]
         self.graphs, self.compiled = None, None
         self.page_tables = PageTables()
-        eager = config.model.enforce_eager or self.head_config is not None
+        eager = config.model.enforce_eager
         if self.device.type == "cpu" and not eager and tp.size == 1:
-            self.compiled = CompiledDecode(self.model, self.kv_layers, self.kv_cache.num_pages,
-                                           config.cache.page_size, self.max_model_len)
-        if self.device.type == "cuda" and not eager:
+            self.compiled = CompiledDecode(
+                self.model, self.kv_layers,
+                [c.num_pages for c in (self.kv_cache, self.streaming_cache) if c],
+                config.cache.page_size, self.max_model_len)
+        # CUDA graphs replay one pool's tables: none with a second pool
+        if self.device.type == "cuda" and not eager and self.streaming_cache is None:
             self.graphs = DecodeGraphs(self.model, self.kv_layers,
                                        config.scheduler.max_num_seqs,
                                        -(-self.max_model_len // config.cache.page_size),
                                        self.max_model_len, self.device)
 
+    def second_pool_window(self) -> int | None:
+        """A model whose sliding layers share one window and whose other layers have none
+        (Gemma 2 and 3) keeps its sliding layers in a pool of their own, whose pages before
+        the window go back as a request advances: that window. Not under tensor parallelism or
+        a prefill/decode role (the handoff sends one pool)."""
+        windows = set(self.arch.layer_windows or [None])
+        if (len(windows) != 2 or None not in windows or self.tp.size > 1
+                or self.config.disagg.role != "colocated"):
+            return None
+        return max(windows - {None})
+
+    def _split_sliding_layers(self, num_pages: int, window: int) -> int:
+        """The sliding layers' pool (all their heads) and the global layers' main pool, in the
+        memory of `num_pages` pages of every layer. A request holds the `window - 1` tokens
+        before its step's first query, on at most one page more than they fill."""
+        sliding = np.array([w is not None for w in self.arch.layer_windows])
+        mask = np.repeat(sliding[:, None], self.kv_spec.num_kv_heads, axis=1)
+        return self._split_pool(num_pages, mask, -(-window // self.kv_spec.page_size) + 1,
+                                window - 1 + self.kv_spec.page_size)
+
     def _split_heads(self, num_pages: int) -> int:
         """Under a head config: the streaming heads' pool, and `self.kv_spec` narrowed to the
-        full-context heads, in the memory of `num_pages` pages of all heads. The streaming pool
-        is sized for `max_num_seqs` windows plus one step's tokens, but takes no more than its
-        heads' share of the memory; returns the full-context pool's pages."""
-        arch, cache, sched = self.arch, self.config.cache, self.config.scheduler
+        full-context heads. Each streaming head holds sinks + window tokens before a step."""
+        arch, cache = self.arch, self.config.cache
         if any(arch.layer_windows or ()):
             raise ValueError("--kv-head-config is not supported on models with sliding-window "
                              "layers (they evict by position already)")
         self.head_config = load_head_config(cache.kv_head_config)
-        self.streaming_heads = self.head_config.streaming_mask(arch.num_layers,
-                                                               arch.num_kv_heads)
-        if self.streaming_heads.all() or not self.streaming_heads.any():
+        mask = self.head_config.streaming_mask(arch.num_layers, arch.num_kv_heads)
+        if mask.all() or not mask.any():
             raise ValueError(f"--kv-head-config {cache.kv_head_config}: name some KV heads "
                              "streaming but not all (for all, use --kv-policy streaming)")
-        dense = self.kv_spec
-        self.kv_spec = replace(dense, layer_heads=tuple((~self.streaming_heads).sum(1).tolist()))
-        streaming = replace(dense, layer_heads=tuple(self.streaming_heads.sum(1).tolist()))
-        held = self.head_config.sinks + self.head_config.window + 1
+        held = self.head_config.sinks + self.head_config.window
+        return self._split_pool(num_pages, mask, -(-(held + 1) // self.kv_spec.page_size),
+                                held)
+
+    def _split_pool(self, num_pages: int, mask: np.ndarray, pages_per_seq: int,
+                    held: int) -> int:
+        """The second pool, of the heads `mask[layers, kv_heads]` names, and `self.kv_spec`
+        narrowed to the others, in the memory of `num_pages` pages of all heads. The second
+        pool is sized for `max_num_seqs` requests of `pages_per_seq` (the tokens one holds
+        before a decode step, and its own) plus one step's tokens, but takes no more than its
+        heads' share of the memory, and no less than one request holding `held` tokens before
+        the longest step needs; returns the main pool's pages."""
+        sched, page = self.config.scheduler, self.kv_spec.page_size
+        self.streaming_heads, dense = mask, self.kv_spec
+        self.kv_spec = replace(dense, layer_heads=tuple((~mask).sum(1).tolist()))
+        streaming = replace(dense, layer_heads=tuple(mask.sum(1).tolist()))
         step = min(sched.max_num_batched_tokens, self.max_model_len)
         full_pages, streaming_pages = split_pages(
             num_pages, dense, self.kv_spec, streaming,
-            sched.max_num_seqs * -(-held // dense.page_size)
-            + -(-sched.max_num_batched_tokens // dense.page_size),
-            -(-(held - 1 + step) // dense.page_size))
+            sched.max_num_seqs * pages_per_seq + -(-sched.max_num_batched_tokens // page),
+            -(-(held + step) // page))
         self.streaming_cache = KVCache(streaming, streaming_pages, self.device)
         return full_pages
 

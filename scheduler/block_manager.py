@@ -106,19 +106,33 @@ class BlockManager:
             hits.append(page_id)
         return hits
 
+    def match_window(self, request: Request, num_pages: int, first_page: int) -> list[int] | None:
+        """A prefix hit in a pool whose heads read only a window (a model's sliding layers):
+        the cached pages `first_page .. num_pages - 1` of the request's prefix, after
+        `first_page` RELEASED entries; None when one of them is not cached."""
+        hits = [RELEASED] * first_page
+        for i, (h, chunk) in enumerate(self._page_hashes(request.all_token_ids, num_pages)):
+            page_id = self.cached.get(h)
+            if i >= first_page:
+                if page_id is None or self.pages[page_id].token_ids != chunk:
+                    return None
+                hits.append(page_id)
+        return hits
+
     def allocate(self, request: Request | HeldKV, num_new_tokens: int,
                  hit_pages: list[int] = ()) -> bool:
         """Give the request (or its second hold) pages for `num_new_tokens` more tokens
-        (taking `hit_pages` first).
+        (taking `hit_pages` first, RELEASED ones as they are).
 
         All or nothing: returns False and changes nothing when the free pages do not suffice.
         """
         total = len(request.page_ids) + len(hit_pages)
         needed = -(-(request.num_kv_tokens + num_new_tokens) // self.page_size) - total
-        free_hits = sum(1 for p in hit_pages if self.pages[p].ref_count == 0)
+        taken = [p for p in hit_pages if p != RELEASED]
+        free_hits = sum(1 for p in taken if self.pages[p].ref_count == 0)
         if max(needed, 0) + free_hits > self.num_free_pages:
             return False
-        for page_id in hit_pages:
+        for page_id in taken:
             self._take(page_id)
         request.page_ids.extend(hit_pages)
         for _ in range(needed):
@@ -244,11 +258,13 @@ class BlockManager:
             del self.free_queue[page_id]
         page.ref_count += 1
 
-    def cache_full_pages(self, request: Request) -> None:
-        """Name the request's pages that its computed tokens have filled, for later hits; once
-        it has evicted tokens, its pages no longer hold a prefix and none is named."""
+    def cache_full_pages(self, request: Request, held: HeldKV | None = None) -> None:
+        """Name the request's pages that its computed tokens have filled, for later hits (in a
+        second pool, those of `held`, its hold there); once it has evicted tokens, its pages
+        no longer hold a prefix and none is named."""
         if not self.enable_prefix_caching or request.num_evicted_tokens:
             return
+        page_ids = (held or request).page_ids
         hashes = self.page_hashes.setdefault(request.request_id, [])
         num_full = request.num_computed_tokens // self.page_size
         if num_full <= len(hashes):
@@ -258,7 +274,7 @@ class BlockManager:
         tokens = request.token_ids(start, num_full * self.page_size)
         for h, chunk in self._page_hashes(tokens, num_full - len(hashes), parent):
             hashes.append(h)
-            page_id = request.page_ids[len(hashes) - 1]
+            page_id = page_ids[len(hashes) - 1]
             if page_id == RELEASED:  # released before named: cannot be hit, nothing to name
                 continue
             page = self.pages[page_id]

@@ -17,8 +17,9 @@ its pages for the step are counted; the step plan carries the page copies and to
 the engine runs before the step writes. Under a head config (scheduler/head_config.py) each
 request also holds its streaming heads' tokens in a pool of their own (`StreamingHeads`):
 they evict by the streaming rule before every step, and a step's pages are taken from both
-pools or from neither. On a model whose every layer has the same sliding window, a request
-gives back the pages wholly before its window before each step (`BlockManager.release_before`).
+pools or from neither. A sliding window gives back a request's pages wholly before it before
+each step (`BlockManager.release_before`): the main pool's when every layer has the same window
+(Mistral), the second pool's when it holds a model's sliding layers (Gemma).
 """
 import logging
 import time
@@ -57,9 +58,12 @@ class ScheduledRequest:
 
 @dataclass
 class StreamingHeads:
-    """The streaming heads' page pool under a head config, and their eviction rule."""
-    policy: StreamingPolicy
+    """The second page pool and the rule of the heads it holds: a head config's streaming
+    heads evict all but sinks + window (`policy`); a model's sliding layers, when others have
+    none, give back the pages before their `sliding_window`."""
     block_manager: BlockManager
+    policy: StreamingPolicy | None = None
+    sliding_window: int | None = None
 
 
 @dataclass
@@ -130,14 +134,15 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             first_admission = request.num_cached_tokens < 0
-            hits = self.block_manager.match_prefix(request)
+            hits, window_hits = self._prefix_hits(request)
             num_cached = len(hits) * self.block_manager.page_size
             n = min(request.num_tokens - num_cached, budget)
             request.set_computed(num_cached)
-            if not self._allocate(request, n, hits):
+            if not self._allocate(request, n, hits, window_hits):
                 request.set_computed(0)
                 break
             self.waiting.popleft()
+            self._release_before_window(request)  # hit pages it will not read
             if first_admission:
                 request.num_cached_tokens = num_cached
                 request.scheduled_time = time.time()
@@ -149,10 +154,27 @@ class Scheduler:
             budget -= n
         return out
 
-    def _allocate(self, request: Request, n: int, hits: list[int] = ()) -> bool:
+    def _prefix_hits(self, request: Request) -> tuple[list[int], list[int]]:
+        """The cached pages of the request's longest prefix in the main pool, and those in the
+        second pool when it holds sliding layers: the pages the window of the first query
+        after the prefix reads (RELEASED before them). The prefix shrinks until both hit."""
+        hits = self.block_manager.match_prefix(request)
+        pool = self.streaming
+        if pool is None or not hits:
+            return hits, []
+        page = self.block_manager.page_size
+        for n in range(len(hits), 0, -1):
+            first = max(n * page + 1 - pool.sliding_window, 0) // page
+            window_hits = pool.block_manager.match_window(request, n, first)
+            if window_hits is not None:
+                return hits[:n], window_hits
+        return [], []
+
+    def _allocate(self, request: Request, n: int, hits: list[int] = (),
+                  window_hits: list[int] = ()) -> bool:
         """Pages for `n` more tokens in every pool the request holds tokens in, or none."""
         held = request.streaming
-        if held is not None and not self.streaming.block_manager.allocate(held, n):
+        if held is not None and not self.streaming.block_manager.allocate(held, n, window_hits):
             return False
         if self.block_manager.allocate(request, n, hits):
             return True
@@ -163,15 +185,13 @@ class Scheduler:
     def _evict(self, request: Request, out: SchedulerOutput) -> bool:
         """Evict what the request's policy names; False when a page it must copy first finds
         no free page (nothing changed)."""
-        if self.sliding_window is not None:  # the step's first query reads from this slot on
-            self.block_manager.release_before(
-                request, request.num_computed_tokens + 1 - self.sliding_window)
-        if request.streaming is not None:
-            held = request.streaming
-            slots = self.streaming.policy.slots_to_evict(held.kv_positions[0, 0],
-                                                         request.num_computed_tokens)
+        self._release_before_window(request)
+        pool = self.streaming
+        if (held := request.streaming) is not None and pool.policy is not None:
+            slots = pool.policy.slots_to_evict(held.kv_positions[0, 0],
+                                               request.num_computed_tokens)
             if slots:  # its pages are its own (no prefix hits): nothing to copy
-                out.streaming_compaction.extend(self.streaming.block_manager.evict(held, slots))
+                out.streaming_compaction.extend(pool.block_manager.evict(held, slots))
         policy = request.kv_policy
         if policy is None:
             return True
@@ -190,6 +210,18 @@ class Scheduler:
             request.attention_scores = None  # decided once
         out.kv_compaction.extend(plan)
         return True
+
+    def _release_before_window(self, request: Request) -> None:
+        """Give back the pages wholly before the window of the step's first query, which
+        reads from slot `num_computed + 1 - W` on: the main pool's when every layer has the
+        window W, the second pool's when it holds the sliding layers."""
+        if self.sliding_window is not None:
+            self.block_manager.release_before(
+                request, request.num_computed_tokens + 1 - self.sliding_window)
+        pool = self.streaming
+        if request.streaming is not None and pool.sliding_window is not None:
+            pool.block_manager.release_before(
+                request.streaming, request.num_computed_tokens + 1 - pool.sliding_window)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -213,6 +245,8 @@ class Scheduler:
             if s.prompt_logprob_positions:
                 request.num_prompt_logprobs = s.prompt_logprob_positions.stop
             self.block_manager.cache_full_pages(request)
+            if request.streaming is not None:
+                self.streaming.block_manager.cache_full_pages(request, request.streaming)
             token = sampled.get(request.request_id)
             if token is None:
                 continue

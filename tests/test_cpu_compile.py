@@ -51,3 +51,44 @@ def test_compiled_decode_step_runs_lone_requests_and_matches_eager():
                           "check_compiled_decode; check_compiled_decode()"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+
+def check_compiled_decode_with_a_second_pool(checkpoint: str, head_config: str | None) -> None:
+    """The compiled step reads both pools, and a long request decodes as the eager forward
+    does: a model's sliding layers (Gemma 3) or a head config's streaming heads in a pool of
+    their own."""
+    from engine import LLM, SamplingParams
+    from server.local_server import write_tiny_tokenizer
+
+    tokenizer = str(write_tiny_tokenizer(Path(checkpoint).parent / "tokenizer"))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompt = torch.randint(4, 300, (50,), generator=torch.Generator().manual_seed(5)).tolist()
+    outputs = []
+    for eager in (True, False):
+        llm = LLM(model=checkpoint, tokenizer=tokenizer, dtype="float32", quantization="none",
+                  page_size=8, max_model_len=256, enforce_eager=eager,
+                  kv_head_config=head_config)
+        runner = llm.engine.runner
+        assert runner.streaming_cache is not None and (runner.compiled is None) == eager
+        if not eager:
+            compiled_steps, run = [], runner.compiled.run
+            runner.compiled.run = lambda *a: compiled_steps.append(1) or run(*a)
+        outputs.append(llm.generate([prompt], params)[0].outputs[0].token_ids)
+    assert len(compiled_steps) == 39  # every decode step: both pools hold over a page
+    assert outputs[0] == outputs[1]
+
+
+def test_compiled_decode_reads_a_second_pool(tmp_path):
+    from tests.test_kv_head_config import write_config
+    from tests.test_model_families import write_checkpoint
+
+    gemma = write_checkpoint(tmp_path / "gemma3" / "model", "Gemma3TextConfig", {
+        "sliding_window": 24, "layer_types": ["sliding_attention", "full_attention"]})
+    llama = write_checkpoint(tmp_path / "llama" / "model", "LlamaConfig", {})
+    heads = write_config(tmp_path / "heads.json", [(0, 1), (1, 0)], sinks=2, window=20)
+    out = subprocess.run([sys.executable, "-c", "from tests.test_cpu_compile import "
+                          "check_compiled_decode_with_a_second_pool as check; "
+                          f"check({str(gemma)!r}, None); check({str(llama)!r}, {heads!r})"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
