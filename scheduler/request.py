@@ -1,11 +1,16 @@
 """A request as the scheduler sees it: tokens, how many are computed, which pages hold them."""
+from __future__ import annotations
+
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.sampling_params import SamplingParams
 from scheduler.kv_policy import KVPolicy
+
+if TYPE_CHECKING:  # engine/ imports scheduler/, never the other way round
+    from engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -21,17 +21,22 @@ pools or from neither. A sliding window gives back a request's pages wholly befo
 each step (`BlockManager.release_before`): the main pool's when every layer has the same window
 (Mistral), the second pool's when it holds a model's sliding layers (Gemma).
 """
+from __future__ import annotations
+
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.config import SchedulerConfig
 from scheduler.block_manager import BlockManager, KVCompaction
 from scheduler.kv_policy import StreamingPolicy
 from scheduler.request import HeldKV, Request, RequestStatus
+
+if TYPE_CHECKING:  # engine/ imports scheduler/, never the other way round
+    from engine.config import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
 """Scheduler and block manager on their own, with a fake model runner (no torch model)."""
+import subprocess
+import sys
+from pathlib import Path
+
 from engine.config import SchedulerConfig
 from engine.sampling_params import SamplingParams
 from scheduler.block_manager import BlockManager
@@ -167,3 +171,12 @@ def test_token_ids_slices_across_prompt_and_output():
     r.output_token_ids = [90, 91]
     for start, end in [(0, 5), (1, 4), (3, 5), (4, 5), (0, 2)]:
         assert r.token_ids(start, end) == r.all_token_ids[start:end]
+
+
+def test_the_scheduler_imports_nothing_of_the_engine():
+    """engine/ imports scheduler/, never the other way round (no import circle)."""
+    code = ("import sys, scheduler.scheduler, scheduler.head_config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'engine'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
