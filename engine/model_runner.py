@@ -160,12 +160,12 @@ class ModelRunner:
                 self.model, self.kv_layers,
                 [c.num_pages for c in (self.kv_cache, self.streaming_cache) if c],
                 config.cache.page_size, self.max_model_len)
-        # CUDA graphs replay one pool's tables: none with a second pool
-        if self.device.type == "cuda" and not eager and self.streaming_cache is None:
+        if self.device.type == "cuda" and not eager:
             self.graphs = DecodeGraphs(self.model, self.kv_layers,
                                        config.scheduler.max_num_seqs,
                                        -(-self.max_model_len // config.cache.page_size),
-                                       self.max_model_len, self.device)
+                                       self.max_model_len, self.device,
+                                       second_pool=self.streaming_cache is not None)
 
     def second_pool_window(self) -> int | None:
         """A model whose sliding layers share one window and whose other layers have none
