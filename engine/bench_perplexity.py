@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
               dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_pages=args.num_kv_pages, kv_cache_memory=args.kv_cache_memory,
               max_model_len=args.max_model_len, quantization=args.quantization,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype,
+              enforce_eager=True)  # prefill only: a compiled decode step would go unused
     text_ids = llm.tokenizer.encode(Path(args.file).read_text())
     ids = text_ids if args.max_tokens is None else text_ids[:args.max_tokens + 1]
     window = args.max_model_len - 1

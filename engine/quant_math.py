@@ -49,12 +49,17 @@ def fake_int8_rows(t: torch.Tensor) -> torch.Tensor:
     return (t / scale).round().clamp(-127, 127) * scale
 
 
-def smoothing_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
-    """Output error of W8A8 on calibration inputs `x [M, K]` smoothed by `s`: int8 per token
-    of `x / s` times int8 per channel of each `W * s`, against `x W^T`."""
-    xq = fake_int8_rows(x / s)
-    return sum(float(((xq @ fake_int8_rows(w.float() * s).T) - x @ w.float().T).square().sum())
-               for w in weights)
+def smoothing_errors(x: torch.Tensor, weights: list[torch.Tensor],
+                     candidates: list[torch.Tensor]) -> list[float]:
+    """Output error of W8A8 on calibration inputs `x [M, K]` smoothed by each candidate `s`:
+    int8 per token of `x / s` times int8 per channel of each `W * s`, against `x W^T`."""
+    references = [x @ w.float().T for w in weights]
+    errors = []
+    for s in candidates:
+        xq = fake_int8_rows(x / s)
+        errors.append(sum(float((xq @ fake_int8_rows(w.float() * s).T - ref).square().sum())
+                          for w, ref in zip(weights, references)))
+    return errors
 
 
 def fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from engine.quant_math import (INT4, INT8, fp8_per_channel, gptq_factor, quantize_groups,
-                               smooth_factors, smoothing_error)
+                               smooth_factors, smoothing_errors)
 from engine.tokenizer import load_tokenizer
 
 DEFAULT_CALIBRATION = "/usr/share/common-licenses/GPL-3"
@@ -192,7 +192,8 @@ def _smoothing(stat: _InputStats, weights: list[torch.Tensor], args) -> torch.Te
     x = torch.cat(stat.samples)
     candidates = [torch.ones_like(stat.absmax)] + [
         smooth_factors(stat.absmax, weights, a) for a in SMOOTHING_STRENGTHS]
-    return min(candidates, key=lambda s: smoothing_error(x, weights, s))
+    errors = smoothing_errors(x, weights, candidates)
+    return candidates[errors.index(min(errors))]
 
 
 def _smooth(layer: torch.nn.Module, stats: dict, args) -> None:

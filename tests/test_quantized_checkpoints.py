@@ -43,35 +43,39 @@ MARGINS = {"w8a8": (1.5, 0.1), "w4a16": (4.5, 0.5), "fp8": (2.0, 0.15)}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    out = {}
-    for name, args in (("w4a16", ["--scheme", "w4a16"]), ("w8a8", ["--scheme", "w8a8"]),
-                       ("w4a16-rtn", ["--scheme", "w4a16", "--no-search", "--no-gptq"])):
-        out[name] = tmp_path_factory.mktemp(name)
-        quantize([str(default_model_path()), *args, "--out", str(out[name]), *CALIBRATION])
-    return out
-
-
-@pytest.fixture(scope="module")
-def fp8_from_hf_directory(tmp_path_factory):
-    """An fp8 checkpoint quantized from an HF safetensors directory (the path an 8B model
-    takes: read tensor by tensor), the directory written from the default GGUF."""
+def hf_directory(tmp_path_factory):
+    """The default model as an HF safetensors directory (the path an 8B model takes: read
+    tensor by tensor), written from transformers' reading of the GGUF, in fp32: the weights
+    `tessera quantize` reads from the GGUF itself, without parsing it again per checkpoint."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     source = tmp_path_factory.mktemp("hf")
     model = oracle.hf_model()
-    save_file({name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()
+    save_file({name: t.contiguous() for name, t in model.state_dict().items()
                if name != "lm_head.weight"}, str(source / "model.safetensors"))  # tied
     config = model.config.to_dict()
     del config["quantization_config"]  # transformers' note that it came from a GGUF
-    config |= {"architectures": ["LlamaForCausalLM"], "dtype": "bfloat16"}
+    config |= {"architectures": ["LlamaForCausalLM"], "dtype": "float32"}
     (source / "config.json").write_text(json.dumps(config))
     path = default_model_path()
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(
         str(source))
-    out = tmp_path_factory.mktemp("fp8")
-    quantize([str(source), "--scheme", "fp8", "--out", str(out), *CALIBRATION])
+    return source
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, hf_directory):
+    """Round-to-nearest w4a16 straight from the GGUF; the searched schemes from the same
+    weights in `hf_directory`."""
+    out = {}
+    for name, source, args in (
+            ("w4a16", hf_directory, ["--scheme", "w4a16"]),
+            ("w8a8", hf_directory, ["--scheme", "w8a8"]),
+            ("w4a16-rtn", default_model_path(), ["--scheme", "w4a16", "--no-search", "--no-gptq"]),
+            ("fp8", hf_directory, ["--scheme", "fp8"])):
+        out[name] = tmp_path_factory.mktemp(name)
+        quantize([str(source), *args, "--out", str(out[name]), *CALIBRATION])
     return out
 
 
@@ -106,11 +110,10 @@ def test_pack_orders_match_the_format_descriptions():
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
-def test_compressed_tensors_library_reads_back_tesseras_weights(checkpoints, scheme,
-                                                                 fp8_from_hf_directory):
+def test_compressed_tensors_library_reads_back_tesseras_weights(checkpoints, scheme):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    path = fp8_from_hf_directory if scheme == "fp8" else checkpoints[scheme]
+    path = checkpoints[scheme]
     library = AutoModelForCausalLM.from_pretrained(
         str(path), quantization_config=CompressedTensorsConfig(run_compressed=False),
         dtype=torch.bfloat16).state_dict()
@@ -129,8 +132,8 @@ def margins(prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
-def test_served_tokens_stay_near_the_dense_model(checkpoints, scheme, fp8_from_hf_directory):
-    path = fp8_from_hf_directory if scheme == "fp8" else checkpoints[scheme]
+def test_served_tokens_stay_near_the_dense_model(checkpoints, scheme):
+    path = checkpoints[scheme]
     llm = LLM(model=str(path), enforce_eager=True, num_kv_pages=64,
               max_model_len=512)
     tokenizer = llm.tokenizer
