@@ -1,5 +1,5 @@
-"""The arithmetic of `tessera quantize`: SmoothQuant factors, symmetric integer quantization
-per group of input columns (a group of all K columns = per output channel) with a clipping
+"""The arithmetic of `tessera quantize`: SmoothQuant factors, integer quantization (symmetric,
+or with zero points) per group of input columns (a group of all K columns = per output channel) with a clipping
 search and GPTQ's error compensation, and fp8 per channel. Plain tensors in and out; the
 calibration loop (engine/quantize.py) decides what they are applied to.
 
@@ -23,13 +23,30 @@ GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, added to it
 class IntFormat:
     qmin: int
     qmax: int
-    half_range: float  # amax / scale at ratio 1
+    half_range: float  # amax / scale at ratio 1 (symmetric)
+    # A zero point per group as well: `w = (q - zero) * scale` over the group's [min, max]
+    asymmetric: bool = False
 
-    def codes(self, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return (w / scales).round().clamp(self.qmin, self.qmax)
+    def codes(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | float = 0
+              ) -> torch.Tensor:
+        return ((w / scales).round() + zeros).clamp(self.qmin, self.qmax)
+
+    def params(self, wg: torch.Tensor, ratio: float, scale_dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's scale (rounded to `scale_dtype`, as a reader has it) and zero point of
+        the group `wg [N, G]`, its range shrunk by `ratio`. Asymmetric: compressed-tensors'
+        rule, the range widened to hold 0, `zero = qmin - round(min / scale)`."""
+        if not self.asymmetric:
+            amax = wg.abs().amax(-1).clamp(min=1e-12)
+            return (amax * ratio / self.half_range).to(scale_dtype), None
+        lo, hi = wg.amin(-1).clamp(max=0) * ratio, wg.amax(-1).clamp(min=0) * ratio
+        scales = ((hi - lo).clamp(min=1e-12) / (self.qmax - self.qmin)).to(scale_dtype)
+        zeros = (self.qmin - (lo / scales.float()).round()).clamp(self.qmin, self.qmax)
+        return scales, zeros
 
 
 INT4 = IntFormat(-8, 7, 7.5)
+INT4_ASYMMETRIC = IntFormat(-8, 7, 7.5, asymmetric=True)
 INT8 = IntFormat(-127, 127, 127.0)
 
 
@@ -69,37 +86,39 @@ def fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def group_scales(wg: torch.Tensor, fmt: IntFormat, gram: torch.Tensor | None,
-                 scale_dtype: torch.dtype) -> torch.Tensor:
-    """One group's scale per row (`wg [N, G]`), rounded to `scale_dtype` as a reader has it.
+                 scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One group's scale and zero point (None when symmetric) per row (`wg [N, G]`).
 
     With `gram` (`X_g^T X_g`, `[G, G]`, of calibration activations) each row clips its range to
     the ratio of `CLIP_RATIOS` whose rounding error costs the layer's output least,
     `(w - q) X_g^T X_g (w - q)^T` (AWQ's and OmniQuant's clipping, by search); ratio 1.0 is
     among them, so it is never worse than round-to-nearest there. Without, ratio 1.0."""
-    amax = wg.abs().amax(-1).clamp(min=1e-12)
-    best, best_err = None, None
+    best = best_err = None
     for ratio in CLIP_RATIOS if gram is not None else (1.0,):
-        scales = (amax * ratio / fmt.half_range).to(scale_dtype)
+        scales, zeros = fmt.params(wg, ratio, scale_dtype)
         if gram is None:
-            return scales
-        s = scales.float()[:, None]
-        d = wg - fmt.codes(wg, s) * s
+            return scales, zeros
+        s, z = scales.float()[:, None], 0 if zeros is None else zeros[:, None]
+        d = wg - (fmt.codes(wg, s, z) - z) * s
         err = ((d @ gram) * d).sum(-1)
         if best is None:
-            best, best_err = scales, err
+            best, best_err = (scales, zeros), err
         else:
             better = err < best_err
-            best, best_err = torch.where(better, scales, best), torch.where(better, err, best_err)
+            best = tuple(None if b is None else torch.where(better, new, b)
+                         for new, b in zip((scales, zeros), best))
+            best_err = torch.where(better, err, best_err)
     return best
 
 
 def quantize_groups(w: torch.Tensor, fmt: IntFormat, group_size: int,
                     hessian: torch.Tensor | None, *, gptq_factor: torch.Tensor | None,
                     clip_search: bool, scale_dtype: torch.dtype,
-                    order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric integer codes `[N, K]` (int8 storage) and scales `[N, K / group_size]` of a
-    weight `[N, K]`, a scale per row and group of `group_size` input columns (a divisor of
-    `GPTQ_BLOCK`, or K: per output channel).
+                    order: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Integer codes `[N, K]` (int8 storage), scales `[N, K / group_size]` and, when `fmt` is
+    asymmetric, zero points (int8, alike) of a weight `[N, K]`: a scale per row and group of
+    `group_size` input columns (a divisor of `GPTQ_BLOCK`, or K: per output channel).
 
     With `gptq_factor` (`gptq_factor(hessian)`, `hessian` = `X^T X` of the layer's
     calibration inputs, `[K, K]`) the columns are quantized one by one and each one's rounding
@@ -115,44 +134,56 @@ def quantize_groups(w: torch.Tensor, fmt: IntFormat, group_size: int,
     n, k = w.shape
     codes = torch.empty(n, k)
     scales = torch.empty(n, k // group_size, dtype=scale_dtype)
+    zeros = torch.zeros(n, k // group_size)
 
-    def scales_at(col: int, wg: torch.Tensor) -> torch.Tensor:
+    def params_at(col: int, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = col // group_size
         gram = hessian[col:col + group_size, col:col + group_size] if clip_search else None
-        scales[:, g] = group_scales(wg, fmt, gram, scale_dtype)
-        return scales[:, g].float()
+        scales[:, g], zero = group_scales(wg, fmt, gram, scale_dtype)
+        if zero is not None:
+            zeros[:, g] = zero
+        return scales[:, g].float(), zeros[:, g]
 
     if gptq_factor is None:
         for col in range(0, k, group_size):
             wg = w[:, col:col + group_size]
-            codes[:, col:col + group_size] = fmt.codes(wg, scales_at(col, wg)[:, None])
-        return codes.to(torch.int8), scales
+            s, z = params_at(col, wg)
+            codes[:, col:col + group_size] = fmt.codes(wg, s[:, None], z[:, None])
+        return _finish(codes, scales, zeros, fmt)
     u = gptq_factor
     static = order is not None or group_size == k
     assert static or GPTQ_BLOCK % group_size == 0
     if static:  # every scale up front; columns then in `order` (or as they are)
         for col in range(0, k, group_size):
-            scales_at(col, w[:, col:col + group_size])
+            params_at(col, w[:, col:col + group_size])
         column_scales = scales.float().repeat_interleave(group_size, 1)
+        column_zeros = zeros.repeat_interleave(group_size, 1)
         if order is not None:
-            w, column_scales = w[:, order], column_scales[:, order]
+            w, column_scales, column_zeros = (t[:, order] for t in (w, column_scales,
+                                                                    column_zeros))
     for b0 in range(0, k, GPTQ_BLOCK):
         b1 = min(b0 + GPTQ_BLOCK, k)
         wb, errors = w[:, b0:b1].clone(), torch.empty(n, b1 - b0)
         for i in range(b1 - b0):
             col = b0 + i
             if static:
-                s = column_scales[:, col]
+                s, z = column_scales[:, col], column_zeros[:, col]
             elif col % group_size == 0:
-                s = scales_at(col, wb[:, i:i + group_size])
-            q = fmt.codes(wb[:, i], s)
+                s, z = params_at(col, wb[:, i:i + group_size])
+            q = fmt.codes(wb[:, i], s, z)
             codes[:, col] = q
-            errors[:, i] = (wb[:, i] - q * s) / u[col, col]
+            errors[:, i] = (wb[:, i] - (q - z) * s) / u[col, col]
             wb[:, i:] -= errors[:, i:i + 1] * u[col, col:b1]
         w[:, b1:] -= errors @ u[b0:b1, b1:]
     if order is not None:
         codes[:, order] = codes.clone()
-    return codes.to(torch.int8), scales
+    return _finish(codes, scales, zeros, fmt)
+
+
+def _finish(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, fmt: IntFormat
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return (codes.to(torch.int8), scales,
+            zeros.to(torch.int8) if fmt.asymmetric else None)
 
 
 def gptq_factor(hessian: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,10 @@ better); per layer:
   output channel; activations are int8 per token at run time. The strength `a` is
   `--smoothing-strength`, or by default, per activation, the one of `SMOOTHING_STRENGTHS` (or
   none) whose W8A8 output error is least on a sample of the calibration rows.
-- w4a16: symmetric int4 in groups of `--group-size` input columns, each group's range clipped
-  to the ratio whose rounding error costs the layer's output least on the calibration
-  activations (`--no-search`: full ranges). AWQ's activation-aware scaling, tried as well,
+- w4a16: int4 in groups of `--group-size` input columns with a zero point each (the range
+  from the group's min to its max: SmolLM2 perplexity +1.74% over dense, against +4.03% with
+  `--symmetric`), each group's range clipped to the ratio whose rounding error costs the
+  layer's output least on the calibration activations (`--no-search`: full ranges). AWQ's activation-aware scaling, tried as well,
   made SmolLM2 worse (perplexity 21.10 vs 20.96 with GPTQ, 24.19 vs 23.31 without) and is not
   done.
 - fp8: e4m3 per output channel, dynamic per-token activations; needs no calibration.
@@ -41,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from engine.quant_math import (INT4, INT8, fp8_per_channel, gptq_factor, quantize_groups,
-                               smooth_factors, smoothing_errors)
+from engine.quant_math import (INT4, INT4_ASYMMETRIC, INT8, fp8_per_channel, gptq_factor,
+                               quantize_groups, smooth_factors, smoothing_errors)
 from engine.tokenizer import load_tokenizer
 
 DEFAULT_CALIBRATION = "/usr/share/common-licenses/GPL-3"
@@ -69,6 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
     p.add_argument("--group-size", type=int, default=64,
                    help="w4a16: input columns per scale (default %(default)s)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="w4a16: no zero points, each group's range symmetric about 0 "
+                        "(compressed-tensors' W4A16; by default W4A16_ASYM, a zero point per "
+                        "group and the range from the group's min to its max)")
     p.add_argument("--no-search", dest="search", action="store_false",
                    help="w4a16: no clip search (groups scaled to their full range); w8a8: no "
                         "smoothing-strength search (0.5 unless --smoothing-strength)")
@@ -225,18 +230,22 @@ def _compressed(w: torch.Tensor, args, hessian: torch.Tensor | None,
         codes, scale = fp8_per_channel(w)
         return {"weight": codes, "weight_scale": scale}, codes.float() * scale
     if args.scheme == "w8a8":
-        codes, scale = quantize_groups(w, INT8, w.shape[1], hessian, gptq_factor=factor,
+        codes, scale, _ = quantize_groups(w, INT8, w.shape[1], hessian, gptq_factor=factor,
                                        clip_search=False, scale_dtype=torch.float32,
                                        order=order)
         return {"weight": codes, "weight_scale": scale}, codes.float() * scale
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    codes, scales = quantize_groups(w, INT4, args.group_size, hessian, gptq_factor=factor,
-                                    clip_search=args.search, scale_dtype=_DTYPES[args.dtype],
-                                    order=order)
-    dequantized = codes.float() * scales.float().repeat_interleave(args.group_size, 1)
-    return {"weight_packed": pack_to_int32(codes, 4), "weight_scale": scales,
-            "weight_shape": torch.tensor(w.shape)}, dequantized
+    fmt = INT4 if args.symmetric else INT4_ASYMMETRIC
+    codes, scales, zeros = quantize_groups(w, fmt, args.group_size, hessian, gptq_factor=factor,
+                                           clip_search=args.search,
+                                           scale_dtype=_DTYPES[args.dtype], order=order)
+    tensors = {"weight_packed": pack_to_int32(codes, 4), "weight_scale": scales,
+               "weight_shape": torch.tensor(w.shape)}
+    if zeros is not None:
+        tensors["weight_zero_point"] = pack_to_int32(zeros, 4, packed_dim=0)
+        codes = codes.float() - zeros.float().repeat_interleave(args.group_size, 1)
+    return tensors, codes.float() * scales.float().repeat_interleave(args.group_size, 1)
 
 
 def _searches(args) -> bool:
@@ -298,7 +307,8 @@ def quantization_config(args) -> dict:
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme,
                                                  preset_name_to_scheme)
 
-    preset = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}[args.scheme]
+    preset = {"w8a8": "W8A8", "w4a16": "W4A16" if args.symmetric else "W4A16_ASYM",
+              "fp8": "FP8_DYNAMIC"}[args.scheme]
     scheme = preset_name_to_scheme(preset, ["Linear"])
     if args.scheme == "w4a16":
         scheme.weights.group_size = args.group_size
