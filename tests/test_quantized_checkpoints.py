@@ -110,30 +110,33 @@ def test_pack_orders_match_the_format_descriptions():
     assert unpack_nibbles(high)[0].tolist() == [0] * 7 + [15]
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
-def test_compressed_tensors_library_reads_back_tesseras_weights(checkpoints, scheme):
+def library_reads_back(path) -> dict:
+    """Tessera's linears of a checkpoint, by HF name, each checked to equal what the
+    compressed-tensors library decompresses it to."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    path = checkpoints[scheme]
     library = AutoModelForCausalLM.from_pretrained(
         str(path), quantization_config=CompressedTensorsConfig(run_compressed=False),
         dtype=torch.bfloat16).state_dict()
     ours = tessera_weights(path)
-    linears = [n for n in ours if not isinstance(ours[n], torch.Tensor)]
+    linears = {n: w for n, w in ours.items() if not isinstance(w, torch.Tensor)}
+    for name, w in linears.items():
+        assert torch.equal(dequantized(w).to(library[name].dtype), library[name]), name
+    return linears
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
+def test_compressed_tensors_library_reads_back_tesseras_weights(checkpoints, scheme):
+    linears = library_reads_back(checkpoints[scheme])
     assert len(linears) == 30 * 7
     if scheme == "w4a16":  # zero points by default
-        assert not any((ours[n].zero_points == 8).all() for n in linears)
-    for name in linears:
-        lib = library[name]
-        assert torch.equal(dequantized(ours[name]).to(lib.dtype), lib), name
+        assert not any((w.zero_points == 8).all() for w in linears.values())
 
 
 def test_symmetric_w4a16_reads_back_through_the_library(tmp_path):
     """`--symmetric` on a tiny random Llama: no zero points (all the symmetric 8), and
     compressed-tensors decompresses every linear to what Tessera's loader makes of it (the
     default, with zero points, is read back on the default model above)."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
     from server.local_server import write_tiny_tokenizer
     from tests.test_model_families import write_checkpoint
 
@@ -142,15 +145,9 @@ def test_symmetric_w4a16_reads_back_through_the_library(tmp_path):
     out = tmp_path / "symmetric"
     quantize([str(source), "--scheme", "w4a16", "--symmetric", "--group-size", "32",
               "--out", str(out), "--calibration-tokens", "512", "--sequence-length", "128"])
-    library = AutoModelForCausalLM.from_pretrained(
-        str(out), quantization_config=CompressedTensorsConfig(run_compressed=False),
-        dtype=torch.bfloat16).state_dict()
-    ours = tessera_weights(out)
-    linears = [n for n in ours if not isinstance(ours[n], torch.Tensor)]
+    linears = library_reads_back(out)
     assert len(linears) == 2 * 7
-    for name in linears:
-        assert (ours[name].zero_points == 8).all(), name
-        assert torch.equal(dequantized(ours[name]).to(library[name].dtype), library[name]), name
+    assert all((w.zero_points == 8).all() for w in linears.values())
 
 
 def margins(prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
