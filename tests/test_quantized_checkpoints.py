@@ -67,13 +67,16 @@ def hf_directory(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, hf_directory):
-    """Round-to-nearest w4a16 straight from the GGUF; the searched schemes from the same
-    weights in `hf_directory`."""
+    """Round-to-nearest w4a16 straight from the GGUF; the others from the same weights in
+    `hf_directory`. `w4a16-symmetric` (no zero points) is round-to-nearest too: its format is
+    what is checked."""
+    rtn = ["--scheme", "w4a16", "--no-search", "--no-gptq"]
     out = {}
     for name, source, args in (
             ("w4a16", hf_directory, ["--scheme", "w4a16"]),
             ("w8a8", hf_directory, ["--scheme", "w8a8"]),
-            ("w4a16-rtn", default_model_path(), ["--scheme", "w4a16", "--no-search", "--no-gptq"]),
+            ("w4a16-rtn", default_model_path(), rtn),
+            ("w4a16-symmetric", hf_directory, [*rtn, "--symmetric"]),
             ("fp8", hf_directory, ["--scheme", "fp8"])):
         out[name] = tmp_path_factory.mktemp(name)
         quantize([str(source), *args, "--out", str(out[name]), *CALIBRATION])
@@ -125,29 +128,13 @@ def library_reads_back(path) -> dict:
     return linears
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16-symmetric", "w8a8", "fp8"])
 def test_compressed_tensors_library_reads_back_tesseras_weights(checkpoints, scheme):
     linears = library_reads_back(checkpoints[scheme])
     assert len(linears) == 30 * 7
-    if scheme == "w4a16":  # zero points by default
-        assert not any((w.zero_points == 8).all() for w in linears.values())
-
-
-def test_symmetric_w4a16_reads_back_through_the_library(tmp_path):
-    """`--symmetric` on a tiny random Llama: no zero points (all the symmetric 8), and
-    compressed-tensors decompresses every linear to what Tessera's loader makes of it (the
-    default, with zero points, is read back on the default model above)."""
-    from server.local_server import write_tiny_tokenizer
-    from tests.test_model_families import write_checkpoint
-
-    source = write_checkpoint(tmp_path / "tiny", "LlamaConfig", {})
-    write_tiny_tokenizer(source)
-    out = tmp_path / "symmetric"
-    quantize([str(source), "--scheme", "w4a16", "--symmetric", "--group-size", "32",
-              "--out", str(out), "--calibration-tokens", "512", "--sequence-length", "128"])
-    linears = library_reads_back(out)
-    assert len(linears) == 2 * 7
-    assert all((w.zero_points == 8).all() for w in linears.values())
+    if scheme.startswith("w4a16"):  # zero points by default; the symmetric 8 without
+        symmetric = [bool((w.zero_points == 8).all()) for w in linears.values()]
+        assert set(symmetric) == {scheme == "w4a16-symmetric"}
 
 
 def margins(prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
