@@ -1,16 +1,20 @@
 """A request as the scheduler sees it: tokens, how many are computed, which pages hold them."""
-from __future__ import annotations
-
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from scheduler.kv_policy import KVPolicy
 
-if TYPE_CHECKING:  # engine/ imports scheduler/, never the other way round
-    from engine.sampling_params import SamplingParams
+
+class SamplingRules(Protocol):
+    """What the scheduler reads of a request's sampling parameters (engine/ passes its
+    `SamplingParams`; engine/ imports scheduler/, never the other way round)."""
+    min_tokens: int
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    prompt_logprobs: int | None
 
 
 class RequestStatus(enum.Enum):
@@ -44,7 +48,7 @@ class HeldKV:
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingRules
     arrival_time: float = 0.0
     eos_token_ids: tuple[int, ...] = ()
     max_tokens: int = 16  # resolved against the model length at admission

@@ -21,13 +21,11 @@ pools or from neither. A sliding window gives back a request's pages wholly befo
 each step (`BlockManager.release_before`): the main pool's when every layer has the same window
 (Mistral), the second pool's when it holds a model's sliding layers (Gemma).
 """
-from __future__ import annotations
-
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -35,10 +33,14 @@ from scheduler.block_manager import BlockManager, KVCompaction
 from scheduler.kv_policy import StreamingPolicy
 from scheduler.request import HeldKV, Request, RequestStatus
 
-if TYPE_CHECKING:  # engine/ imports scheduler/, never the other way round
-    from engine.config import SchedulerConfig
-
 logger = logging.getLogger(__name__)
+
+
+class StepLimits(Protocol):
+    """The scheduler's limits (engine/ passes its `SchedulerConfig`; engine/ imports
+    scheduler/, never the other way round)."""
+    max_num_seqs: int
+    max_num_batched_tokens: int
 
 
 @dataclass
@@ -86,7 +88,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+    def __init__(self, config: StepLimits, block_manager: BlockManager,
                  streaming: StreamingHeads | None = None, sliding_window: int | None = None):
         self.config = config
         self.block_manager = block_manager
