@@ -106,17 +106,20 @@ class BlockManager:
             hits.append(page_id)
         return hits
 
-    def match_window(self, request: Request, num_pages: int, first_page: int) -> list[int] | None:
+    def prefix_chain(self, request: Request, num_pages: int) -> list[tuple[int, tuple]]:
+        """`(hash, token ids)` of the request's first `num_pages` full pages."""
+        return list(self._page_hashes(request.all_token_ids, num_pages))
+
+    def match_window(self, chain: list[tuple[int, tuple]], first_page: int) -> list[int] | None:
         """A prefix hit in a pool whose heads read only a window (a model's sliding layers):
-        the cached pages `first_page .. num_pages - 1` of the request's prefix, after
-        `first_page` RELEASED entries; None when one of them is not cached."""
+        the cached pages of `chain[first_page:]`, after `first_page` RELEASED entries; None
+        when one of them is not cached."""
         hits = [RELEASED] * first_page
-        for i, (h, chunk) in enumerate(self._page_hashes(request.all_token_ids, num_pages)):
+        for h, chunk in chain[first_page:]:
             page_id = self.cached.get(h)
-            if i >= first_page:
-                if page_id is None or self.pages[page_id].token_ids != chunk:
-                    return None
-                hits.append(page_id)
+            if page_id is None or self.pages[page_id].token_ids != chunk:
+                return None
+            hits.append(page_id)
         return hits
 
     def allocate(self, request: Request | HeldKV, num_new_tokens: int,
@@ -258,29 +261,37 @@ class BlockManager:
             del self.free_queue[page_id]
         page.ref_count += 1
 
-    def cache_full_pages(self, request: Request, held: HeldKV | None = None) -> None:
-        """Name the request's pages that its computed tokens have filled, for later hits (in a
-        second pool, those of `held`, its hold there); once it has evicted tokens, its pages
-        no longer hold a prefix and none is named."""
+    def cache_full_pages(self, request: Request) -> list[tuple[int, int, tuple]]:
+        """Name the request's pages that its computed tokens have filled, for later hits, and
+        return them as `(index, hash, token ids)` (a second pool names its own pages alike,
+        `name_pages`); once it has evicted tokens, its pages no longer hold a prefix and none
+        is named."""
         if not self.enable_prefix_caching or request.num_evicted_tokens:
-            return
-        page_ids = (held or request).page_ids
+            return []
         hashes = self.page_hashes.setdefault(request.request_id, [])
         num_full = request.num_computed_tokens // self.page_size
         if num_full <= len(hashes):
-            return
+            return []
         parent = hashes[-1] if hashes else None
         start = len(hashes) * self.page_size
         tokens = request.token_ids(start, num_full * self.page_size)
-        for h, chunk in self._page_hashes(tokens, num_full - len(hashes), parent):
-            hashes.append(h)
-            page_id = page_ids[len(hashes) - 1]
-            if page_id == RELEASED:  # released before named: cannot be hit, nothing to name
+        named = [(len(hashes) + i, h, chunk) for i, (h, chunk) in enumerate(
+            self._page_hashes(tokens, num_full - len(hashes), parent))]
+        hashes += [h for _, h, _ in named]
+        self.name_pages(request, named)
+        return named
+
+    def name_pages(self, request: Request | HeldKV, named: list[tuple[int, int, tuple]]) -> None:
+        """Cache the request's page at each `(index, hash, token ids)`, unless it was released
+        before (nothing to hit) or another page holds that prefix already."""
+        for index, h, chunk in named:
+            page_id = request.page_ids[index]
+            if page_id == RELEASED:
                 continue
             page = self.pages[page_id]
             if page.hash is None and h not in self.cached:
                 page.hash, page.token_ids = h, chunk
-                self.cached[h] = page.page_id
+                self.cached[h] = page_id
 
     def free(self, request: Request | HeldKV) -> None:
         """Release the request's pages; pages left unreferenced join the free queue's tail."""

@@ -169,10 +169,11 @@ class Scheduler:
         pool = self.streaming
         if pool is None or not hits:
             return hits, []
-        page = self.block_manager.page_size
+        page, chain = self.block_manager.page_size, self.block_manager.prefix_chain(request,
+                                                                                  len(hits))
         for n in range(len(hits), 0, -1):
             first = max(n * page + 1 - pool.sliding_window, 0) // page
-            window_hits = pool.block_manager.match_window(request, n, first)
+            window_hits = pool.block_manager.match_window(chain[:n], first)
             if window_hits is not None:
                 return hits[:n], window_hits
         return [], []
@@ -251,9 +252,9 @@ class Scheduler:
                 request.add_attention_scores(attention_scores[request.request_id])
             if s.prompt_logprob_positions:
                 request.num_prompt_logprobs = s.prompt_logprob_positions.stop
-            self.block_manager.cache_full_pages(request)
-            if request.streaming is not None:
-                self.streaming.block_manager.cache_full_pages(request, request.streaming)
+            named = self.block_manager.cache_full_pages(request)
+            if named and request.streaming is not None:
+                self.streaming.block_manager.name_pages(request.streaming, named)
             token = sampled.get(request.request_id)
             if token is None:
                 continue
