@@ -345,7 +345,9 @@ def test_quantized_checkpoint_on_interpreted_triton_matches_the_twin_gemm(
                       lambda *a, _fn=fn, _n=name, **kw: ran.update([_n]) or _fn(*a, **kw))
         got = run_calls(_cpu_llm(str(out), sharpen=False, load_format="auto"), calls)
     assert set(ran) == set(twins), ran  # w8a8: the fused norm quantizer feeds q|k|v, gate|up
-    assert_same_completions(got, want, atol=2e-5)
+    # fp8's GEMM writes bf16: its fp32 sums, in another order than the twin's, can round an
+    # output to the next bf16 (measured 1.5e-4 on an AMX Xeon, <= 2e-5 on Zen 4)
+    assert_same_completions(got, want, atol=1e-3 if scheme == "fp8" else 2e-5)
 
 
 class EagerReplayGraphs(DecodeGraphs):
