@@ -88,7 +88,7 @@ def run_format(args: argparse.Namespace, fmt: str, transport: str) -> dict:
     assert acks.recv() == b"ready"
     sender = KVTransport(ctx, None)
     cache = KVCache(spec, num_pages, "cpu", shared=True)
-    for t in cache._tensors():
+    for t in cache.stacks:
         t.view(torch.uint8).fill_(1)  # pages in memory, as a used pool's are
     pages = list(range(num_pages))
     num_bytes = num_pages * spec.page_bytes

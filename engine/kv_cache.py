@@ -5,7 +5,10 @@ format (fp8, int8, int4), codes plus scales per token-head (`kernels.kv_format`)
 the same page ids and slots; attention then dequantizes to `dtype`, the model's. Evictions
 (scheduler/kv_policy.py) reach it as compaction plans: page copies and token moves between slots.
 """
+import itertools
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +19,8 @@ from kernels.kv_format import QuantFormat
 from scheduler.block_manager import KVCompaction
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30
+
+Pool = torch.Tensor | kv_format.QuantizedPages  # one layer's K or V pages
 
 
 @dataclass
@@ -92,7 +97,13 @@ def check_fits(num_pages: int, page_size: int, max_model_len: int) -> None:
 
 
 class KVCache:
-    """`shared` (CPU): the pools live in one anonymous shared-memory file (memfd) that other
+    """Each part of a pool (K or V; codes, scales, zeros) is one tensor `stacks[i]` of
+    `[layers, num_pages, page_size, ...]` over each run of consecutive layers holding the same
+    KV heads (all layers, unless a head config or a model's sliding layers split the heads), and
+    `layers` are each layer's (K, V) views of them: a handoff moves a page range of every layer
+    with one copy per part.
+
+    `shared` (CPU): the pools live in one anonymous shared-memory file (memfd) that other
     processes of this user open by `shared_path` (`attach`), so a decode engine on the same
     host copies handed-off pages straight out of the prefill engine's pool: one copy, no
     socket. The memory goes when the last process holding it exits, whatever kills it."""
@@ -107,10 +118,10 @@ class KVCache:
             fd = os.memfd_create("tessera-kv")
             os.ftruncate(fd, self._shared_bytes())
             self.shared_path = f"/proc/{os.getpid()}/fd/{fd}"
-            self.layers = self._map(self.shared_path)
+            self._map(self.shared_path)
         else:
-            self.layers = [(self._pool(device, i), self._pool(device, i))
-                           for i in range(spec.num_layers)]
+            self.stacks, self.layers = self._allocate(
+                lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
 
     @classmethod
     def attach(cls, spec: KVCacheSpec, num_pages: int, shared_path: str) -> "KVCache":
@@ -119,121 +130,124 @@ class KVCache:
         cache = cls.__new__(cls)
         cache.spec, cache.num_pages, cache.device = spec, num_pages, torch.device("cpu")
         cache.shared_path = shared_path
-        cache.layers = cache._map(shared_path)
+        cache._map(shared_path)
         return cache
 
     _ALIGN = 64
 
-    def _layout(self) -> list[tuple["torch.Tensor | kv_format.QuantizedPages",
-                                    "torch.Tensor | kv_format.QuantizedPages"]]:
-        return [(self._pool("meta", i), self._pool("meta", i))
-                for i in range(self.spec.num_layers)]
+    def _allocate(self, make: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+                  ) -> tuple[list[torch.Tensor], list[tuple[Pool, Pool]]]:
+        """(the stacks, each layer's (K, V) pools as views of them); `make(shape, dtype)`
+        gives each stack its storage. Stacks of no elements (a run of layers without heads in
+        this pool) are left out of the first list."""
+        s, stacks, layers = self.spec, [], []
+        for heads, run in itertools.groupby(range(s.num_layers), key=s.heads):
+            lead = (len(list(run)), self.num_pages, s.page_size, heads)
+            if s.quant:
+                meta = kv_format.allocate(s.quant, lead, s.head_dim, "meta")
+                k, v = (kv_format.QuantizedPages(*(None if t is None else make(t.shape, t.dtype)
+                                                   for t in meta)) for _ in range(2))
+            else:
+                k, v = (make((*lead, s.head_dim), s.dtype) for _ in range(2))
+            stacks += [t for pool in (k, v) for t in _parts(pool) if t.numel()]
+            layers += [(_layer(k, i), _layer(v, i)) for i in range(lead[0])]
+        return stacks, layers
 
     def _shared_bytes(self) -> int:
-        return sum(-(-t.numel() * t.element_size() // self._ALIGN) * self._ALIGN
-                   for t in self._tensors(self._layout()))
+        meta = lambda shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+        return sum(self._aligned(t.numel() * t.element_size()) for t in self._allocate(meta)[0])
 
-    def _map(self, path: str) -> list:
-        """The pools as views into the shared file at `path`, in `_tensors` order."""
+    def _aligned(self, n: int) -> int:
+        return -(-n // self._ALIGN) * self._ALIGN
+
+    def _map(self, path: str) -> None:
+        """Lay the stacks out one after another in the shared file at `path`."""
         size = self._shared_bytes()
         if os.path.getsize(path) != size:
             raise ValueError(f"the shared KV pool at {path} is not of this format and size")
         buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         offset = 0
 
-        def view(t: torch.Tensor | None) -> torch.Tensor | None:
+        def carve(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             nonlocal offset
-            if t is None:
-                return None
-            n = t.numel() * t.element_size()
-            out = buffer[offset:offset + n].view(t.dtype).view(t.shape)
-            offset += -(-n // self._ALIGN) * self._ALIGN
+            n = math.prod(shape) * dtype.itemsize
+            out = buffer[offset:offset + n].view(dtype).view(shape)
+            offset += self._aligned(n)
             return out
 
-        def pool(p):
-            if isinstance(p, kv_format.QuantizedPages):
-                return kv_format.QuantizedPages(*(view(t) for t in p))
-            return view(p)
-
-        return [(pool(k), pool(v)) for k, v in self._layout()]
-
-    def _pool(self, device: torch.device | str,
-              layer: int) -> "torch.Tensor | kv_format.QuantizedPages":
-        s = self.spec
-        if s.quant:
-            return kv_format.allocate(s.quant, self.num_pages, s.page_size, s.heads(layer),
-                                      s.head_dim, device)
-        return torch.zeros(self.num_pages, s.page_size, s.heads(layer), s.head_dim,
-                           dtype=s.dtype, device=device)
-
-    def _tensors(self, pools=None):
-        """Every tensor of the layers' pools (`pools`, by default all): K and V, codes, scales
-        and zeros alike, as all are `[num_pages, page_size, num_kv_heads, ...]`; none of a
-        layer without heads in this pool (a head config's)."""
-        for layer in self.layers if pools is None else pools:
-            for pool in layer:
-                parts = pool if isinstance(pool, kv_format.QuantizedPages) else (pool,)
-                yield from (t for t in parts if t is not None and t.numel())
+        self.stacks, self.layers = self._allocate(carve)
 
     def compact(self, plan: KVCompaction) -> None:
         """Carry out the step's evictions: the page copies, then the token moves."""
         if plan.page_copies or plan.moves:
             pages = torch.tensor(plan.page_copies, device=self.device).view(-1, 2)
             moves = torch.tensor(plan.moves, device=self.device).view(-1, 2)
-            for t in self._tensors():
+            for t in self.stacks:
                 if len(pages):
-                    t[pages[:, 1]] = t[pages[:, 0]]
+                    t[:, pages[:, 1]] = t[:, pages[:, 0]]
                 if len(moves):
-                    flat = t.view(-1, *t.shape[2:])
-                    flat[moves[:, 1]] = flat[moves[:, 0]]
+                    flat = t.flatten(1, 2)
+                    flat[:, moves[:, 1]] = flat[:, moves[:, 0]]
         if plan.head_moves:
             layer, head, src, dst = torch.from_numpy(
                 np.concatenate(plan.head_moves, 1)).to(self.device)
             for i, pools in enumerate(self.layers):
                 mine = layer == i
                 h, s, d = head[mine], src[mine], dst[mine]
-                for t in self._tensors([pools]):
-                    flat = t.view(-1, *t.shape[2:])
+                for t in (t for pool in pools for t in _parts(pool) if t.numel()):
+                    flat = t.flatten(0, 1)
                     flat[d, h] = flat[s, h]
 
     def read_pages(self, page_ids: list[int]) -> list[np.ndarray]:
-        """The bytes of these pages, one array per pool tensor (`_tensors` order), in their
+        """The bytes of these pages, one array per stack (`[layers, pages, ...]`), in their
         storage format: what a handoff sends."""
         index = torch.tensor(page_ids, device=self.device)
-        return [t[index].view(torch.uint8).cpu().numpy() for t in self._tensors()]
+        return [t[:, index].view(torch.uint8).cpu().numpy() for t in self.stacks]
 
     def copy_pages_from(self, source: "KVCache", source_pages: list[int],
                         page_ids: list[int]) -> int:
         """Copy `source_pages` of another cache of this format (an attached shared pool) into
         `page_ids`; returns the bytes copied. Pages consecutive on both sides go as one slice
-        copy (a memcpy), many times faster than an indexed gather and scatter."""
+        copy per stack, many times faster than an indexed gather and scatter."""
         runs = _runs(source_pages, page_ids)
-        copied = 0
-        for src, dst in zip(source._tensors(), self._tensors()):
+        for src, dst in zip(source.stacks, self.stacks):
             for s, d, n in runs:
-                dst[d:d + n].copy_(src[s:s + n])
-            copied += len(page_ids) * dst[0].numel() * dst.element_size()
-        return copied
+                dst[:, d:d + n].copy_(src[:, s:s + n])
+        return len(page_ids) * self.spec.page_bytes
 
     def write_pages(self, page_ids: list[int], frames: list, skip_pages: int = 0) -> None:
         """Write `read_pages` output of another engine into `page_ids`, leaving out its first
         `skip_pages` pages (this engine's prefix cache holds them). A frame that does not fit
         this cache's format raises `ValueError` before anything is written."""
-        tensors = list(self._tensors())
-        if len(frames) != len(tensors):
-            raise ValueError(f"{len(frames)} KV frames for {len(tensors)} pool tensors")
+        if len(frames) != len(self.stacks):
+            raise ValueError(f"{len(frames)} KV frames for {len(self.stacks)} pool stacks")
         sources = []
-        for t, frame in zip(tensors, frames):
-            page = t[0].numel() * t.element_size()
+        for t, frame in zip(self.stacks, frames):
+            layers, page = t.shape[0], t[0, 0].numel() * t.element_size()
             data = np.frombuffer(frame, np.uint8)
-            if len(data) != (skip_pages + len(page_ids)) * page:
+            if len(data) != layers * (skip_pages + len(page_ids)) * page:
                 raise ValueError(f"a KV frame of {len(data)} bytes does not hold "
-                                 f"{skip_pages + len(page_ids)} pages of {page} bytes")
-            sources.append(data[skip_pages * page:])
+                                 f"{skip_pages + len(page_ids)} pages of {layers} x {page} bytes")
+            sources.append(data.reshape(layers, -1, page)[:, skip_pages:])
         index = torch.tensor(page_ids, device=self.device)
-        for t, src in zip(tensors, sources):
-            t[index] = torch.from_numpy(src.copy()).view(t.dtype).view(
-                len(page_ids), *t.shape[1:]).to(self.device)
+        for t, src in zip(self.stacks, sources):
+            t[:, index] = torch.from_numpy(src.copy()).view(t.dtype).view(
+                t.shape[0], len(page_ids), *t.shape[2:]).to(self.device)
+
+
+
+def _parts(pool: Pool) -> tuple[torch.Tensor, ...]:
+    """A pool's tensors: itself, or its codes, scales and (asymmetric) zeros."""
+    if isinstance(pool, kv_format.QuantizedPages):
+        return tuple(t for t in pool if t is not None)
+    return (pool,)
+
+
+def _layer(stack: Pool, i: int) -> Pool:
+    """Layer `i` of a run's stacked pool."""
+    if isinstance(stack, kv_format.QuantizedPages):
+        return kv_format.QuantizedPages(*(None if t is None else t[i] for t in stack))
+    return stack[i]
 
 
 def _runs(source: list[int], dest: list[int]) -> list[tuple[int, int, int]]:

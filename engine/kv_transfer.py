@@ -6,7 +6,8 @@ multipart message, so it arrives whole or not at all: a sender killed mid-transf
 nothing half-written on the receiver. On one host the message is only the `KVTransfer` header,
 naming the pages in the prefill engine's shared pool (`KVCache(shared=True)`), which the decode
 engine copies out of directly (`load_pages`) while the prefill engine keeps them leased;
-across hosts one frame per KV pool tensor (`KVCache.read_pages`) follows the header.
+across hosts one frame per pool stack (`KVCache.read_pages`: a part of K or V, every layer's
+pages) follows the header.
 
 Sends never block: a peer that has stopped reading fills its queue and the send fails at once;
 the router's transfer timeout and the prefill engine's lease deal with what never arrives.

@@ -5,7 +5,7 @@ Engine -> API (one PUSH socket): `EngineReady` once the weights are loaded (or `
 if they cannot be), then an `EngineStep` for every step that produced output and one more
 whenever the engine goes idle.
 Prefill engine -> decode engine (the decode engine's KV socket): a `KVTransfer` header, then
-one frame per KV pool tensor holding the request's pages, or, on one host, none: the header
+one frame per KV pool stack holding the request's pages, or, on one host, none: the header
 names the pages in the sender's shared pool (see `engine/kv_transfer.py`).
 
 Messages are typed msgspec structs in MessagePack behind a version prefix (`encode`, `decode`),

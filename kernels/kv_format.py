@@ -98,9 +98,9 @@ def page_size(pool: "torch.Tensor | QuantizedPages") -> int:
     return (pool.codes if isinstance(pool, QuantizedPages) else pool).shape[1]
 
 
-def allocate(fmt: QuantFormat, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+def allocate(fmt: QuantFormat, lead: tuple[int, ...], head_dim: int,
              device: torch.device | str) -> QuantizedPages:
-    lead = (num_pages, page_size, num_kv_heads)
+    """Zeroed pages of `fmt` for token-heads `lead` (`[..., num_pages, page_size, KvH]`)."""
     codes = torch.zeros(*lead, head_dim // fmt.codes_per_byte, dtype=fmt.code_dtype,
                         device=device)
     groups = (*lead, fmt.groups(head_dim))

@@ -133,7 +133,7 @@ def test_write_kv_quantizes_as_kv_format(name: str, dtype: torch.dtype, round_to
     # A token-head of rounding ties at scale 1 (zero 0: its minimum is 0) and an all-zero group.
     k[0, 1] = 0
     k[0, 1, :6] = torch.tensor([fmt.qmax, 0.0, 0.5, 1.5, 2.5, 1.0625])
-    got, want = ([kv_format.allocate(fmt, 4, 16, 3, 128, k.device) for _ in range(2)]
+    got, want = ([kv_format.allocate(fmt, (4, 16, 3), 128, k.device) for _ in range(2)]
                  for _ in range(2))
     triton_ops.write_kv(k, v, *got, slots)
     reference.write_kv(k, v, *want, slots)

@@ -110,8 +110,8 @@ def _run_wrappers(ta, ops, moe, model, act_name, cache_name):
     k = k.reshape(-1, kv_heads, head_dim)
     v = v.reshape(-1, kv_heads, head_dim)
     if cache_name in kv_format.FORMATS:
-        k_cache, v_cache = (kv_format.allocate(kv_format.FORMATS[cache_name], num_pages,
-                                               PAGE_SIZE, kv_heads, head_dim, "cpu")
+        k_cache, v_cache = (kv_format.allocate(kv_format.FORMATS[cache_name],
+                                               (num_pages, PAGE_SIZE, kv_heads), head_dim, "cpu")
                             for _ in range(2))
     else:
         k_cache, v_cache = (torch.zeros(num_pages, PAGE_SIZE, kv_heads, head_dim,

@@ -52,7 +52,7 @@ def test_a_write_then_read_is_within_the_formats_step(name):
     k, v = (torch.randn(len(slots), KV_HEADS, HEAD_DIM) * torch.rand(len(slots), KV_HEADS, 1) * 8
             for _ in range(2))
     k[:, :, 5] *= 20
-    pools = [kv_format.allocate(fmt, 8, PAGE, KV_HEADS, HEAD_DIM, "cpu") for _ in range(2)]
+    pools = [kv_format.allocate(fmt, (8, PAGE, KV_HEADS), HEAD_DIM, "cpu") for _ in range(2)]
     padded = torch.cat([slots, torch.tensor([-1])])
     reference.write_kv(torch.cat([k, k[:1]]), torch.cat([v, v[:1]]), *pools, padded)
     for x, pool in ((k, pools[0]), (v, pools[1])):
@@ -78,7 +78,7 @@ def test_int4_attention_is_float_attention_over_what_its_pages_hold():
     positions, meta = AttentionMetadata.for_batch(torch.tensor([0]), torch.tensor([n]), table,
                                                   PAGE, n, n)
     fmt = kv_format.FORMATS["int4"]
-    pools = tuple(kv_format.allocate(fmt, 8, PAGE, KV_HEADS, HEAD_DIM, "cpu") for _ in range(2))
+    pools = tuple(kv_format.allocate(fmt, (8, PAGE, KV_HEADS), HEAD_DIM, "cpu") for _ in range(2))
     got = paged_attention(q, k + offset, v, CenteredKV(pools, offset), meta, HEAD_DIM ** -0.5)
     held_k, held_v = (kernels.rotate(kv_format.dequantize(
         *(p.view(-1, *p.shape[2:])[meta.slot_mapping] for p in pool), torch.float32), HEAD_DIM)
