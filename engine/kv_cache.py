@@ -246,8 +246,18 @@ def _parts(pool: Pool) -> tuple[torch.Tensor, ...]:
 def _layer(stack: Pool, i: int) -> Pool:
     """Layer `i` of a run's stacked pool."""
     if isinstance(stack, kv_format.QuantizedPages):
-        return kv_format.QuantizedPages(*(None if t is None else t[i] for t in stack))
-    return stack[i]
+        return kv_format.QuantizedPages(*(None if t is None else _own_storage(t[i])
+                                          for t in stack))
+    return _own_storage(stack[i])
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """On CPU, `t`'s memory as a tensor with a storage of its own. torch.compile'd steps
+    (engine/cpu_compile.py) write every layer's pool; given views of one storage, it would copy
+    the whole storage, every layer's pages, at each step (measured: 67 -> 7 tok/s at batch 1)."""
+    if t.device.type != "cpu" or not t.numel():
+        return t
+    return torch.from_numpy(t.view(torch.uint8).numpy()).view(t.dtype).view(t.shape)
 
 
 def _runs(source: list[int], dest: list[int]) -> list[tuple[int, int, int]]:

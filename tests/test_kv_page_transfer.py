@@ -56,3 +56,14 @@ def test_frames_of_another_format_are_refused_before_anything_is_written():
     with pytest.raises(ValueError, match="frames for"):
         receiver.write_pages(DEST, frames)
     assert not any(t.view(torch.uint8).any() for t in receiver.stacks)
+
+
+def test_each_layers_pages_have_a_storage_of_their_own():
+    """torch.compile'd CPU steps copy the whole storage of aliasing inputs they write: were
+    the layers views of one stack, every step would copy every layer's pages."""
+    spec = KVCacheSpec(LAYERS, 3, 64, 4, torch.bfloat16, kv_format.FORMATS["int4"])
+    for cache in KVCache(spec, PAGES, "cpu"), KVCache(spec, PAGES, "cpu", shared=True):
+        storages = [id(t.untyped_storage()) for layer in range(LAYERS)
+                    for t in _tensors(cache, layer)]
+        assert len(set(storages)) == len(storages)
+
