@@ -100,8 +100,8 @@ class KVCache:
     """Each part of a pool (K or V; codes, scales, zeros) is one tensor `stacks[i]` of
     `[layers, num_pages, page_size, ...]` over each run of consecutive layers holding the same
     KV heads (all layers, unless a head config or a model's sliding layers split the heads), and
-    `layers` are each layer's (K, V) views of them: a handoff moves a page range of every layer
-    with one copy per part.
+    `layers` are each layer's (K, V) pools over the same memory: a handoff moves a page range of
+    every layer with one copy per part.
 
     `shared` (CPU): the pools live in one anonymous shared-memory file (memfd) that other
     processes of this user open by `shared_path` (`attach`), so a decode engine on the same
@@ -137,7 +137,7 @@ class KVCache:
 
     def _allocate(self, make: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
                   ) -> tuple[list[torch.Tensor], list[tuple[Pool, Pool]]]:
-        """(the stacks, each layer's (K, V) pools as views of them); `make(shape, dtype)`
+        """(the stacks, each layer's (K, V) pools over their memory); `make(shape, dtype)`
         gives each stack its storage. Stacks of no elements (a run of layers without heads in
         this pool) are left out of the first list."""
         s, stacks, layers = self.spec, [], []
@@ -233,7 +233,6 @@ class KVCache:
         for t, src in zip(self.stacks, sources):
             t[:, index] = torch.from_numpy(src.copy()).view(t.dtype).view(
                 t.shape[0], len(page_ids), *t.shape[2:]).to(self.device)
-
 
 
 def _parts(pool: Pool) -> tuple[torch.Tensor, ...]:
