@@ -50,13 +50,12 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pairs_by_expert(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The token-expert pairs sorted by expert: each pair's token and routed weight, and how
-    many pairs each expert has."""
-    flat = topk_ids.flatten()
-    order = flat.argsort(stable=True)
-    return (order // topk_ids.shape[1], topk_weights.flatten()[order],
-            torch.bincount(flat, minlength=num_experts).tolist())
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The token-expert pairs sorted by expert: each pair's token, expert and routed weight,
+    and how many pairs each expert has."""
+    experts, order = topk_ids.flatten().sort(stable=True)
+    return (order // topk_ids.shape[1], experts, topk_weights.flatten()[order],
+            torch.bincount(experts, minlength=num_experts).tolist())
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -68,7 +67,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     loop over experts, never over tokens); contributions are added expert by expert in
     ascending order, as transformers adds them.
     """
-    tokens, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
+    tokens, _, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
     out = torch.zeros_like(x)
     start = 0
     for expert, count in enumerate(counts):
@@ -95,28 +94,31 @@ def int8_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: to
     `int8_activations` (where the integer GEMM is inexact) the GEMMs are W8A16. The pairs' sum
     is added in fp32, expert by expert.
     """
-    tokens, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
+    tokens, experts, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
+    runs, start = [], 0  # each expert's pairs, a run of rows
+    for expert, count in enumerate(counts):
+        if count:
+            runs.append((expert, slice(start, start + count)))
+        start += count
 
     def grouped_gemm(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                      rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Each expert's pairs' rows of `a` (or of `a[rows]`) times its `w[e]`, in fp32."""
-        if int8_activations:
-            codes, a_scale = quantize_int8_rows(a)
-            if rows is not None:
-                codes, a_scale = codes[rows], a_scale[rows]
-        elif rows is not None:
-            a = a[rows]
-        out = torch.empty(len(tokens), w.shape[1])
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = slice(start, start + count)
-            out[pairs] = (int8_gemm(codes[pairs], a_scale[pairs], w[expert], scale[expert])
-                          if int8_activations else
-                          int8_weight_linear(a[pairs], w[expert], scale[expert].bfloat16()))
-            start += count
-        return out
+        """Each expert's pairs' rows of `a` (or of `a[rows]`) times its `w[e]`, in fp32. The
+        int32 products land in one buffer and are scaled in one pass after the GEMMs: per
+        expert, a few small ops would cost as much as its GEMM at decode sizes."""
+        if not int8_activations:
+            a = a if rows is None else a[rows]
+            out = torch.empty(len(tokens), w.shape[1])
+            for expert, pairs in runs:
+                out[pairs] = int8_weight_linear(a[pairs], w[expert], scale[expert].bfloat16())
+            return out
+        codes, a_scale = quantize_int8_rows(a)
+        if rows is not None:
+            codes, a_scale = codes[rows], a_scale[rows]
+        products = torch.empty(len(tokens), w.shape[1], dtype=torch.int32)
+        for expert, pairs in runs:
+            torch._int_mm(codes[pairs], w[expert].t(), out=products[pairs])
+        return products.float().mul_(a_scale).mul_(scale.index_select(0, experts))
 
     gate_up = grouped_gemm(rotate(x, blocks[0]), w13, w13_scale, rows=tokens)
     h = rotate(gated_activation(gate_up.to(x.dtype)), blocks[1])
