@@ -100,7 +100,7 @@ class EngineCore:
             f"  device    {device}",
             *(f"  kernels   {shape}: {plan}" for shape, plan in r.kernels_chosen().items()),
             *([f"  note      {note}"] if (note := r.linear_method.dtype_note(r.dtype)) else []),
-            *([f"  compiled  one-request decode steps (torch.compile, "
+            *([f"  compiled  decode steps of {r.compiled.describe()} (torch.compile, "
                f"{r.compiled.compile_s:.1f} s)"] if r.compiled else []),
             f"  KV cache  {pages} pages x {page_size} tokens = {pages * page_size} tokens, "
             f"{_size(pages * r.kv_spec.page_bytes)} ({r.kv_spec.storage}, "

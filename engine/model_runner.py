@@ -159,7 +159,7 @@ class ModelRunner:
             self.compiled = CompiledDecode(
                 self.model, self.kv_layers,
                 [c.num_pages for c in (self.kv_cache, self.streaming_cache) if c],
-                config.cache.page_size, self.max_model_len)
+                config.cache.page_size, self.max_model_len, config.scheduler.max_num_seqs)
         if self.device.type == "cuda" and not eager:
             self.graphs = DecodeGraphs(self.model, self.kv_layers,
                                        config.scheduler.max_num_seqs,

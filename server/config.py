@@ -145,7 +145,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="CUDA: share of GPU memory for weights, activations and KV pages (default 0.9)")
     add("--enforce-eager", action="store_const", const=True,
         help="run decode steps eagerly: CUDA without captured CUDA graphs, CPU without the "
-             "torch.compile'd one-request decode step")
+             "torch.compile'd decode steps")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
         help="KV page format: a float dtype (default auto = the model's) or quantized pages, "
              "fp8 (e4m3), int8 or int4, with a scale per token and KV head")

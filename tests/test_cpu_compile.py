@@ -1,5 +1,6 @@
-"""The torch.compile'd one-request CPU decode step (engine/cpu_compile.py): it is what runs a
-lone request's decode steps, and it computes what the eager forward computes."""
+"""The torch.compile'd CPU decode step (engine/cpu_compile.py): it is what runs the decode
+steps of a lone request and of batches of `MIN_BATCH` rows or more, and it computes what the
+eager forward computes."""
 import subprocess
 import sys
 from pathlib import Path
@@ -12,32 +13,49 @@ TINY_CONFIG = ROOT / "configs" / "tiny-llama"
 
 def check_compiled_decode() -> None:
     from engine import LLM, SamplingParams
+    from engine.cpu_compile import MIN_BATCH
     from engine.layers.attention import AttentionMetadata
 
     llm = LLM(model=str(TINY_CONFIG), load_format="dummy", dtype="float32", num_kv_pages=32,
-              max_model_len=256)
+              max_model_len=256, max_num_seqs=MIN_BATCH + 1)
     runner = llm.engine.runner
     assert runner.compiled is not None
     compiled_steps, run = [], runner.compiled.run
-    runner.compiled.run = lambda *a: compiled_steps.append(a[2].max_seq_len) or run(*a)
+    runner.compiled.run = (lambda *a: compiled_steps.append((a[2].max_seq_len, len(a[0])))
+                           or run(*a))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     out = llm.generate([list(range(2, 40))], params)[0]
     assert len(out.outputs[0].token_ids) == 24
     # Every decode step but the first (the prefill samples it) ran compiled, across three
     # page boundaries, with no new graph.
-    assert compiled_steps == list(range(39, 39 + 23)), compiled_steps
+    assert [context for context, _ in compiled_steps] == list(range(39, 39 + 23))
     llm.generate([[3, 4], [5, 6, 7]], params)  # a two-request batch stays eager
     assert len(compiled_steps) == 23
+    # A batch of MIN_BATCH + 1 rows, its rows dropping out one by one, decodes compiled while
+    # it holds MIN_BATCH rows or more (every step: its longest context spans two pages), with
+    # no new graph, and gives the eager engine's tokens.
+    batch = [list(range(2, 10 + 3 * i)) for i in range(MIN_BATCH + 1)]
+    steps = [SamplingParams(temperature=0, max_tokens=24 - i, ignore_eos=True)
+             for i in range(len(batch))]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = [o.outputs[0].token_ids for o in llm.generate(batch, steps)]
+    # 6 rows make tokens 2..19 and 5 rows token 20; 4 to 2 rows run eagerly, and the last
+    # row's last token (token 24) is a lone request's step again
+    assert [rows for _, rows in compiled_steps[23:]] == [6] * 18 + [5, 1], compiled_steps
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert llm.engine.block_manager.num_free_pages == 32
+    eager = LLM(model=str(TINY_CONFIG), load_format="dummy", dtype="float32", num_kv_pages=32,
+                max_model_len=256, enforce_eager=True)
+    assert [o.outputs[0].token_ids for o in eager.generate(batch, steps)] == got
 
     # The same step's hidden states, compiled and eager, at contexts ending mid-page and on
-    # the page boundary.
-    for context in (37, 48, 49):
+    # the page boundary, for one request and for a batch.
+    for rows, context in ((1, 37), (1, 48), (1, 49), (MIN_BATCH + 1, 40)):
         pages = -(-context // 16)
         positions, meta = AttentionMetadata.for_batch(
-            torch.tensor([context - 1]), torch.ones(1, dtype=torch.int64),
-            torch.arange(pages).view(1, pages), 16, 1, context)
-        ids = torch.tensor([7])
+            torch.arange(context - rows, context), torch.ones(rows, dtype=torch.int64),
+            torch.arange(pages).expand(rows, pages), 16, 1, context)
+        ids = torch.arange(7, 7 + rows)
         with torch.inference_mode():
             eager = runner.model(ids, positions, runner.kv_cache.layers, meta)
             compiled = run(ids, positions, meta)
@@ -68,7 +86,7 @@ def check_compiled_decode_with_a_second_pool(checkpoint: str, head_config: str |
     for eager in (True, False):
         llm = LLM(model=checkpoint, tokenizer=tokenizer, dtype="float32", quantization="none",
                   page_size=8, max_model_len=256, enforce_eager=eager,
-                  kv_head_config=head_config)
+                  kv_head_config=head_config, max_num_seqs=4)  # one request: no batch graphs
         runner = llm.engine.runner
         assert runner.streaming_cache is not None and (runner.compiled is None) == eager
         if not eager:
