@@ -167,7 +167,7 @@ def measure(args: argparse.Namespace, fmt: str, policy: str | None,
               max_num_batched_tokens=args.chunk,
               num_kv_pages=max(args.decode_batch * -(-args.decode_context // page),
                                -(-(args.max_model_len or 0) // page)),
-              enforce_eager=True)  # the compiled one-request step times nothing here
+              enforce_eager=True)  # steps time the page format, not Inductor's fusion
     runner = llm.engine.runner
     lengths = sorted({runner.max_model_len if n == "max" else int(n)
                       for n in args.lengths.split(",")})

@@ -45,7 +45,10 @@ class CompiledDecode:
         one holds a head config's streaming heads or a model's sliding layers)."""
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         self.kv_layers, self.page_size = kv_layers, page_size
-        self.forward = torch.compile(model.forward, dynamic=True)
+        # No guards on the modules: their parameters and attributes are set once, at load.
+        # Checking them cost 0.7 of a 12.8 ms one-request SmolLM2 step on two AMX Xeon cores.
+        self.forward = torch.compile(model.forward, dynamic=True, options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         start = time.perf_counter()
         # 11 and 7 pages: counts no model dimension is likely to equal (torch would tie them).
         contexts = [min(n * page_size - 3, max_model_len) for n in (11, 7)]
