@@ -26,16 +26,16 @@ import torch
 
 from engine.layers.attention import AttentionMetadata
 from engine.layers.quantization.kernel_choice import cache_dir
+from kernels.reference import SDPA_MAX_ROWS
 
 
-# Above decode attention's SDPA rows (kernels.reference._SDPA_MAX_ROWS)
-MIN_BATCH = 5
+MIN_BATCH = SDPA_MAX_ROWS + 1  # fewer rows take decode attention's SDPA branch
 
 
 def warm_up_batches(max_num_seqs: int) -> list[int]:
     """A row count inside each range the forward's branches cut `[MIN_BATCH, max_num_seqs]`
     into: 2^k + 1, as no model dimension is likely to be (torch would tie them)."""
-    return [1] + [n for n in (2 ** k + 1 for k in range(2, 16)) if n <= max_num_seqs]
+    return [1] + [n for n in (2 ** k + 1 for k in range(16)) if MIN_BATCH <= n <= max_num_seqs]
 
 
 class CompiledDecode:

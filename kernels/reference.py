@@ -50,12 +50,18 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pairs_by_expert(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                list[tuple[int, slice]]]:
     """The token-expert pairs sorted by expert: each pair's token, expert and routed weight,
-    and how many pairs each expert has."""
+    and each expert that has pairs with the run of them (ascending experts)."""
     experts, order = topk_ids.flatten().sort(stable=True)
-    return (order // topk_ids.shape[1], experts, topk_weights.flatten()[order],
-            torch.bincount(experts, minlength=num_experts).tolist())
+    counts = torch.bincount(experts, minlength=num_experts).tolist()
+    runs, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            runs.append((expert, slice(start, start + count)))
+        start += count
+    return order // topk_ids.shape[1], experts, topk_weights.flatten()[order], runs
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -67,17 +73,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     loop over experts, never over tokens); contributions are added expert by expert in
     ascending order, as transformers adds them.
     """
-    tokens, _, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
+    tokens, _, weights, runs = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
     out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = tokens[start:start + count]
+    for expert, pairs in runs:
+        rows = tokens[pairs]
         h = gated_activation(F.linear(x[rows], w13[expert]))
-        h = F.linear(h, w2[expert]) * weights[start:start + count, None]
+        h = F.linear(h, w2[expert]) * weights[pairs, None]
         out.index_add_(0, rows, h.to(out.dtype))
-        start += count
     return out
 
 
@@ -94,12 +96,7 @@ def int8_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: to
     `int8_activations` (where the integer GEMM is inexact) the GEMMs are W8A16. The pairs' sum
     is added in fp32, expert by expert.
     """
-    tokens, experts, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
-    runs, start = [], 0  # each expert's pairs, a run of rows
-    for expert, count in enumerate(counts):
-        if count:
-            runs.append((expert, slice(start, start + count)))
-        start += count
+    tokens, experts, weights, runs = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
 
     def grouped_gemm(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                      rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +115,7 @@ def int8_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: to
         products = torch.empty(len(tokens), w.shape[1], dtype=torch.int32)
         for expert, pairs in runs:
             torch._int_mm(codes[pairs], w[expert].t(), out=products[pairs])
-        return products.float().mul_(a_scale).mul_(scale.index_select(0, experts))
+        return scale_int32(products, a_scale, scale.index_select(0, experts))
 
     gate_up = grouped_gemm(rotate(x, blocks[0]), w13, w13_scale, rows=tokens)
     h = rotate(gated_activation(gate_up.to(x.dtype)), blocks[1])
@@ -164,7 +161,7 @@ def _context_by_head(cache: KVPool, pages: torch.Tensor, dtype: torch.dtype) -> 
     return gather(cache)
 
 
-_SDPA_MAX_ROWS = 4
+SDPA_MAX_ROWS = 4
 
 
 def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
@@ -176,7 +173,7 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     page count alone, so a torch.compile'd step (engine/cpu_compile.py) needs no new graph
     as a context grows within its last page.
 
-    Up to `_SDPA_MAX_ROWS` rows, or in fp32, torch's SDPA in fp32 (half-precision contexts
+    Up to `SDPA_MAX_ROWS` rows, or in fp32, torch's SDPA in fp32 (half-precision contexts
     converted). Beyond, two batched matmuls in the cache's dtype, each KV head's group of query
     heads at once. SmolLM2's heads, 200-token contexts on pages scattered over a 64k-token
     cache (as a server's are), 2 Zen 4 cores, per layer: 1 row, SDPA 0.11 ms vs matmuls 0.16;
@@ -191,7 +188,7 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     beyond = keys >= seq_lens[:, None]
     if sliding_window is not None:
         beyond |= keys < (seq_lens - sliding_window)[:, None]
-    if softcap is None and (k.dtype == torch.float32 or q.shape[0] <= _SDPA_MAX_ROWS):
+    if softcap is None and (k.dtype == torch.float32 or q.shape[0] <= SDPA_MAX_ROWS):
         o = F.scaled_dot_product_attention(q.unsqueeze(2).float(), k.float(), v.float(),
                                            attn_mask=~beyond[:, None, None], scale=scale,
                                            enable_gqa=True)
@@ -367,7 +364,14 @@ def int8_gemm(x_codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
     """fp32 `x @ w.T` for int8 `x_codes[M, K]` (fp32 `x_scale[M, 1]` per token) and int8
     `weight[N, K]` (fp32 `scales[N]`): an int32 GEMM (integer dot products: VNNI / AMX-INT8),
     then both scales."""
-    return torch._int_mm(x_codes, weight.t()).float().mul_(x_scale).mul_(scales)
+    return scale_int32(torch._int_mm(x_codes, weight.t()), x_scale, scales)
+
+
+def scale_int32(products: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor
+                ) -> torch.Tensor:
+    """fp32 `products * x_scale * w_scale`: an int32 GEMM's result, per-token `x_scale[M, 1]`
+    and per-output-channel `w_scale` (`[N]`, or `[M, N]` where rows use different weights)."""
+    return products.float().mul_(x_scale).mul_(w_scale)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
