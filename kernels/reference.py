@@ -255,9 +255,9 @@ def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
         mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
         if sliding_window is not None:
             mask &= ~mask.tril(diagonal=s - n - sliding_window)
-        if softcap is None:
-            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
-                                               enable_gqa=True)
+        if softcap is None:  # 4-D: CPU's flash kernel (3-D inputs take the ~4x slower math one)
+            o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask,
+                                               scale=scale, enable_gqa=True)[0]
         else:
             o = _softcapped_attention(qi, k, v, mask, scale, softcap)
         out[starts[i]:starts[i + 1]] = o.transpose(0, 1).to(out.dtype)
