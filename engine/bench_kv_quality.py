@@ -150,7 +150,7 @@ def decode_step_seconds(llm: LLM, batch: int, context: int, steps: int) -> float
     for _ in range(steps + 1):  # the first warms up
         start = time.perf_counter()
         hidden = runner.model(ids, positions, runner.kv_layers, meta)
-        runner.model.compute_logits(hidden).float()
+        runner.model.compute_logits(hidden)
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

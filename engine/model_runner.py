@@ -289,7 +289,7 @@ class ModelRunner:
             longest if longest > 1 else self.max_model_len)
         hidden = self.model(torch.zeros(sum(lens), dtype=torch.int64, device=dev), positions,
                             scratch.layers, meta)
-        self.model.compute_logits(hidden[meta.query_start_loc[1:] - 1]).float()
+        self.model.compute_logits(hidden[meta.query_start_loc[1:] - 1])
 
     def _prepare(self, plan: StepPlan, out: SchedulerOutput | None = None):
         """The flat batch: token ids, positions, slots and per-request attention metadata; the
@@ -358,7 +358,7 @@ class ModelRunner:
         rows, block = plan.prompt_rows, self.config.scheduler.max_num_seqs
         for b in range(0, len(rows), block):
             yield self.model.compute_logits(
-                hidden[torch.tensor(rows[b:b + block], device=self.device)]).float()
+                hidden[torch.tensor(rows[b:b + block], device=self.device)])
 
     @torch.inference_mode()
     def follow(self, plan: StepPlan) -> None:

@@ -72,6 +72,10 @@ class Linear(nn.Module):
         y = self.tp.all_reduce(self.method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 `x W^T` of an LM head (never split by input: no bias, no all-reduce)."""
+        return self.method.logits(self, x)
+
 
 class VocabEmbedding(Linear):
     """The token embedding `[vocab, hidden]`: `embed` looks rows up, and a model with tied

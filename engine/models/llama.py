@@ -168,7 +168,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather(self.lm_head(hidden))  # each rank has a vocab slice
+        """fp32 logits `[rows, vocab]` of the hidden states."""
+        logits = self.tp.all_gather(self.lm_head.logits(hidden))  # each rank has a vocab slice
         if (cap := self.arch.final_softcap) is not None:  # Gemma 2
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -61,6 +61,10 @@ class LinearMethod:
         """`x W^T + bias`."""
         raise NotImplementedError
 
+    def logits(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """fp32 `x W^T` of an LM head (sampling and log-probs read logits in fp32)."""
+        return self.apply(layer, x, None).float()
+
     def embed(self, layer: torch.nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows `token_ids` of the weight, in the layer's `params_dtype` (a token embedding)."""
         raise NotImplementedError
