@@ -207,6 +207,24 @@ def test_int8_embedding_rows_are_the_lm_head_rows():
     assert torch.allclose(logits.t()[ids], rows[:, :2], atol=0.02)  # bf16 in the kernels
 
 
+@pytest.mark.parametrize("name", ["none", "int8"])
+def test_lm_head_logits_are_fp32_before_any_rounding_to_the_model_dtype(name):
+    """The sampler reads fp32 logits: an LM head hands over its kernel's output in fp32 (the
+    int8 GEMM's own fp32, not a bf16 rounding of it), and the layer's bf16 forward is that
+    same output rounded once."""
+    gen = torch.Generator().manual_seed(5)
+    with default_dtype(torch.bfloat16):
+        layer = VocabEmbedding(300, 64, method=get_linear_method(name))
+    layer.weight.weight_loader(layer.weight, torch.randn(300, 64, generator=gen))
+    layer.method.process_weights_after_loading(layer)
+    plan_layer_kernels([layer])
+    for rows in (1, 40):
+        x = torch.randn(rows, 64, generator=gen).bfloat16()
+        logits, forward = layer.logits(x), layer(x)
+        assert logits.dtype == torch.float32 and forward.dtype == torch.bfloat16
+        assert torch.equal(logits.bfloat16(), forward)
+
+
 def test_the_plan_follows_the_measurement_and_is_cached_per_machine(tmp_path):
     calls = []
 
