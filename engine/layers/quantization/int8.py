@@ -72,8 +72,8 @@ class Int8Method(LinearMethod):
 
     def candidates(self, layer):
         """Outputs in the kernel's own dtype (bf16, fp32): `apply` casts them to x's, while
-        `logits` keeps W8A8's fp32 (a [32, 49152] cast to bf16 and back cost the LM head 2 of
-        its 4 ms at 32 rows)."""
+        `logits` keeps W8A8's fp32 (the LM head's cast to bf16 and the sampler's back to fp32
+        were most of a 32-row SmolLM2 step's 4.8 ms of copies; 1.2 ms remain)."""
         scale_bf16 = layer.weight_scale.to(torch.bfloat16)
 
         def w8a16(x):
