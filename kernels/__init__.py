@@ -102,8 +102,8 @@ def rotate(x, block):
     return reference.rotate(x, block)
 
 
-def quantize_int8_rows(w):
-    return reference.quantize_int8_rows(w)
+def quantize_int8_rows(w, code_max=127):
+    return reference.quantize_int8_rows(w, code_max)
 
 
 def int8_weight_linear(x, weight, scales):

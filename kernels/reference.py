@@ -5,6 +5,8 @@ Shapes follow the flat, unpadded batch (see DESIGN.md): T tokens from R requests
 whole context (earlier tokens plus the new ones), and `block_table[R, max_pages]` names the
 pages holding that context. KV caches are `[num_pages, page_size, num_kv_heads, head_dim]`.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -315,26 +317,32 @@ _HADAMARDS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 def hadamard(block: int, dtype: torch.dtype, device: torch.device | str = "cpu"
              ) -> torch.Tensor:
-    """The orthonormal Sylvester Hadamard matrix `[block, block]` (a power of two); it is
-    symmetric, so it is its own inverse. Kept in a plain dict, not `functools.cache`: a
-    torch.compile'd forward reads the dict, where it would trace through a cache wrapper."""
+    """An orthonormal, symmetric (so self-inverse) `[block, block]` matrix whose entries all
+    have magnitude about `1 / sqrt(block)`, so it spreads any one channel over the whole block:
+    the Sylvester Hadamard matrix of `block`'s power-of-two factor, Kronecker the discrete
+    Hartley transform (`cas(2 pi j k / n) / sqrt(n)`) of its odd factor `n` (SmolLM2's 576 =
+    9 x 64). Kept in a plain dict, not `functools.cache`: a torch.compile'd forward reads the
+    dict, where it would trace through a cache wrapper."""
     key = (block, dtype, torch.device(device))
     if key not in _HADAMARDS:
-        h = torch.ones(1, 1)
-        while h.shape[0] < block:
+        odd = block // (block & -block)
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < block // odd:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+        angle = 2 * math.pi * torch.outer(torch.arange(odd), torch.arange(odd)).double() / odd
+        h = torch.kron(angle.cos() + angle.sin(), h)
         _HADAMARDS[key] = (h / block ** 0.5).to(dtype=dtype, device=device)
     return _HADAMARDS[key]
 
 
-# A Sylvester Hadamard matrix of 2^(a+b) is the Kronecker product of those of 2^a and 2^b, so
-# a block larger than this is rotated as two small matmuls over its `[block / 64, 64]` view.
+# A Kronecker product's matrix-vector product is one small matmul per factor, so a block
+# larger than this is rotated as two small matmuls over its `[block / 64, 64]` view.
 _KRONECKER_INNER = 64
 
 
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
-    """`x[..., K]` times the block-diagonal Hadamard matrix of `block`-sized blocks. Rotating a
-    linear's input and its weight alike leaves `x W^T` as it was, and spreads an outlier
+    """`x[..., K]` times the block-diagonal `hadamard` matrix of `block`-sized blocks. Rotating
+    a linear's input and its weight alike leaves `x W^T` as it was, and spreads an outlier
     channel over the block, so that int8 per token rounds it no worse than the rest (QuaRot).
 
     Computed and returned in fp32, as the int8 quantizer takes it (a 16-bit result would be
@@ -342,7 +350,7 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     flops than one `[512, 512]` matmul; with fp32 (whose small batched matmuls run several times
     faster than bf16's on CPU) a `[8, 2048]` input took 35 us instead of 91 on two Zen 4 cores,
     `[512, 2048]` 1.7 ms instead of 2.9."""
-    inner = min(block, _KRONECKER_INNER)
+    inner = _KRONECKER_INNER if block % _KRONECKER_INNER == 0 else block
     y = x.float().unflatten(-1, (-1, block // inner, inner)) @ hadamard(inner, torch.float32,
                                                                          x.device)
     if block > inner:
@@ -350,11 +358,12 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     return y.flatten(-3)
 
 
-def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_rows(w: torch.Tensor, code_max: int = 127
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row (an output channel, or an activation token): `w ~ q * scale`,
-    with fp32 `scale[..., 1] = max |row| / 127`."""
+    with fp32 `scale[..., 1] = max |row| / code_max`."""
     wf = w.float()
-    scale = wf.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127
+    scale = wf.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / code_max
     scaled = wf / scale if wf is w else wf.div_(scale)  # never divide the caller's tensor
     return scaled.round_().to(torch.int8), scale
 

@@ -5,7 +5,8 @@ The weight is stored Hadamard-rotated along its input dimension (`kernels.rotate
 up to `MAX_ROTATION_BLOCK`), and each kernel rotates its input alike, so `x W^T` is unchanged:
 rotation spreads the outlier channels of LLM activations (SwiGLU's output above all), which
 otherwise make int8 per token cost SmolLM2 3.9% perplexity (0.7% rotated). Each row
-gets one fp32 scale (`max |row| / 127`), so a shard quantizes on its own as it loads and no
+gets one fp32 scale (`max |row| / 127`; 64 on CPUs without VNNI, see
+`int8_weight_code_max`), so a shard quantizes on its own as it loads and no
 float copy of the weight ever exists. Two kernels share the one int8 weight: W8A16
 (`_weight_int8pack_mm`, bf16 activations, dequantized in the kernel) and W8A8 (activations
 quantized per token, `torch._int_mm`'s integer dot products); which runs at which step size is
@@ -20,25 +21,31 @@ from torch.nn import functional as F
 
 import kernels
 from engine.layers.quantization.base import LinearMethod
+from engine.layers.quantization.kernel_choice import int8_weight_code_max
 
 # SmolLM2 perplexity on GPL-3 (7650 tokens, prefill so w8a8 throughout) over dense 18.83:
 # +1.0% with blocks of up to 256, +0.7% up to 512 (its 1536-wide down projection); the
 # rotation's cost grows with the block.
 MAX_ROTATION_BLOCK = 512
+# A block's odd factor (SmolLM2's 576 = 9 x 64) rotates by a small Hartley matrix (kernels):
+# the full 576 (not 64) and 1536 (not 512) take the perplexity cost from +0.79% to +0.66%, and
+# with the +-64 weight codes of CPUs without VNNI from +1.02% to +0.47%.
+MAX_ODD_FACTOR = 15
 
 
 def rotation_block(in_features: int) -> int:
-    """The largest power of two up to `MAX_ROTATION_BLOCK` that divides `in_features`."""
-    block = 1
-    while in_features % (2 * block) == 0 and 2 * block <= MAX_ROTATION_BLOCK:
-        block *= 2
-    return block
+    """The largest power of two up to `MAX_ROTATION_BLOCK` that divides `in_features`, times
+    its odd factor where that is at most `MAX_ODD_FACTOR`."""
+    power = min(in_features & -in_features, MAX_ROTATION_BLOCK)
+    odd = in_features // (in_features & -in_features)
+    return power * odd if odd <= MAX_ODD_FACTOR else power
 
 
 def quantize_rotated(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A float weight `[N, K]` as this format stores it: rotated along K in blocks of `block`,
-    then int8 codes and an fp32 scale `[N, 1]` per row."""
-    return kernels.quantize_int8_rows(kernels.rotate(w.float(), block))
+    then int8 codes (within what this CPU's integer GEMM sums exactly) and an fp32 scale
+    `[N, 1]` per row."""
+    return kernels.quantize_int8_rows(kernels.rotate(w.float(), block), int8_weight_code_max())
 
 
 class Int8Method(LinearMethod):

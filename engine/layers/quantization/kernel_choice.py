@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 # Part of the cache key: bump it when a kernel or the way it is timed changes.
-MEASUREMENT_VERSION = 5
+MEASUREMENT_VERSION = 6
 MAX_MEASURED_TOKENS = 512  # larger steps use the winner at this size
 _REPEATS = 5
 # From this many tokens on, a candidate `_GIVE_UP` times slower than the best is no longer
@@ -181,14 +181,29 @@ def _time(kernels: list[Kernel], x: torch.Tensor) -> float:
 
 
 @functools.cache
+def int8_weight_code_max() -> int:
+    """The largest int8 weight code: 127, or 64 where `torch._int_mm` sums exactly only up to
+    it. oneDNN without VNNI (AVX2) adds 128 to the int8 activations and adds pairs of u8 x s8
+    products in int16 (`vpmaddubsw`), which saturates past 2 x 255 x 64; weights kept within
+    +-64 keep every sum exact, so W8A8 runs there too, at twice the weight's rounding step."""
+    for code_max in (127, 64):
+        if _integer_gemm_is_exact(code_max):
+            logger.info("int8 GEMM (torch._int_mm) is exact on this CPU for weight codes up to "
+                        "+-%d: int8 weights use that range", code_max)
+            return code_max
+    logger.warning("int8 GEMM (torch._int_mm) is inexact on this CPU: W8A8 is not used")
+    return 127
+
+
 def integer_gemm_is_exact() -> bool:
-    """Whether `torch._int_mm` sums int8 products exactly on this CPU: oneDNN's int8 GEMM
-    capped at AVX2 (no VNNI) does not. For int8 layers whose kernel is not measured per shape
-    (mixture-of-experts layers)."""
+    """Whether `torch._int_mm` is exact for weights within `int8_weight_code_max`. For int8
+    layers whose kernel is not measured per shape (mixture-of-experts layers)."""
+    return _integer_gemm_is_exact(int8_weight_code_max())
+
+
+@functools.cache
+def _integer_gemm_is_exact(code_max: int) -> bool:
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (16, 256), dtype=torch.int8, generator=gen)
-    b = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=gen)
-    exact = torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
-    logger.info("int8 GEMM (torch._int_mm) is %s on this CPU", "exact" if exact else
-                "inexact: int8 experts take bf16 activations")
-    return exact
+    b = torch.randint(-code_max, code_max + 1, (64, 256), dtype=torch.int8, generator=gen)
+    return torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
