@@ -2,9 +2,10 @@
 
 Both run in the same process on the same model and synthetic prompts of exactly `--input-len`
 tokens, each producing exactly `--output-len` tokens (EOS ignored): a batch of `--num-prompts`,
-then a single request. transformers runs batched (`--transformers-batch` at a time) in the dtype
-Tessera uses (its fastest on this machine unless `--dtype` is given); with `--load-format dummy`
-both get random weights of the config's shapes, built on the device.
+then a single request. transformers runs batched (`--transformers-batch` at a time) in `--dtype`,
+whose "auto" is the dtype dense GEMMs run fastest in here (bf16 on CUDA or with AVX-512 BF16 or
+AMX, else fp32; Tessera's integer kernels take bf16 on any CPU); with `--load-format dummy` both
+get random weights of the config's shapes, built on the device.
 
 On CUDA (or anywhere with `--roofline`) the run also measures the device's copy bandwidth and
 matmul throughput (as `tessera bench kernels` does) and prints the batch against the bound they

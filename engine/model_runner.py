@@ -45,8 +45,12 @@ def cpu_bf16_feature() -> str | None:
     return None
 
 
-def resolve_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
-    """The serving dtype, and why: "auto" picks bf16 on CUDA and on CPUs that run it fast."""
+def resolve_dtype(dtype: str, device: str, integer_linears: bool = False
+                  ) -> tuple[torch.dtype, str]:
+    """The serving dtype, and why: "auto" picks bf16 on CUDA, on CPUs that run bf16 matmuls
+    fast, and where the linears run integer kernels (`LinearMethod.integer_kernels`), whose
+    activations are bf16 or int8 on any CPU. Only dense GEMMs need the CPU's bf16 support:
+    under AVX2, the GGUF default served 229 tok/s at 16 requests in bf16, 206 in fp32."""
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
@@ -55,6 +59,9 @@ def resolve_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
         return torch.bfloat16, "auto: CUDA"
     if feature := cpu_bf16_feature():
         return torch.bfloat16, f"auto: CPU has {feature}"
+    if integer_linears:
+        return torch.bfloat16, ("auto: the linears run integer kernels on bf16 or int8 "
+                                "activations (the CPU has neither AVX-512 BF16 nor AMX)")
     return torch.float32, "auto: CPU has neither AVX-512 BF16 nor AMX, bf16 would be slow"
 
 
@@ -107,11 +114,12 @@ class ModelRunner:
                 self.device = torch.device("cuda", tp.rank % torch.cuda.device_count())
             if self.device.index is not None:  # Triton and graph capture use this device
                 torch.cuda.set_device(self.device)
-        self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device)
         fmt = model_format(resolve_model_path(config.model.model), config.model.load_format)
         self.linear_method = get_linear_method(resolve_quantization(
             config.model.quantization, fmt, self.device.type,
             loader.checkpoint_method(config.model)))
+        self.dtype, self.dtype_reason = resolve_dtype(config.model.dtype, config.device,
+                                                      self.linear_method.integer_kernels)
         self.linear_method.check_supported(self.device, self.dtype)
         start = time.monotonic()
         arch, weights = loader.load(config.model, self.linear_method, self.device)

@@ -20,7 +20,8 @@ from engine.layers.quantization.checkpoint import ChannelWeight, Int4Weight
 from engine.layers.quantization.dense import DenseMethod
 from engine.layers.quantization.gguf import QuantizedWeight
 from engine.layers.quantization.int8 import rotation_block
-from engine.model_runner import default_dtype
+from engine import model_runner
+from engine.model_runner import default_dtype, resolve_dtype
 
 OUTPUT_SIZES = [64, 32, 32]  # a fused q|k|v with 2:1 grouped-query heads
 IN_FEATURES = 256
@@ -111,6 +112,15 @@ def test_auto_is_the_gguf_codes_on_cpu_and_dense_elsewhere():
     assert resolve_quantization("none", "gguf", "cpu") == "none"
     assert type(get_linear_method("none")) is DenseMethod
     assert ModelConfig().quantization == "auto"
+
+
+def test_auto_dtype_is_bf16_for_integer_kernels_on_a_cpu_without_bf16_matmuls(monkeypatch):
+    monkeypatch.setattr(model_runner, "cpu_bf16_feature", lambda: None)  # an AVX2 CPU
+    dtypes = {name: resolve_dtype("auto", "cpu", get_linear_method(name).integer_kernels)[0]
+              for name in ("gguf", "int8", "none", "w8a8")}  # w8a8's LM head is dense
+    assert dtypes == {"gguf": torch.bfloat16, "int8": torch.bfloat16, "none": torch.float32,
+                      "w8a8": torch.float32}
+    assert resolve_dtype("float32", "cpu", True)[0] == torch.float32
 
 
 def test_unknown_quantization_is_rejected():

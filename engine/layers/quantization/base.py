@@ -32,6 +32,9 @@ class LinearMethod:
     # On the Triton path `apply` also takes `QuantizedTokens` (int8 per token), so the RMSNorm
     # before the layer quantizes in its own pass (kernels.rms_norm_quant_int8).
     takes_int8_tokens: bool = False
+    # On CPU its kernels, the LM head's included, multiply integer weights (int8, int4) by bf16
+    # or int8 activations, so bf16 needs no bf16 matmuls from the CPU ("auto" dtype picks it).
+    integer_kernels: bool = False
     # GGML tensor types whose codes this method loads as they are (`read_gguf`); a GGUF layer
     # linear of any other type is refused, and with none every tensor is dequantized to floats.
     gguf_types: tuple[str, ...] = ()

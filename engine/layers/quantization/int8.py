@@ -4,7 +4,7 @@ floats; the GGUF method builds on it.
 The weight is stored Hadamard-rotated along its input dimension (`kernels.rotate`, blocks of
 up to `MAX_ROTATION_BLOCK`), and each kernel rotates its input alike, so `x W^T` is unchanged:
 rotation spreads the outlier channels of LLM activations (SwiGLU's output above all), which
-otherwise make int8 per token cost SmolLM2 3.9% perplexity (0.7% rotated). Each row
+otherwise make int8 per token cost SmolLM2 3.9% perplexity (0.66% rotated). Each row
 gets one fp32 scale (`max |row| / 127`; 64 on CPUs without VNNI, see
 `int8_weight_code_max`), so a shard quantizes on its own as it loads and no
 float copy of the weight ever exists. Two kernels share the one int8 weight: W8A16
@@ -50,6 +50,7 @@ def quantize_rotated(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
 
 class Int8Method(LinearMethod):
     name = "int8"
+    integer_kernels = True
 
     def create_weights(self, layer, in_features, out_features):
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8),

@@ -20,6 +20,7 @@ from engine.layers.quantization.int8 import Int8Method
 class W8A8Method(Int8Method):
     name = "w8a8"
     takes_int8_tokens = True
+    integer_kernels = False  # its LM head is a dense GEMM
 
     def create_weights(self, layer, in_features, out_features):
         super().create_weights(layer, in_features, out_features)
