@@ -37,7 +37,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def cpu_bf16_feature() -> str | None:
     """The CPU feature that makes bf16 matmuls fast (AVX-512 BF16 or AMX), if any; without one
-    bf16 is several times slower than fp32."""
+    bf16 is several times slower than fp32. None where torch's kernels are capped below
+    AVX-512 (`ATEN_CPU_CAPABILITY=avx2`): they do not use it then."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
     flags = cpu_flags()
     for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")):
         if flag in flags:
@@ -60,8 +63,8 @@ def resolve_dtype(dtype: str, device: str, integer_linears: bool = False
     if feature := cpu_bf16_feature():
         return torch.bfloat16, f"auto: CPU has {feature}"
     if integer_linears:
-        return torch.bfloat16, ("auto: the linears run integer kernels on bf16 or int8 "
-                                "activations (the CPU has neither AVX-512 BF16 nor AMX)")
+        return torch.bfloat16, ("auto: integer linear kernels, on bf16 or int8 activations "
+                                "(the CPU has no AVX-512 BF16 or AMX)")
     return torch.float32, "auto: CPU has neither AVX-512 BF16 nor AMX, bf16 would be slow"
 
 

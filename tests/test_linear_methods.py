@@ -293,6 +293,10 @@ codes, _ = quantize_rotated(torch.randn(64, 576), 576)
 a = torch.randint(-128, 128, (16, 576), dtype=torch.int8)
 assert codes.abs().max() == kernel_choice.int8_weight_code_max() == 64
 assert torch.equal(torch._int_mm(a, codes.t()), a.int() @ codes.int().t())
+# torch's kernels capped at AVX2 use no AVX-512 BF16, whatever the CPU reports
+from engine.model_runner import resolve_dtype
+assert resolve_dtype("auto", "cpu")[0] == torch.float32
+assert resolve_dtype("auto", "cpu", integer_linears=True)[0] == torch.bfloat16
 """
 
 
