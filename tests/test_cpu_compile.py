@@ -71,6 +71,29 @@ def test_compiled_decode_step_runs_lone_requests_and_matches_eager():
     assert out.returncode == 0, out.stderr[-4000:]
 
 
+def check_compiled_decode_of_the_default_gguf() -> None:
+    """SmolLM2's own shapes and kernels (int4/int8, inputs rotated in blocks of 576 = 9 x 64):
+    a lone request's greedy tokens, decoded compiled and eagerly."""
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    tokens = []
+    for eager in (True, False):
+        llm = LLM(max_model_len=256, max_num_seqs=4, enforce_eager=eager)  # no batch graphs
+        assert (llm.engine.runner.compiled is None) == eager
+        out = llm.generate(["The capital of France is"], params)[0]
+        tokens.append(out.outputs[0].token_ids)
+    assert tokens[0] == tokens[1], tokens
+
+
+def test_compiled_decode_of_the_default_gguf_matches_eager():
+    """Inductor once miscompiled this step (kernels.reference.rotate): in a child process, as
+    heap corruption kills it."""
+    out = subprocess.run([sys.executable, "-c", "from tests.test_cpu_compile import "
+                          "check_compiled_decode_of_the_default_gguf as check; check()"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+
 
 def check_compiled_decode_with_a_second_pool(checkpoint: str, head_config: str | None) -> None:
     """The compiled step reads both pools, and a long request decodes as the eager forward
