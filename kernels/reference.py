@@ -164,11 +164,6 @@ def _context_by_head(cache: KVPool, pages: torch.Tensor, dtype: torch.dtype) -> 
 
 
 SDPA_MAX_ROWS = 4
-# Whether oneDNN runs bf16 matmuls here (AVX-512 and up); where it does not (AVX2, or oneDNN
-# capped below AVX-512) torch's own bf16 batched matmul is ~9x slower than fp32's: SmolLM2's
-# 32-row decode attention, per layer, 2.8 ms vs 0.32. Read once, at import: a torch.compile'd
-# step reads a constant.
-BF16_MATMULS_ARE_FAST = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
@@ -181,12 +176,12 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     as a context grows within its last page.
 
     Up to `SDPA_MAX_ROWS` rows, or in fp32, torch's SDPA in fp32 (half-precision contexts
-    converted). Beyond, two batched matmuls in bf16 where the CPU runs them fast (else fp32),
-    each KV head's group of query heads at once. SmolLM2's heads, 200-token contexts on pages
-    scattered over a 64k-token cache (as a server's are), 2 Zen 4 cores, per layer: 1 row,
-    SDPA 0.11 ms vs matmuls 0.16; 4 rows, 0.18 vs 0.20; 8 rows, 1.1 vs 0.36; 16 rows, 2.3 vs
-    0.39 (issue 14's profile had SDPA at 47% of a batch-32 decode step). Soft-capped scores
-    (SDPA has no soft cap) always take the matmuls.
+    converted). Beyond, two batched matmuls in the cache's dtype, each KV head's group of query
+    heads at once. SmolLM2's heads, 200-token contexts on pages scattered over a 64k-token
+    cache (as a server's are), 2 Zen 4 cores, per layer: 1 row, SDPA 0.11 ms vs matmuls 0.16;
+    4 rows, 0.18 vs 0.20; 8 rows, 1.1 vs 0.36; 16 rows, 2.3 vs 0.39 (issue 14's profile had
+    SDPA at 47% of a batch-32 decode step). Soft-capped scores (SDPA has no soft cap) always
+    take the matmuls.
     """
     pages = block_table[:, : -(-max_seq_len // kv_format.page_size(k_cache))]
     k = _context_by_head(k_cache, pages, q.dtype)  # [B, KvH, pages * page_size, D]
@@ -201,16 +196,14 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                                            enable_gqa=True)
         return o.squeeze(2).to(q.dtype)
     (rows, heads, dim), dtype, kv_heads = q.shape, q.dtype, k.shape[1]
-    compute = k.dtype if k.dtype == torch.bfloat16 and BF16_MATMULS_ARE_FAST else torch.float32
-    q = q.view(rows, kv_heads, heads // kv_heads, dim).to(compute)
+    q = q.view(rows, kv_heads, heads // kv_heads, dim).to(k.dtype)
     # contiguous copies first: batched matmuls on the transposed views run ~3x slower
-    k, v = (t.to(compute, memory_format=torch.contiguous_format) for t in (k, v))
-    scores = torch.matmul(q, k.transpose(2, 3)).float().mul_(scale)
+    scores = torch.matmul(q, k.contiguous().transpose(2, 3)).float().mul_(scale)
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
     scores.masked_fill_(beyond[:, None, None], float("-inf"))  # [B, KvH, G, N]
-    probs = scores.softmax(-1).to(compute)
-    return torch.matmul(probs, v).view(rows, heads, dim).to(dtype)
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v.contiguous()).view(rows, heads, dim).to(dtype)
 
 
 def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
