@@ -164,6 +164,11 @@ def _context_by_head(cache: KVPool, pages: torch.Tensor, dtype: torch.dtype) -> 
 
 
 SDPA_MAX_ROWS = 4
+# Whether oneDNN runs 16-bit matmuls here (AVX-512 and up). Where it does not (AVX2, or oneDNN
+# capped below AVX-512) torch's own bf16 batched matmul is ~20x slower than fp32's: `[32, 3,
+# 3, 64] @ [32, 3, 64, 256]` 2.5 ms vs 0.13. Read once, at import: a compiled step reads a
+# constant.
+SIXTEEN_BIT_MATMULS_ARE_FAST = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
@@ -176,8 +181,8 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     as a context grows within its last page.
 
     Up to `SDPA_MAX_ROWS` rows, or in fp32, torch's SDPA in fp32 (half-precision contexts
-    converted). Beyond, two batched matmuls in the cache's dtype, each KV head's group of query
-    heads at once. SmolLM2's heads, 200-token contexts on pages scattered over a 64k-token
+    converted). Beyond, two batched matmuls in the cache's dtype (fp32 where 16-bit ones are
+    slow), each KV head's group of query heads at once. SmolLM2's heads, 200-token contexts on pages scattered over a 64k-token
     cache (as a server's are), 2 Zen 4 cores, per layer: 1 row, SDPA 0.11 ms vs matmuls 0.16;
     4 rows, 0.18 vs 0.20; 8 rows, 1.1 vs 0.36; 16 rows, 2.3 vs 0.39 (issue 14's profile had
     SDPA at 47% of a batch-32 decode step). Soft-capped scores (SDPA has no soft cap) always
@@ -196,6 +201,8 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                                            enable_gqa=True)
         return o.squeeze(2).to(q.dtype)
     (rows, heads, dim), dtype, kv_heads = q.shape, q.dtype, k.shape[1]
+    if not SIXTEEN_BIT_MATMULS_ARE_FAST:
+        k, v = k.float(), v.float()
     q = q.view(rows, kv_heads, heads // kv_heads, dim).to(k.dtype)
     # contiguous copies first: batched matmuls on the transposed views run ~3x slower
     scores = torch.matmul(q, k.contiguous().transpose(2, 3)).float().mul_(scale)

@@ -454,9 +454,12 @@ def test_sliding_window_reads_no_key_before_its_first_tile(query_lens: list[int]
     torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
 
 
-def test_reference_decode_paths_agree_with_fp32():
-    """The reference decodes a few rows with SDPA and more with batched matmuls in the
-    cache's dtype (bf16 here): both within bf16 rounding of fp32 SDPA over the same values."""
+@pytest.mark.parametrize("sixteen_bit_matmuls_are_fast", [True, False])
+def test_reference_decode_paths_agree_with_fp32(monkeypatch, sixteen_bit_matmuls_are_fast):
+    """The reference decodes a few rows with SDPA and more with batched matmuls, in the
+    cache's bf16 where the CPU runs 16-bit matmuls fast and in fp32 elsewhere (AVX2): each
+    within bf16 rounding of fp32 SDPA over the same values."""
+    monkeypatch.setattr(reference, "SIXTEEN_BIT_MATMULS_ARE_FAST", sixteen_bit_matmuls_are_fast)
     seq_lens = [1, 23, 32, 100, 7, 64, 65, 40]
     q, k_cache, v_cache, starts, lens, table = _paged_batch([1] * 8, seq_lens, 6, 2, 64, 16,
                                                             torch.bfloat16)
