@@ -16,20 +16,32 @@ decode attention switches to SDPA (4 rows), each branch a graph of its own. So o
 a graph, batches of `MIN_BATCH` rows or more get one per power-of-two range, warmed up at a
 size inside it, and 2 to 4 rows run eagerly. A context of one page would need a graph of its
 own: those few steps run eagerly too. Inductor's cache lives beside the kernel measurements
-(`$TESSERA_CACHE_DIR/inductor`): the first start compiles for a minute or more, later ones
-mostly load.
+(`inductor_cache_dir`): the first start compiles for a minute or more, later ones mostly load.
 """
+import hashlib
 import os
 import time
+from pathlib import Path
 
 import torch
 
+from engine.cpu_info import cpu_flags
 from engine.layers.attention import AttentionMetadata
 from engine.layers.quantization.kernel_choice import cache_dir
 from kernels.reference import SDPA_MAX_ROWS
 
 
 MIN_BATCH = SDPA_MAX_ROWS + 1  # fewer rows take decode attention's SDPA branch
+
+
+def inductor_cache_dir() -> Path:
+    """Inductor's cache, one per instruction set its C++ may target: torch's capability
+    (`ATEN_CPU_CAPABILITY` lowers it) and the CPU's flags. Its graph cache does not key on the
+    vector width: loops generated for AVX2's 256-bit vectors, found again at AVX-512 and
+    rebuilt for it, store 512-bit vectors past their buffers' ends (a bf16-to-fp32 copy did,
+    and the process died of heap corruption)."""
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
+    return cache_dir() / "inductor" / f"{torch.backends.cpu.get_cpu_capability()}-{flags}"
 
 
 def warm_up_batches(max_num_seqs: int) -> list[int]:
@@ -43,7 +55,8 @@ class CompiledDecode:
                  page_size: int, max_model_len: int, max_num_seqs: int):
         """`pool_pages`: the pages of each pool the layers read, the main one first (a second
         one holds a head config's streaming heads or a model's sliding layers)."""
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        # Set, not defaulted: torch sets the variable itself (to /tmp) the first time it looks.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
         self.kv_layers, self.page_size = kv_layers, page_size
         # No guards on the modules: their parameters and attributes are set once, at load.
         # Checking them cost 0.7 of a 12.8 ms one-request SmolLM2 step on two AMX Xeon cores.

@@ -1,6 +1,7 @@
 """The torch.compile'd CPU decode step (engine/cpu_compile.py): it is what runs the decode
 steps of a lone request and of batches of `MIN_BATCH` rows or more, and it computes what the
 eager forward computes."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,16 @@ TINY_CONFIG = ROOT / "configs" / "tiny-llama"
 
 def check_compiled_decode() -> None:
     from engine import LLM, SamplingParams
-    from engine.cpu_compile import MIN_BATCH
+    from engine.cpu_compile import MIN_BATCH, inductor_cache_dir
     from engine.layers.attention import AttentionMetadata
 
     llm = LLM(model=str(TINY_CONFIG), load_format="dummy", dtype="float32", num_kv_pages=32,
               max_model_len=256, max_num_seqs=MIN_BATCH + 1)
     runner = llm.engine.runner
     assert runner.compiled is not None
+    # Inductor kept what it compiled in Tessera's cache, not torch's default
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(inductor_cache_dir())
+    assert any(inductor_cache_dir().iterdir())
     compiled_steps, run = [], runner.compiled.run
     runner.compiled.run = (lambda *a: compiled_steps.append((a[2].max_seq_len, len(a[0])))
                            or run(*a))
@@ -69,6 +73,23 @@ def test_compiled_decode_step_runs_lone_requests_and_matches_eager():
                           "check_compiled_decode; check_compiled_decode()"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+def test_inductor_cache_is_kept_per_instruction_set(tmp_path):
+    """C++ that Inductor generated under a lowered capability (`ATEN_CPU_CAPABILITY=avx2`), found
+    in its cache at full capability, was rebuilt for wider vectors and overran its buffers:
+    each capability has a cache of its own, under Tessera's cache directory."""
+    def inductor_dir(**env: str) -> str:
+        out = subprocess.run([sys.executable, "-c", "from engine.cpu_compile import "
+                              "inductor_cache_dir; print(inductor_cache_dir())"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "TESSERA_CACHE_DIR": str(tmp_path), **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip()
+
+    full, lowered = inductor_dir(), inductor_dir(ATEN_CPU_CAPABILITY="default")
+    assert full != lowered
+    assert {Path(full).parent, Path(lowered).parent} == {tmp_path / "inductor"}
 
 
 def check_compiled_decode_of_the_default_gguf() -> None:
