@@ -349,27 +349,7 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     converted back before quantizing). A 512-block as `H_8 X H_64` does 7x fewer
     flops than one `[512, 512]` matmul; with fp32 (whose small batched matmuls run several times
     faster than bf16's on CPU) a `[8, 2048]` input took 35 us instead of 91 on two Zen 4 cores,
-    `[512, 2048]` 1.7 ms instead of 2.9.
-
-    A block with an odd factor runs as an opaque op under torch.compile: Inductor (torch
-    2.13) miscompiled SmolLM2's one-request step around the `[9, 64]` view of a 576-block,
-    indexing the fused q|k|v buffer modulo 9 rows, and the process died of heap corruption."""
-    if block & (block - 1):
-        return _rotate_opaque(x, block)
-    return _rotate(x, block)
-
-
-@torch.library.custom_op("tessera::rotate", mutates_args=())
-def _rotate_opaque(x: torch.Tensor, block: int) -> torch.Tensor:
-    return _rotate(x, block)
-
-
-@_rotate_opaque.register_fake
-def _(x: torch.Tensor, block: int) -> torch.Tensor:
-    return x.new_empty(x.shape, dtype=torch.float32)
-
-
-def _rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    `[512, 2048]` 1.7 ms instead of 2.9."""
     inner = _KRONECKER_INNER if block % _KRONECKER_INNER == 0 else block
     y = x.float().unflatten(-1, (-1, block // inner, inner)) @ hadamard(inner, torch.float32,
                                                                          x.device)

@@ -108,8 +108,8 @@ def check_compiled_decode_of_the_default_gguf() -> None:
 
 
 def test_compiled_decode_of_the_default_gguf_matches_eager():
-    """Inductor once miscompiled this step (kernels.reference.rotate): in a child process, as
-    heap corruption kills it."""
+    """In a child process, as heap corruption would kill it (it did, from an Inductor cache
+    shared with AVX2-capped runs: engine.cpu_compile.inductor_cache_dir)."""
     out = subprocess.run([sys.executable, "-c", "from tests.test_cpu_compile import "
                           "check_compiled_decode_of_the_default_gguf as check; check()"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
