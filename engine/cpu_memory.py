@@ -6,7 +6,8 @@ step at batch 32 allocates tens of MB per layer (gathered KV context, scores) an
 again; fresh pages cost a page fault each on first touch, so glibc's defaults spent about half
 of a decode attention's time faulting in zeroed pages (SmolLM2, 32 x 2k context, 2 Zen 4
 cores: 36 ms per layer with the defaults, 19 ms with both limits raised). The process's
-resident memory then stays at its peak instead of breathing with each step.
+resident memory then stays at its peak instead of breathing with each step. Start-up's own
+temporaries (weight repacking, kernel measurements, compiles) are handed back once, at its end.
 """
 import ctypes
 import ctypes.util
@@ -18,17 +19,30 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 _RETAIN_BELOW = 1 << 30  # allocations below 1 GiB come from, and go back to, the heap
 
 
+def _glibc_function(name: str):
+    """`name` from the C library, or None where it is not glibc's."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def retain_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; False where the C library is
     not glibc (nothing changes)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     ok = (mallopt(_M_MMAP_THRESHOLD, _RETAIN_BELOW) == 1
           and mallopt(_M_TRIM_THRESHOLD, _RETAIN_BELOW) == 1)
     if not ok:
         log.warning("mallopt refused the thresholds; CPU steps keep glibc's defaults")
     return ok
+
+
+def release_start_up_memory() -> None:
+    """Return the heap's free pages to the OS, once start-up is done: its temporaries were freed
+    under the raised trim threshold, so they would stay resident (200-300 MiB for SmolLM2)."""
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim(0)

@@ -11,7 +11,7 @@ import torch
 from engine import kv_offsets, loader
 from engine.config import EngineConfig
 from engine.cpu_info import cpu_flags
-from engine.cpu_memory import retain_freed_memory
+from engine.cpu_memory import release_start_up_memory, retain_freed_memory
 from engine.cpu_compile import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import (DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits,
@@ -177,6 +177,8 @@ class ModelRunner:
                                        -(-self.max_model_len // config.cache.page_size),
                                        self.max_model_len, self.device,
                                        second_pool=self.streaming_cache is not None)
+        if self.device.type == "cpu":
+            release_start_up_memory()
 
     def second_pool_window(self) -> int | None:
         """A model whose sliding layers share one window and whose other layers have none

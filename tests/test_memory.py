@@ -1,4 +1,9 @@
-"""KV pool sizing and the start-up refusal when a full-length request could never fit."""
+"""KV pool sizing, the start-up refusal when a full-length request could never fit, and the
+CPU engine's hold on freed memory."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from engine import LLM
@@ -41,3 +46,29 @@ def test_engine_refuses_to_start_when_max_model_len_cannot_fit():
 def test_decode_graph_buckets_cover_every_batch_size_up_to_the_largest(max_batch, sizes):
     assert capture_sizes(max_batch) == sizes
     assert all(any(s >= n for s in sizes) for n in range(1, max_batch + 1))
+
+
+RETAIN_THEN_RELEASE = """
+import torch
+from engine.cpu_memory import release_start_up_memory, retain_freed_memory
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) >> 10
+assert retain_freed_memory()
+before = rss()
+blocks = [torch.ones(2**20) for _ in range(64)]  # 256 MiB in 4 MiB blocks, each touched
+del blocks
+kept = rss()
+release_start_up_memory()
+print(before, kept, rss())
+"""
+
+
+def test_freed_step_memory_stays_resident_until_start_up_releases_it():
+    """A CPU engine keeps what a step frees for the next step (no page faults), and hands back
+    what start-up freed once, at its end."""
+    out = subprocess.run([sys.executable, "-c", RETAIN_THEN_RELEASE], cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, kept, released = map(int, out.stdout.split())
+    assert kept - before > 200, (before, kept)
+    assert kept - released > 200, (before, kept, released)
