@@ -76,10 +76,9 @@ def test_gguf_model_holds_no_float_copy_of_its_linears():
     llm = LLM(enforce_eager=True, num_kv_pages=16, max_model_len=256)
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
     assert all(m.weight.dtype == torch.int8 for m in linears)
-    assert sum(m.int4 is not None for m in linears if hasattr(m, "int4")) == 30 * 4
+    assert sum(hasattr(m, "int4_packed") for m in linears) == 30 * 4
     held = sum(t.numel() * t.element_size() for m in linears
-               for t in [*m.parameters(recurse=False), *m.buffers(recurse=False),
-                         *(m.int4[:2] if getattr(m, "int4", None) else ())])
+               for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
     assert held <= 2 * sum(m.weight.numel() for m in linears)
     assert all(m.kernel_plan is not None for m in linears)
 

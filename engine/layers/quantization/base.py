@@ -17,6 +17,19 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
+
+
+def register_int4(layer: torch.nn.Module, codes: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor) -> None:
+    """The layer's buffers `int4_packed` and `int4_scales_and_zeros` for the CPU's int4 kernel
+    (`kernels.pack_int4`, `kernels.int4_linear`). Buffers, not plain attributes: torch.compile
+    takes a module's buffers as fixed, where other tensors get symbolic sizes whose guards it
+    checks in Python before every call."""
+    packed, scales_and_zeros = kernels.pack_int4(codes, scales, zeros)
+    layer.register_buffer("int4_packed", packed, persistent=False)
+    layer.register_buffer("int4_scales_and_zeros", scales_and_zeros, persistent=False)
+
 
 @dataclass
 class QuantizedTokens:

@@ -9,12 +9,12 @@ Linears of any other GGML type (Q8_0, K-quants, floats) come dequantized and are
 are the token embedding and the LM head (`vocab_method`).
 """
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
 import kernels
+from engine.layers.quantization.base import register_int4
 from engine.layers.quantization.checkpoint import narrow_grouped
 from engine.layers.quantization.int8 import Int8Method
 
@@ -78,7 +78,7 @@ class GGUFMethod(Int8Method):
     def create_weights(self, layer, in_features, out_features):
         super().create_weights(layer, in_features, out_features)
         layer.q4_shards = {}  # shard id -> QuantizedWeight, until packed
-        layer.int4 = None  # (packed weight, scales_and_zeros, group size) once packed
+        layer.int4_group_size = None  # set, with `register_int4`'s buffers, once packed
 
     def _load(self, layer, param, loaded, shard_id=None):
         if isinstance(loaded, QuantizedWeight):
@@ -90,16 +90,18 @@ class GGUFMethod(Int8Method):
         shards = layer.q4_shards
         if len(shards) == len(layer.output_sizes):  # every shard 4-bit: pack them together
             q = QuantizedWeight.cat([shards[i] for i in sorted(shards)])
-            layer.int4 = (*kernels.pack_int4(q.codes, q.scales, q.zeros), q.group_size)
+            register_int4(layer, q.codes, q.scales, q.zeros)
+            layer.int4_group_size = q.group_size
         del layer.q4_shards
         super().process_weights_after_loading(layer)
 
     def candidates(self, layer):
         found = super().candidates(layer)
-        if layer.int4 is not None:
-            packed, scales_and_zeros, group_size = layer.int4
-            found["int4"] = partial(kernels.int4_linear, packed=packed,
-                                    scales_and_zeros=scales_and_zeros, group_size=group_size)
+        if layer.int4_group_size is not None:
+            def int4(x):
+                return kernels.int4_linear(x, layer.int4_packed, layer.int4_scales_and_zeros,
+                                           layer.int4_group_size)
+            found["int4"] = int4
         return found
 
     def vocab_method(self):

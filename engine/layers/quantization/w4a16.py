@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import kernels
-from engine.layers.quantization.base import LinearMethod
+from engine.layers.quantization.base import LinearMethod, register_int4
 from engine.layers.quantization.checkpoint import Int4Weight, pack_nibbles
 from engine.layers.quantization.dense import DenseMethod
 
@@ -45,23 +45,23 @@ class W4A16Method(LinearMethod):
         del layer.int4_shards
         device = layer.weight.device
         layer.group_size, layer.input_perm = w.group_size, _to(w.perm, device)
-        layer.int4 = None  # the CPU kernel's packing, or the Triton kernel's tensors
         if kernels.uses_triton(layer.weight):
             layer.qweight = pack_nibbles(w.codes).to(device)
             layer.scales = w.scales.to(device, layer.params_dtype)
             symmetric = bool((w.zero_points == 8).all())
             layer.zero_points = None if symmetric else w.zero_points.to(device)
         else:
-            layer.int4 = kernels.pack_int4(w.codes, w.scales, -w.scales * w.zero_points)
+            register_int4(layer, w.codes, w.scales, -w.scales * w.zero_points)
 
     def apply(self, layer, x, bias):
         if layer.input_perm is not None:
             x = x[..., layer.input_perm]
-        if layer.int4 is None:
+        if kernels.uses_triton(x):
             y = kernels.w4a16_linear(x, layer.qweight, layer.scales, layer.zero_points,
                                      layer.group_size)
         else:
-            y = kernels.int4_linear(x, *layer.int4, layer.group_size)
+            y = kernels.int4_linear(x, layer.int4_packed, layer.int4_scales_and_zeros,
+                                    layer.group_size)
         return y if bias is None else y + bias
 
     def vocab_method(self):
