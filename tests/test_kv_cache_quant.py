@@ -111,8 +111,8 @@ def test_page_bytes_count_codes_and_scales_exactly(name, head_bytes):
 # measured: int8 rounds each value by at most 1/254 of its head's largest and measured 0.005
 # (0.018 over 48 tokens) on Intel AMX machines, but 0.181 on an AMD Zen 4, whose batched run
 # meets a near tie at token 29 of "Translate to French" (`auto`'s top two 0.18 nats apart,
-# 54% against 45%) and takes the second; fp8 keeps 3 mantissa bits (up to 1/16 off) and measured 0.72 (0.44
-# before keys were rotated: its perplexity fell, this tail statistic at a near tie rose); int4
+# 54% against 45%) and takes the second; fp8 keeps 3 mantissa bits (up to 1/16 off) and
+# measured 0.72 (0.44 before keys were rotated: its perplexity fell, this tail statistic at a near tie rose); int4
 # has 16 levels per head and measured 1.04 (1.80 before its keys were centred and its values
 # rotated): its runs follow `auto` only while no near tie comes up, and this bounds how far its
 # choices stray (a token at most e^2 = 7x less likely than `auto`'s). A wider gap is a broken
