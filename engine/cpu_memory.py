@@ -1,4 +1,5 @@
-"""Keep the memory freed by one CPU step for the next, instead of handing it back to the OS.
+"""The CPU engine process's resident memory: what one step frees is kept for the next, what
+start-up frees is handed back, and a library it never runs is never loaded.
 
 glibc serves an allocation over its mmap threshold (128 KiB at first, adapting up to 32 MiB)
 with a fresh mmap, and returns freed heap above its trim threshold to the OS. A CPU decode
@@ -12,6 +13,7 @@ temporaries (weight repacking, kernel measurements, compiles) are handed back on
 import ctypes
 import ctypes.util
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +48,11 @@ def release_start_up_memory() -> None:
     trim = _glibc_function("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+def skip_triton() -> None:
+    """Make `import triton` fail in this process; call it before torch is imported. torch
+    imports triton wherever it is installed (to learn whether it could compile GPU kernels),
+    and triton's LLVM-based library alone kept 66 MiB resident in a CPU engine, which runs no
+    Triton kernel (`kernels.uses_triton`) and whose Inductor graphs are C++."""
+    sys.modules.setdefault("triton", None)  # None there: the import raises ImportError

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from engine.config import EngineConfig
+from engine.cpu_memory import skip_triton
 from engine.logs import configure_logging, one_line
 from engine.messages import (AbortRequests, AddRequest, EngineFailed, ReleaseKV, RequestOutput,
                              WireError, decode, encode)
@@ -35,6 +36,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     """
     import zmq
 
+    if config.device == "cpu":
+        skip_triton()
     from engine.core import EngineCore
     from engine.kv_transfer import KVTransport
 
