@@ -133,6 +133,8 @@ class ModelRunner:
             model = model_cls(arch, max(self.max_model_len, 1), self.linear_method, tp)
         model.load_weights(weights)
         self.model = model.eval()
+        if self.device.type == "cpu":
+            release_start_up_memory()  # the repacking's temporaries, before the pool is touched
         self.load_s = time.monotonic() - start
         kv = config.cache.kv_cache_dtype
         self.kv_spec = KVCacheSpec(arch.num_layers, tp.heads(arch).num_kv_heads, arch.head_dim,
