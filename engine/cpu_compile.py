@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from engine.cpu_info import cpu_flags
-from engine.cpu_memory import release_start_up_memory
+from engine.cpu_memory import release_freed_memory
 from engine.layers.attention import AttentionMetadata
 from engine.layers.quantization.kernel_choice import cache_dir
 from kernels.reference import SDPA_MAX_ROWS
@@ -108,7 +108,7 @@ class CompiledDecode:
         self.batches = warm_up_batches(max_num_seqs)
         for rows in self.batches:
             self._warm_up(rows, list(zip(contexts, pool_pages)))
-            release_start_up_memory()  # one compile's garbage never adds to the next one's
+            release_freed_memory()  # one compile's garbage never adds to the next one's
         self.compile_s = time.perf_counter() - start
         _release_traced_graphs()
 

@@ -1,5 +1,5 @@
 """The CPU engine process's resident memory: what one step frees is kept for the next, what
-start-up frees is handed back, and a library it never runs is never loaded.
+start-up and a finished burst free is handed back, and a library it never runs is never loaded.
 
 glibc serves an allocation over its mmap threshold (128 KiB at first, adapting up to 32 MiB)
 with a fresh mmap, and returns freed heap above its trim threshold to the OS. A CPU decode
@@ -8,7 +8,8 @@ again; fresh pages cost a page fault each on first touch, so glibc's defaults sp
 of a decode attention's time faulting in zeroed pages (SmolLM2, 32 x 2k context, 2 Zen 4
 cores: 36 ms per layer with the defaults, 19 ms with both limits raised). The process's
 resident memory then stays at its peak instead of breathing with each step. Start-up's own
-temporaries (weight repacking, kernel measurements, compiles) are handed back phase by phase.
+temporaries (weight repacking, kernel measurements, compiles) are handed back phase by phase,
+and a burst's when the engine goes idle.
 """
 import ctypes
 import ctypes.util
@@ -42,11 +43,11 @@ def retain_freed_memory() -> bool:
     return ok
 
 
-def release_start_up_memory() -> None:
-    """Return the heap's free pages to the OS, at the end of each start-up phase (loading, each
-    compile, the last warm-up): their temporaries were freed under the raised trim threshold,
-    so they would stay resident and pile up into start-up's peak (SmolLM2 on Zen 4: 300 MiB
-    after loading, 2037 -> 1894 MiB peak)."""
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the OS. Under the raised trim threshold what a phase
+    frees stays resident: start-up calls this after loading and after each compile (their
+    temporaries would pile up into its peak: SmolLM2 on Zen 4, 2037 -> 1894 MiB), and an engine
+    that goes idle calls it too (a burst of 64 requests left 190 MiB of free heap resident)."""
     trim = _glibc_function("malloc_trim")
     if trim is not None:
         trim(0)

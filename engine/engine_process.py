@@ -9,7 +9,7 @@ import signal
 import sys
 
 from engine.config import EngineConfig
-from engine.cpu_memory import skip_triton
+from engine.cpu_memory import release_freed_memory, skip_triton
 from engine.logs import configure_logging, one_line
 from engine.messages import (AbortRequests, AddRequest, EngineFailed, ReleaseKV, RequestOutput,
                              WireError, decode, encode)
@@ -73,6 +73,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
             if not idle_reported:
                 outbox.send(encode(engine.idle_stats()))
                 idle_reported = True
+                if config.device == "cpu":
+                    release_freed_memory()
             expiry = engine.seconds_to_next_expiry()
             poller.poll(_PARENT_CHECK_MS if expiry is None
                         else min(_PARENT_CHECK_MS, 1 + int(expiry * 1000)))

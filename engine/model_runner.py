@@ -11,7 +11,7 @@ import torch
 from engine import kv_offsets, loader
 from engine.config import EngineConfig
 from engine.cpu_info import cpu_flags
-from engine.cpu_memory import release_start_up_memory, retain_freed_memory
+from engine.cpu_memory import release_freed_memory, retain_freed_memory
 from engine.cpu_compile import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import (DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits,
@@ -134,7 +134,7 @@ class ModelRunner:
         model.load_weights(weights)
         self.model = model.eval()
         if self.device.type == "cpu":
-            release_start_up_memory()  # the repacking's temporaries, before the pool is touched
+            release_freed_memory()  # the repacking's temporaries, before the pool is touched
         self.load_s = time.monotonic() - start
         kv = config.cache.kv_cache_dtype
         self.kv_spec = KVCacheSpec(arch.num_layers, tp.heads(arch).num_kv_heads, arch.head_dim,
@@ -180,7 +180,7 @@ class ModelRunner:
                                        self.max_model_len, self.device,
                                        second_pool=self.streaming_cache is not None)
         if self.device.type == "cpu":
-            release_start_up_memory()
+            release_freed_memory()
 
     def second_pool_window(self) -> int | None:
         """A model whose sliding layers share one window and whose other layers have none

@@ -50,7 +50,7 @@ def test_decode_graph_buckets_cover_every_batch_size_up_to_the_largest(max_batch
 
 RETAIN_THEN_RELEASE = """
 import torch
-from engine.cpu_memory import release_start_up_memory, retain_freed_memory
+from engine.cpu_memory import release_freed_memory, retain_freed_memory
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) >> 10
 assert retain_freed_memory()
@@ -58,14 +58,14 @@ before = rss()
 blocks = [torch.ones(2**20) for _ in range(64)]  # 256 MiB in 4 MiB blocks, each touched
 del blocks
 kept = rss()
-release_start_up_memory()
+release_freed_memory()
 print(before, kept, rss())
 """
 
 
-def test_freed_step_memory_stays_resident_until_start_up_releases_it():
+def test_freed_step_memory_stays_resident_until_released():
     """A CPU engine keeps what a step frees for the next step (no page faults), and hands back
-    what start-up freed once, at its end."""
+    what it freed when it asks (after each start-up phase, and when it goes idle)."""
     out = subprocess.run([sys.executable, "-c", RETAIN_THEN_RELEASE], cwd=Path(__file__).parent.parent,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
