@@ -11,12 +11,13 @@ the graph, from 172 to 158 ms. Steps with a prefill stay eager: their GEMMs domi
 The graph is dynamic in the context length (its page count, kernels.reference's decode
 attention masks the last page's tail) and in the batch, and is compiled at start-up, so no
 request waits on a compile. torch specializes sizes 0 and 1, and the forward branches on the
-row count where a linear's measured kernel changes (at powers of two: kernel_choice) and where
-decode attention switches to SDPA (4 rows), each branch a graph of its own. So one request has
-a graph, batches of `MIN_BATCH` rows or more get one per power-of-two range, warmed up at a
-size inside it, and 2 to 4 rows run eagerly. A context of one page would need a graph of its
-own: those few steps run eagerly too. Inductor's cache lives beside the kernel measurements
-(`inductor_cache_dir`): the first start compiles for a minute or more, later ones mostly load.
+row count where a linear's measured kernel changes (at the bounds of kernel_choice's
+`TOKEN_CLASSES`) and where decode attention switches to SDPA (4 rows), each branch a graph of
+its own. So one request has a graph, batches of `MIN_BATCH` rows or more get one per token
+class, warmed up at a size inside it, and 2 to 4 rows run eagerly. A context of one page would
+need a graph of its own: those few steps run eagerly too. Inductor's cache lives beside the
+kernel measurements (`inductor_cache_dir`): the first start compiles for a minute or more,
+later ones mostly load.
 """
 import dataclasses
 import gc
@@ -32,7 +33,7 @@ import torch
 from engine.cpu_info import cpu_flags
 from engine.cpu_memory import release_freed_memory
 from engine.layers.attention import AttentionMetadata
-from engine.layers.quantization.kernel_choice import cache_dir
+from engine.layers.quantization.kernel_choice import TOKEN_CLASSES, cache_dir
 from kernels.reference import SDPA_MAX_ROWS
 
 
@@ -51,8 +52,10 @@ def inductor_cache_dir() -> Path:
 
 def warm_up_batches(max_num_seqs: int) -> list[int]:
     """A row count inside each range the forward's branches cut `[MIN_BATCH, max_num_seqs]`
-    into: 2^k + 1, as no model dimension is likely to be (torch would tie them)."""
-    return [1] + [n for n in (2 ** k + 1 for k in range(16)) if MIN_BATCH <= n <= max_num_seqs]
+    into: one past a token class's bound, as no model dimension is likely to be (torch would
+    tie them)."""
+    return [1] + [n for n in (bound + 1 for bound in TOKEN_CLASSES)
+                  if MIN_BATCH <= n <= max_num_seqs]
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:

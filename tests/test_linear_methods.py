@@ -263,7 +263,7 @@ def test_the_plan_follows_the_measurement_and_is_cached_per_machine(tmp_path):
     plan, = kernel_choice.plan_kernels(
         [{"small": kernel("small"), "big": kernel("big"), "wrong": wrong}], lambda x: x,
         16, 16, torch.float32)
-    assert plan.names == ["small", "big"] and plan.bounds[0] == 8
+    assert plan.names == ["small", "big"] and plan.bounds == [8, 512]
     calls.clear()
     plan(torch.zeros(8, 16))
     plan(torch.zeros(9, 16))
@@ -276,6 +276,25 @@ def test_the_plan_follows_the_measurement_and_is_cached_per_machine(tmp_path):
         [{"small": kernel("small"), "big": kernel("big"), "wrong": wrong}], lambda x: x,
         16, 16, torch.float32)
     assert calls == ["small", "big", "big"] and again.bounds == plan.bounds
+
+
+def test_a_plan_switches_kernels_only_at_a_token_class_bound():
+    """"a" wins at up to 16 tokens, but a switch at 16 would cost the compiled decode step a
+    graph: the class from 9 to 64 tokens runs the kernel with the least time summed over its
+    sizes."""
+    def kernel(name):
+        def run(x):
+            m = x.shape[0]
+            if name == "a" and m > 16:
+                time.sleep(0.003)
+            elif name == "b" and m <= 16:
+                time.sleep(0.003 if m <= 8 else 0.002)
+            return x
+        return run
+
+    plan, = kernel_choice.plan_kernels([{"a": kernel("a"), "b": kernel("b")}], lambda x: x,
+                                       16, 16, torch.float32)
+    assert plan.names == ["a", "b"] and plan.bounds == [8, 512]
 
 
 _AVX2_CHECK = """

@@ -4,11 +4,16 @@ The winner depends on the CPU (AMX, AVX-512 VNNI or AVX2 only), the thread count
 a 4-bit matrix-vector kernel reads the fewest bytes, which is what bounds one decoding request,
 and integer GEMMs on int8 activations win once a step has enough tokens to be compute bound.
 So each layer shape's candidates are timed at 1, 2, 4, ... `MAX_MEASURED_TOKENS` tokens on the
-layer's own packed weights, once per machine. The winners are cached in
-`$TESSERA_CACHE_DIR/cpu_kernels.json` (default `~/.cache/tessera`) under a key naming the CPU
-model and its flags, torch's CPU capability (which `ATEN_CPU_CAPABILITY` lowers),
-`ONEDNN_MAX_CPU_ISA`, the thread count and torch's version; a lock makes processes that start
-together share one measurement, so they also compute alike.
+layer's own packed weights, once per machine, and a plan switches kernels only at the bounds of
+`TOKEN_CLASSES`: the kernel with the least time summed over a class's sizes runs all of it. A
+compiled CPU decode step takes a graph per class it meets (cpu_compile), and each graph kept
+~40 MB resident (SmolLM2 on two Zen 4 cores), more than a switch inside a class gains: there,
+switching at 4, 8 and 64 tokens rather than wherever a power of two's winner changed, 16- and
+64-row decode steps took 35.9 and 86 ms rather than 35.5 and 94, with two graphs fewer. The
+winners are cached in `$TESSERA_CACHE_DIR/cpu_kernels.json` (default `~/.cache/tessera`)
+under a key naming the CPU model and its flags, torch's CPU capability (which
+`ATEN_CPU_CAPABILITY` lowers), `ONEDNN_MAX_CPU_ISA`, the thread count and torch's version; a
+lock makes processes that start together share one measurement, so they also compute alike.
 """
 import fcntl
 import functools
@@ -28,8 +33,11 @@ logger = logging.getLogger(__name__)
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 # Part of the cache key: bump it when a kernel or the way it is timed changes.
-MEASUREMENT_VERSION = 6
-MAX_MEASURED_TOKENS = 512  # larger steps use the winner at this size
+MEASUREMENT_VERSION = 8
+# The token counts a plan may switch kernels at: one request, the rows decode attention runs
+# through SDPA (kernels.reference.SDPA_MAX_ROWS), then powers of eight.
+TOKEN_CLASSES = (1, 4, 8, 64, 512)
+MAX_MEASURED_TOKENS = TOKEN_CLASSES[-1]  # larger steps use the last class's kernel
 _REPEATS = 5
 # From this many tokens on, a candidate `_GIVE_UP` times slower than the best is no longer
 # timed (kernels only fall further behind with size; W8A16 at 512 tokens on AVX2 took minutes)
@@ -127,22 +135,27 @@ def _cached(key: str, measure: Callable[[], tuple[list[str], list[int]]]
 def _measure(layers: list[dict[str, Kernel]], reference: Kernel, in_features: int,
              dtype: torch.dtype) -> tuple[list[str], list[int]]:
     alive = _correct(layers[0], reference, in_features, dtype)
-    names: list[str] = []
-    bounds: list[int] = []
+    times: dict[int, dict[str, float]] = {}
     m = 1
     while m <= MAX_MEASURED_TOKENS:
         x = torch.randn(m, in_features).to(dtype)
-        times = {name: _time([candidates[name] for candidates in layers], x)
-                 for name in alive}
-        best = min(times, key=times.get)
+        times[m] = {name: _time([candidates[name] for candidates in layers], x)
+                    for name in alive}
+        best = min(times[m].values())
         if m >= _PRUNE_FROM:  # far behind at a size where times are long enough to trust
-            alive = {n: k for n, k in alive.items() if times[n] <= _GIVE_UP * times[best]}
+            alive = {n: k for n, k in alive.items() if times[m][n] <= _GIVE_UP * best}
+        m *= 2
+    names: list[str] = []
+    bounds: list[int] = []
+    for low, high in zip((0,) + TOKEN_CLASSES, TOKEN_CLASSES):
+        sizes = [size for size in times if low < size <= high]
+        timed = times[sizes[-1]]  # those timed at a class's last size were timed at all of it
+        best = min(timed, key=lambda n: sum(times[size][n] for size in sizes))
         if names and names[-1] == best:
-            bounds[-1] = m
+            bounds[-1] = high
         else:
             names.append(best)
-            bounds.append(m)
-        m *= 2
+            bounds.append(high)
     return names, bounds
 
 
