@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_format import QuantizedPages
+from kernels.kv_format import RANGE_STEP, QuantizedPages
 from kernels.reference import KVPool
 
 
@@ -39,13 +39,58 @@ def _round_half_even(x):
 
 
 @triton.jit
+def _asymmetric_codes(x, zero, scale, QMAX: tl.constexpr):
+    return tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x - zero, scale)), 0), QMAX)
+
+
+@triton.jit
+def _least_error_range(even, odd, mask, QMAX: tl.constexpr, RANGE_STEPS: tl.constexpr,
+                       RANGE_STEP: tl.constexpr):
+    """bf16 zero and scale per row of a group held as its even and odd channels (`[H, G/2]`),
+    as `kv_format._least_error_range` picks them (its first range on a tie)."""
+    lo = tl.minimum(tl.min(tl.where(mask, even, float("inf")), 1),
+                    tl.min(tl.where(mask, odd, float("inf")), 1))
+    hi = tl.maximum(tl.max(tl.where(mask, even, float("-inf")), 1),
+                    tl.max(tl.where(mask, odd, float("-inf")), 1))
+    mid = (lo + hi) * 0.5
+    best_zero = lo.to(tl.bfloat16)
+    best_scale = tl.maximum(tl.math.div_rn(hi - best_zero.to(tl.float32), QMAX), 1e-30)
+    best_scale = best_scale.to(tl.bfloat16)
+    if RANGE_STEPS > 1:
+        best_error = _rounding_error(even, odd, mask, best_zero, best_scale, QMAX)
+        for step in tl.static_range(1, RANGE_STEPS):
+            zero = (mid - (mid - lo) * (1.0 - RANGE_STEP * step)).to(tl.bfloat16)
+            top = mid + (hi - mid) * (1.0 - RANGE_STEP * step)
+            scale = tl.maximum(tl.math.div_rn(top - zero.to(tl.float32), QMAX), 1e-30)
+            scale = scale.to(tl.bfloat16)
+            error = _rounding_error(even, odd, mask, zero, scale, QMAX)
+            better = error < best_error
+            best_error = tl.where(better, error, best_error)
+            best_zero = tl.where(better, zero, best_zero)
+            best_scale = tl.where(better, scale, best_scale)
+    return best_zero, best_scale
+
+
+@triton.jit
+def _rounding_error(even, odd, mask, zero, scale, QMAX: tl.constexpr):
+    """Per row, the squared error of rounding the group to codes of this zero and scale."""
+    z, s = zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None]
+    d_even = _asymmetric_codes(even, z, s, QMAX) * s + z - even
+    d_odd = _asymmetric_codes(odd, z, s, QMAX) * s + z - odd
+    return (tl.sum(tl.where(mask, d_even * d_even, 0.0), 1)
+            + tl.sum(tl.where(mask, d_odd * d_odd, 0.0), 1))
+
+
+@triton.jit
 def _quantize_store(x_ptr, stride_h, pool, code_row, scale_row, code_strides, scale_strides,
                     num_kv_heads, QMAX: tl.constexpr, GROUPS: tl.constexpr,
-                    GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr):
+                    GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+                    RANGE_STEPS: tl.constexpr, RANGE_STEP: tl.constexpr):
     """Quantize one token's `[KvH, D]` K or V into `pool` (codes, scales, zeros) as
     `kv_format.quantize` does: the scale (and zero) rounded to bf16 first, the codes computed
-    from the rounded values. A pool with zeros is int4 (asymmetric, two codes per byte); fp8
-    codes are cast, int8 codes rounded."""
+    from the rounded values, and an asymmetric group's range the least-error one of
+    `RANGE_STEPS`. A pool with zeros is int4 (asymmetric, two codes per byte); fp8 codes are
+    cast, int8 codes rounded."""
     codes_ptr, scales_ptr, zeros_ptr = pool
     heads = tl.arange(0, BLOCK_H)
     h = heads[:, None]
@@ -58,16 +103,10 @@ def _quantize_store(x_ptr, stride_h, pool, code_row, scale_row, code_strides, sc
             src = x_ptr + h * stride_h + g * GROUP_SIZE + 2 * j
             lo = tl.load(src, mask=mask).to(tl.float32)
             hi = tl.load(src + 1, mask=mask).to(tl.float32)
-            x_min = tl.minimum(tl.min(tl.where(mask, lo, float("inf")), 1),
-                               tl.min(tl.where(mask, hi, float("inf")), 1))
-            x_max = tl.maximum(tl.max(tl.where(mask, lo, float("-inf")), 1),
-                               tl.max(tl.where(mask, hi, float("-inf")), 1))
-            zero = x_min.to(tl.bfloat16)
-            scale = tl.maximum(tl.math.div_rn(x_max - zero.to(tl.float32), QMAX), 1e-30)
-            scale = scale.to(tl.bfloat16)
+            zero, scale = _least_error_range(lo, hi, mask, QMAX, RANGE_STEPS, RANGE_STEP)
             z, s = zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None]
-            lo = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(lo - z, s)), 0), QMAX)
-            hi = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(hi - z, s)), 0), QMAX)
+            lo = _asymmetric_codes(lo, z, s, QMAX)
+            hi = _asymmetric_codes(hi, z, s, QMAX)
             tl.store(codes_ptr + g * GROUP_SIZE // 2 + j,
                      lo.to(tl.uint8) | (hi.to(tl.uint8) << 4), mask=mask)
             tl.store(zeros_ptr + group_off + g, zero, mask=heads < num_kv_heads)
@@ -91,7 +130,8 @@ def _write_kv_quantized_kernel(k_ptr, v_ptr, k_pool, v_pool, slot_ptr, stride_kt
                                stride_vt, stride_vh, code_strides, scale_strides, num_kv_heads,
                                QMAX: tl.constexpr, GROUPS: tl.constexpr,
                                GROUP_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                               BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr):
+                               BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+                               KEY_RANGE_STEPS: tl.constexpr, RANGE_STEP: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # padding token: owns no slot
@@ -100,9 +140,11 @@ def _write_kv_quantized_kernel(k_ptr, v_ptr, k_pool, v_pool, slot_ptr, stride_kt
     code_row = page * code_strides[0] + offset * code_strides[1]
     scale_row = page * scale_strides[0] + offset * scale_strides[1]
     _quantize_store(k_ptr + t * stride_kt, stride_kh, k_pool, code_row, scale_row, code_strides,
-                    scale_strides, num_kv_heads, QMAX, GROUPS, GROUP_SIZE, BLOCK_H, BLOCK_G)
+                    scale_strides, num_kv_heads, QMAX, GROUPS, GROUP_SIZE, BLOCK_H, BLOCK_G,
+                    KEY_RANGE_STEPS, RANGE_STEP)
     _quantize_store(v_ptr + t * stride_vt, stride_vh, v_pool, code_row, scale_row, code_strides,
-                    scale_strides, num_kv_heads, QMAX, GROUPS, GROUP_SIZE, BLOCK_H, BLOCK_G)
+                    scale_strides, num_kv_heads, QMAX, GROUPS, GROUP_SIZE, BLOCK_H, BLOCK_G,
+                    1, RANGE_STEP)
 
 
 def pool_tuples(k_cache: KVPool, v_cache: KVPool) -> tuple[tuple, tuple]:
@@ -132,7 +174,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
             v.stride(1), k_cache.codes.stride()[:3], k_cache.scales.stride()[:3], num_kv_heads,
             QMAX=fmt.qmax, GROUPS=groups, GROUP_SIZE=head_dim // groups,
             PAGE_SIZE=k_cache.codes.shape[1], BLOCK_H=triton.next_power_of_2(num_kv_heads),
-            BLOCK_G=triton.next_power_of_2(head_dim // groups))
+            BLOCK_G=triton.next_power_of_2(head_dim // groups),
+            KEY_RANGE_STEPS=fmt.key_range_steps, RANGE_STEP=RANGE_STEP)
         return
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
