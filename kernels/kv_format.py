@@ -29,9 +29,10 @@ made int4 worse, rotated or not). At head_dim 64 against bf16's 128 bytes per to
 int8 66 bytes (1.94x), int4 36 (3.56x). An int4 key group also tries its min-max range shrunk
 about the middle, in 2.5% steps down to 80%, and keeps the range whose codes round it with the
 least squared error: clamping one or two extreme channels buys a finer step for the other 62.
-Perplexity over bf16 KV, GPL-3's first 8192 tokens: SmolLM2's Q4_1 GGUF +5.74% -> +3.24%,
-dense bf16 weights +5.72% -> +4.88%, dense fp32 +5.40% -> +4.50%; values gained nothing (their
-rounding averages out in attention's weighted sum) and keep their min-max range. Scales and
+Perplexity over bf16 KV, GPL-3's first 8192 tokens, SmolLM2's Q4_1 GGUF: +4.86% -> +4.19%,
+and lower under each of six offset calibrations (engine/kv_offsets.py; by 1.4 points on
+average); values gained nothing (their rounding averages out in attention's weighted sum) and
+keep their min-max range. Scales and
 zeros are rounded to bf16 before the codes are computed from them, so the codes absorb that
 rounding: each value is off by at most half a step (int8, int4) or fp8's own rounding of
 `x / scale`, plus, for an int4 key clamped to a shrunk range, what was cut from its end. bf16
