@@ -32,12 +32,11 @@ least squared error: clamping one or two extreme channels buys a finer step for 
 Perplexity over bf16 KV, GPL-3's first 8192 tokens, SmolLM2's Q4_1 GGUF: +4.86% -> +4.19%,
 and lower under each of six offset calibrations (engine/kv_offsets.py; by 1.4 points on
 average); values gained nothing (their rounding averages out in attention's weighted sum) and
-keep their min-max range. Scales and
-zeros are rounded to bf16 before the codes are computed from them, so the codes absorb that
-rounding: each value is off by at most half a step (int8, int4) or fp8's own rounding of
-`x / scale`, plus, for an int4 key clamped to a shrunk range, what was cut from its end. bf16
-rather than fp16 for the scales: its range is fp32's, and a bf16 scale times a code is one
-bf16 rounding, as the model's own K and V are.
+keep their min-max range. Scales and zeros are rounded to bf16 before the codes are computed
+from them, so the codes absorb that rounding: each value is off by at most half a step (int8,
+int4) or fp8's own rounding of `x / scale`, plus, for an int4 key clamped to a shrunk range,
+what was cut from its end. bf16 rather than fp16 for the scales: its range is fp32's, and a
+bf16 scale times a code is one bf16 rounding, as the model's own K and V are.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
