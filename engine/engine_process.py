@@ -5,6 +5,7 @@ engine's imports happen in the child.
 """
 import logging
 import os
+import pickle
 import signal
 import sys
 
@@ -123,3 +124,7 @@ def _take_messages(engine, inbox) -> tuple[list[RequestOutput], bool]:
         else:
             logger.error("dropped a %s sent to the engine", type(msg).__name__)
     return early, released
+
+
+if __name__ == "__main__":  # server/placement.LocalEngine: the arguments come pickled on stdin
+    run_engine_core(*pickle.load(sys.stdin.buffer))

@@ -30,11 +30,10 @@ class ServerFailed(Exception):
 
 
 def engine_pid(api_pid: int) -> int:
-    """The engine-core child of the API process `api_pid` (not multiprocessing's resource
-    tracker)."""
+    """The engine-core child of the API process `api_pid` (not a structured-output helper)."""
     for children in Path(f"/proc/{api_pid}/task").glob("*/children"):
         for pid in children.read_text().split():
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"engine.engine_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return int(pid)
     raise LookupError(f"no engine core process under pid {api_pid}")
 

@@ -8,8 +8,10 @@ node dies, ends its `run` call, which `alive` sees. Ray is imported only by the 
 (an optional extra: `pip install 'tessera[ray]'`); nothing here imports torch.
 """
 import logging
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,11 +23,13 @@ logger = logging.getLogger("tessera.server")
 
 
 class LocalEngine:
-    """The engine core as a spawned child process."""
+    """The engine core as a child process, `python -m engine.engine_process` with its arguments
+    pickled on stdin. Not multiprocessing's spawn: that also starts a resource-tracker process,
+    13 MiB resident that tracks nothing here."""
 
     def __init__(self) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="tessera-")
-        self._process: multiprocessing.process.BaseProcess | None = None
+        self._process: subprocess.Popen | None = None
         self.node = "local"
 
     def bind_address(self, name: str) -> str:
@@ -36,25 +40,28 @@ class LocalEngine:
         return self._process.pid if self._process else None
 
     async def start(self, *args) -> None:
-        spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(target=run_engine_core, name="tessera-engine-core",
-                                      args=args, daemon=True)
-        self._process.start()
+        self._process = subprocess.Popen([sys.executable, "-m", "engine.engine_process"],
+                                         stdin=subprocess.PIPE)
+        with self._process.stdin as stdin:  # a few KB: the pipe's buffer takes them at once
+            stdin.write(pickle.dumps(args))
         logger.info("engine core process started (pid %d)", self._process.pid)
 
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return self._process.poll() is None
 
     def exit_reason(self) -> str:
-        return f"engine core process exited with code {self._process.exitcode}"
+        return f"engine core process exited with code {self._process.returncode}"
 
     def kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and self.alive():
             self._process.kill()
 
     def join(self, timeout: float) -> None:
         if self._process is not None:
-            self._process.join(timeout)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
 
     def close(self) -> None:
         self._dir.cleanup()
