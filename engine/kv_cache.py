@@ -7,6 +7,7 @@ the same page ids and slots; attention then dequantizes to `dtype`, the model's.
 """
 import itertools
 import math
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +97,16 @@ def check_fits(num_pages: int, page_size: int, max_model_len: int) -> None:
             f"`max_model_len` when initializing the engine.")
 
 
+def _committed_on_write(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU stack in an anonymous mapping of its own, whose pages the kernel commits
+    on first write: the pool takes RAM as its pages fill (as llama-server's does), not all of
+    it at start, where `torch.zeros` writes every byte."""
+    size = math.prod(shape) * dtype.itemsize
+    if not size:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8).view(dtype).view(shape)
+
+
 class KVCache:
     """Each part of a pool (K or V; codes, scales, zeros) is one tensor `stacks[i]` of
     `[layers, num_pages, page_size, ...]` over each run of consecutive layers holding the same
@@ -119,6 +130,8 @@ class KVCache:
             os.ftruncate(fd, self._shared_bytes())
             self.shared_path = f"/proc/{os.getpid()}/fd/{fd}"
             self._map(self.shared_path)
+        elif self.device.type == "cpu":
+            self.stacks, self.layers = self._allocate(_committed_on_write)
         else:
             self.stacks, self.layers = self._allocate(
                 lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))

@@ -1,14 +1,16 @@
-"""KV pool sizing, the start-up refusal when a full-length request could never fit, and the
-CPU engine's hold on freed memory."""
+"""KV pool sizing, the start-up refusal when a full-length request could never fit, a CPU
+pool's memory taken as its pages fill, and the CPU engine's hold on freed memory."""
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import LLM
 from engine.cuda_graphs import capture_sizes
-from engine.kv_cache import check_fits, gpu_kv_budget
+from engine.kv_cache import KVCache, KVCacheSpec, check_fits, gpu_kv_budget
+from kernels import kv_format
 
 GiB = 2**30
 
@@ -38,6 +40,32 @@ def test_engine_refuses_to_start_when_max_model_len_cannot_fit():
                                          r"`max_model_len`"):
         LLM(dtype="float32", quantization="none", num_kv_pages=4, max_model_len=2048,
             enforce_eager=True)
+
+
+def _rss_mib() -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status")
+                if line.startswith("VmRSS")) >> 10
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_a_cpu_kv_pool_takes_memory_as_its_pages_fill(quant):
+    """A 256 MiB pool holds next to no RAM until written; writing half of one layer's keys takes
+    about those bytes; pages never written read as zeros (attention may read a page's unwritten
+    tail, which must not be NaN)."""
+    fmt = kv_format.FORMATS[quant] if quant else None
+    spec = KVCacheSpec(4, 4, 64, 16, torch.bfloat16, fmt)
+    pages = (256 << 20) // spec.page_bytes
+    before = _rss_mib()
+    cache = KVCache(spec, pages, "cpu")
+    allocated = _rss_mib()
+    assert allocated - before < 16, (before, allocated)
+    keys = cache.layers[0][0]
+    codes = keys.codes if quant else keys
+    codes[:pages // 2].fill_(1)
+    written = codes[:pages // 2].numel() * codes.element_size() >> 20
+    assert 0.9 * written <= _rss_mib() - allocated <= written + 16, written
+    assert all((part == 0).all() for pool in cache.layers[1] for part in (
+        pool if quant else (pool,)) if part is not None)
 
 
 @pytest.mark.parametrize("max_batch, sizes", [
