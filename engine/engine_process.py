@@ -1,7 +1,8 @@
 """The engine-core process: `EngineCore` behind ZeroMQ sockets, for the API server.
 
-Imports no torch itself (the API process imports this module to name the spawn target); the
-engine's imports happen in the child.
+Imports no torch itself (the API process imports this module for a Ray actor's entry point);
+the engine's imports happen in the child, which a local engine runs as
+`python -m engine.engine_process` (server/placement.LocalEngine).
 """
 import logging
 import os

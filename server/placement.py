@@ -40,8 +40,11 @@ class LocalEngine:
         return self._process.pid if self._process else None
 
     async def start(self, *args) -> None:
-        self._process = subprocess.Popen([sys.executable, "-m", "engine.engine_process"],
-                                         stdin=subprocess.PIPE)
+        # -P and the API process's own sys.path: the child imports the same code, never a
+        # directory named `engine` that happens to be the current one
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        self._process = subprocess.Popen([sys.executable, "-P", "-m", "engine.engine_process"],
+                                         stdin=subprocess.PIPE, env=env)
         with self._process.stdin as stdin:  # a few KB: the pipe's buffer takes them at once
             stdin.write(pickle.dumps(args))
         logger.info("engine core process started (pid %d)", self._process.pid)

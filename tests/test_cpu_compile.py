@@ -22,8 +22,11 @@ def check_compiled_decode() -> None:
               max_model_len=256, max_num_seqs=MIN_BATCH + 1)
     runner = llm.engine.runner
     assert runner.compiled is not None
-    # The graphs dynamo traced are gone once compiled (they held 41 MiB for SmolLM2)
-    assert not [o for o in gc.get_objects() if issubclass(type(o), torch.fx.GraphModule)]
+    # The graphs dynamo traced are gone once compiled (they held 41 MiB for SmolLM2). A cold
+    # compile leaves one graph of its own: Inductor's cached placeholder `identity` (an input
+    # and an output, torch/_inductor/loop_body.py), which its code generation reuses.
+    assert not [o for o in gc.get_objects()
+                if issubclass(type(o), torch.fx.GraphModule) and len(o.graph.nodes) > 2]
     # Inductor kept what it compiled in Tessera's cache, not torch's default
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(inductor_cache_dir())
     assert any(inductor_cache_dir().iterdir())
