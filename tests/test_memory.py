@@ -1,5 +1,6 @@
 """KV pool sizing, the start-up refusal when a full-length request could never fit, a CPU
 pool's memory taken as its pages fill, and the CPU engine's hold on freed memory."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from engine import LLM
 from engine.cuda_graphs import capture_sizes
 from engine.kv_cache import KVCache, KVCacheSpec, check_fits, gpu_kv_budget
 from kernels import kv_format
+from server.local_server import rss_bytes
 
 GiB = 2**30
 
@@ -42,11 +44,6 @@ def test_engine_refuses_to_start_when_max_model_len_cannot_fit():
             enforce_eager=True)
 
 
-def _rss_mib() -> int:
-    return next(int(line.split()[1]) for line in open("/proc/self/status")
-                if line.startswith("VmRSS")) >> 10
-
-
 @pytest.mark.parametrize("quant", [None, "int4"])
 def test_a_cpu_kv_pool_takes_memory_as_its_pages_fill(quant):
     """A 256 MiB pool holds next to no RAM until written; writing half of one layer's keys takes
@@ -55,15 +52,15 @@ def test_a_cpu_kv_pool_takes_memory_as_its_pages_fill(quant):
     fmt = kv_format.FORMATS[quant] if quant else None
     spec = KVCacheSpec(4, 4, 64, 16, torch.bfloat16, fmt)
     pages = (256 << 20) // spec.page_bytes
-    before = _rss_mib()
+    before = rss_bytes(os.getpid()) >> 20
     cache = KVCache(spec, pages, "cpu")
-    allocated = _rss_mib()
+    allocated = rss_bytes(os.getpid()) >> 20
     assert allocated - before < 16, (before, allocated)
     keys = cache.layers[0][0]
     codes = keys.codes if quant else keys
     codes[:pages // 2].fill_(1)
     written = codes[:pages // 2].numel() * codes.element_size() >> 20
-    assert 0.9 * written <= _rss_mib() - allocated <= written + 16, written
+    assert 0.9 * written <= (rss_bytes(os.getpid()) >> 20) - allocated <= written + 16, written
     assert all((part == 0).all() for pool in cache.layers[1] for part in (
         pool if quant else (pool,)) if part is not None)
 
