@@ -93,6 +93,21 @@ def pack_int4(codes, scales, zeros):
     return reference.pack_int4(codes, scales, zeros)
 
 
+def pack_int8(weight):
+    _cpu_only("pack_int8", weight)
+    return reference.pack_int8(weight)
+
+
+def shift_to_uint8(codes):
+    _cpu_only("shift_to_uint8", codes)
+    return reference.shift_to_uint8(codes)
+
+
+def packed_int8_gemm(shifted, packed, w_scale):
+    _cpu_only("packed_int8_gemm", shifted)
+    return reference.packed_int8_gemm(shifted, packed, w_scale)
+
+
 def int4_linear(x, packed, scales_and_zeros, group_size):
     _cpu_only("int4_linear", x)
     return reference.int4_linear(x, packed, scales_and_zeros, group_size)

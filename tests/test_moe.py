@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import kernels
 from engine.layers.moe import MoEMLP
 from engine.layers.quantization import get_linear_method
+from engine.layers.quantization.kernel_choice import packed_int8_gemm_is_exact
 
 
 def per_token_moe(x, w13, w2, topk_weights, topk_ids):
@@ -38,23 +39,48 @@ def test_quantized_experts_are_int8_and_close_to_the_dense_ones(int8_activations
     copy), through the same weight loaders as dense ones, and the layer stays within int8's
     error of the dense layer, with int8 activations (W8A8) or bf16 ones (W8A16, where the
     integer GEMM is inexact)."""
-    torch.manual_seed(0)
-    experts, hidden, inter = 4, 64, 96
-    w13, w2 = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
-    router = torch.randn(experts, hidden)
-    layers = {name: MoEMLP(hidden, inter, experts, 2, True, "silu", get_linear_method(name))
-              for name in ("none", "int8")}
-    for layer in layers.values():
-        layer.gate.weight.weight_loader(layer.gate.weight, router)
-        for e in range(experts):
-            for part in (0, 1):
-                layer.w13.weight_loader(layer.w13, w13[e, part * inter:(part + 1) * inter],
-                                        (e, part))
-            layer.w2.weight_loader(layer.w2, w2[e], (e, None))
-    dense, quantized = layers["none"], layers["int8"]
+    dense, quantized = (loaded_moe(name) for name in ("none", "int8"))
     assert quantized.w13.dtype == quantized.w2.dtype == torch.int8
     quantized.int8_activations = int8_activations
 
     x = torch.randn(40, hidden)
     want, got = dense(x), quantized(x)
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_packed_int8_experts_give_the_stacked_ones_products():
+    """Where oneDNN multiplies int8 exactly, W8A8 experts are repacked for it after loading;
+    the integer products are the same, so the layer's output is too, up to the order of two
+    fp32 scale multiplies (which can move an intermediate value across a rounding boundary
+    of the second quantization). Elsewhere the stacked experts stay."""
+    stacked, packed = loaded_moe("int8"), loaded_moe("int8")
+    packed.process_weights_after_loading()
+    if not (stacked.int8_activations and packed_int8_gemm_is_exact()):
+        assert packed.w13.dtype == torch.int8 and not packed.w13.is_mkldnn
+        return
+    assert len(packed.w13) == len(packed.w2) == experts
+    assert all(w.is_mkldnn for w in (*packed.w13, *packed.w2))
+    # 40 tokens over 3 of the 4 experts: one gets none.
+    x = torch.randn(40, hidden)
+    stacked.gate.weight[3] = packed.gate.weight[3] = -1e4
+    want = stacked(x)
+    torch.testing.assert_close(packed(x), want, rtol=1e-4, atol=1e-4 * want.abs().max())
+
+
+experts, hidden, inter = 4, 64, 96
+
+
+def loaded_moe(method: str) -> MoEMLP:
+    """A 4-expert layer of `method` holding the same random weights whatever the method."""
+    gen = torch.Generator().manual_seed(0)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen)
+    w2 = torch.randn(experts, hidden, inter, generator=gen)
+    router = torch.randn(experts, hidden, generator=gen)
+    layer = MoEMLP(hidden, inter, experts, 2, True, "silu", get_linear_method(method))
+    layer.gate.weight.weight_loader(layer.gate.weight, router)
+    for e in range(experts):
+        for part in (0, 1):
+            layer.w13.weight_loader(layer.w13, w13[e, part * inter:(part + 1) * inter],
+                                    (e, part))
+        layer.w2.weight_loader(layer.w2, w2[e], (e, None))
+    return layer

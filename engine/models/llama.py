@@ -176,8 +176,8 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Weights) -> None:
         """Hand HF-named tensors to their parameters, q|k|v and gate|up as shards of the fused
-        projections, then let each linear method repack what it loaded, and choose the
-        quantized layers' kernels."""
+        projections, then let each linear method and expert layer repack what it loaded, and
+        choose the quantized layers' kernels."""
         params = dict(self.named_parameters())
         loaded = set()
         for name, w in weights:
@@ -202,3 +202,6 @@ class LlamaForCausalLM(nn.Module):
         for m in linears:
             m.method.process_weights_after_loading(m)
         plan_layer_kernels(linears)
+        for m in self.modules():
+            if isinstance(m, MoEMLP):
+                m.process_weights_after_loading()

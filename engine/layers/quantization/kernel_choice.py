@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+import kernels
+
 logger = logging.getLogger(__name__)
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
@@ -216,7 +218,25 @@ def integer_gemm_is_exact() -> bool:
 
 @functools.cache
 def _integer_gemm_is_exact(code_max: int) -> bool:
+    a, b = _random_codes(code_max)
+    return torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
+
+
+@functools.cache
+def packed_int8_gemm_is_exact() -> bool:
+    """Whether oneDNN's matmul on packed int8 weights (`kernels.pack_int8`, the CPU's W8A8
+    experts) is there and exact for weights within `int8_weight_code_max`."""
+    if not (torch.backends.mkldnn.is_available() and integer_gemm_is_exact()):
+        return False
+    a, b = _random_codes(int8_weight_code_max())
+    products = kernels.packed_int8_gemm(kernels.shift_to_uint8(a), kernels.pack_int8(b),
+                                        torch.ones(b.shape[0]))
+    return torch.equal(products, (a.int() @ b.int().t()).float())
+
+
+def _random_codes(code_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 activations `[16, 256]` and weights `[64, 256]` within `+-code_max`."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (16, 256), dtype=torch.int8, generator=gen)
     b = torch.randint(-code_max, code_max + 1, (64, 256), dtype=torch.int8, generator=gen)
-    return torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
+    return a, b
