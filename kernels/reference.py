@@ -115,12 +115,10 @@ def int8_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: to
         codes, a_scale = quantize_int8_rows(a)
         if rows is not None:
             codes, a_scale = codes[rows], a_scale[rows]
-        if w[0].is_mkldnn:
-            out = torch.empty(len(tokens), scale.shape[1])
+        if w[0].is_mkldnn:  # the runs are in order and cover every pair
             shifted = shift_to_uint8(codes)
-            for expert, pairs in runs:
-                out[pairs] = packed_int8_gemm(shifted[pairs], w[expert], scale[expert])
-            return out.mul_(a_scale)
+            return torch.cat([packed_int8_gemm(shifted[pairs], w[expert], scale[expert])
+                              for expert, pairs in runs]).mul_(a_scale)
         products = torch.empty(len(tokens), scale.shape[1], dtype=torch.int32)
         for expert, pairs in runs:
             torch._int_mm(codes[pairs], w[expert].t(), out=products[pairs])
