@@ -108,6 +108,11 @@ def packed_int8_gemm(shifted, packed, w_scale):
     return reference.packed_int8_gemm(shifted, packed, w_scale)
 
 
+def packed_int8_linear(x, packed, w_scale):
+    _cpu_only("packed_int8_linear", x)
+    return reference.packed_int8_linear(x, packed, w_scale)
+
+
 def int4_linear(x, packed, scales_and_zeros, group_size):
     _cpu_only("int4_linear", x)
     return reference.int4_linear(x, packed, scales_and_zeros, group_size)

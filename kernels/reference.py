@@ -423,6 +423,14 @@ def packed_int8_gemm(shifted: torch.Tensor, packed: torch.Tensor, w_scale: torch
 _NO_ZERO_POINT = torch.zeros(1, dtype=torch.int64)  # the weights' (symmetric codes)
 
 
+def packed_int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor
+                       ) -> torch.Tensor:
+    """W8A8 on a `pack_int8` weight: `x` quantized to int8 per token, then `packed_int8_gemm`
+    (fp32)."""
+    codes, x_scale = quantize_int8_rows(x)
+    return packed_int8_gemm(shift_to_uint8(codes), packed, w_scale).mul_(x_scale)
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """W8A8: `x` quantized to int8 per token, then `int8_gemm` (fp32)."""
     return int8_gemm(*quantize_int8_rows(x), weight, scales)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from engine.layers import moe
 from engine.layers.moe import MoEMLP
 from engine.layers.quantization import get_linear_method
 from engine.layers.quantization.kernel_choice import packed_int8_gemm_is_exact
@@ -48,12 +49,15 @@ def test_quantized_experts_are_int8_and_close_to_the_dense_ones(int8_activations
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
-def test_packed_int8_experts_give_the_stacked_ones_products():
-    """Where oneDNN multiplies int8 exactly, W8A8 experts are repacked for it after loading;
-    the integer products are the same, so the layer's output is too, up to the order of two
-    fp32 scale multiplies (which can move an intermediate value across a rounding boundary
-    of the second quantization). Elsewhere the stacked experts stay."""
+def test_packed_int8_experts_give_the_stacked_ones_products(monkeypatch):
+    """Where oneDNN multiplies int8 exactly (and packing pays, forced here), W8A8 experts are
+    repacked for it after loading; the integer products are the same, so the layer's output
+    is too, up to the order of two fp32 scale multiplies (which can move an intermediate
+    value across a rounding boundary of the second quantization). Elsewhere the stacked
+    experts stay."""
     stacked, packed = loaded_moe("int8"), loaded_moe("int8")
+    monkeypatch.setattr(moe, "packed_if_faster",
+                        lambda weights, scales: [kernels.pack_int8(w) for w in weights])
     packed.process_weights_after_loading()
     if not (stacked.int8_activations and packed_int8_gemm_is_exact()):
         assert packed.w13.dtype == torch.int8 and not packed.w13.is_mkldnn

@@ -8,7 +8,7 @@ fused kernels (`kernels.fused_moe`: Triton on CUDA). Under a quantized linear me
 or `gguf`, whose expert tensors are requantized from the file's values) they are stored as
 `Int8Method` stores a linear, Hadamard-rotated int8 per output channel, and run in
 `kernels.int8_moe`, which rotates and quantizes each input once for all its experts; once
-loaded, W8A8 experts are repacked for oneDNN where it runs them exactly.
+loaded, W8A8 experts are repacked for oneDNN where it runs them exactly and faster.
 """
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from engine.layers.mlp import gated_activation
 from engine.layers.quantization import LinearMethod, get_linear_method
 from engine.layers.quantization.int8 import quantize_rotated, rotation_block
 from engine.layers.quantization.kernel_choice import (integer_gemm_is_exact,
+                                                       packed_if_faster,
                                                        packed_int8_gemm_is_exact)
 
 
@@ -63,16 +64,18 @@ class MoEMLP(nn.Module):
         return rows.narrow(0, part * self.intermediate_size, self.intermediate_size)
 
     def process_weights_after_loading(self) -> None:
-        """Where oneDNN multiplies int8 exactly, repack each W8A8 expert into its blocked
-        layout (`kernels.pack_int8`: as many bytes, read twice as fast at decode sizes); the
-        stacked weights go, so `w13` and `w2` become lists of experts."""
+        """Where oneDNN multiplies int8 exactly and its matmul on packed weights is the faster
+        at decode sizes (measured once per machine), repack each W8A8 expert into its
+        blocked layout (`kernels.pack_int8`, as many bytes); the stacked weights go, so `w13`
+        or `w2` becomes a list of experts."""
         if not (self.quantized and self.int8_activations and packed_int8_gemm_is_exact()):
             return
-        for name in ("w13", "w2"):
-            stacked = getattr(self, name)
-            delattr(self, name)
-            setattr(self, name, nn.ParameterList(
-                nn.Parameter(kernels.pack_int8(w), requires_grad=False) for w in stacked))
+        for name, scales in (("w13", self.w13_scale), ("w2", self.w2_scale)):
+            packed = packed_if_faster(getattr(self, name), scales)
+            if packed is not None:
+                delattr(self, name)
+                setattr(self, name, nn.ParameterList(
+                    nn.Parameter(w, requires_grad=False) for w in packed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = self.gate(x).float().softmax(-1)

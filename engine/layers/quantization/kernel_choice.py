@@ -56,11 +56,17 @@ class KernelPlan:
     kernels: list[Kernel]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.shape[0]
-        for bound, kernel in zip(self.bounds, self.kernels):
+        return self.kernels[self._index(x.shape[0])](x)
+
+    def name_at(self, m: int) -> str:
+        """The kernel that runs a step of `m` tokens."""
+        return self.names[self._index(m)]
+
+    def _index(self, m: int) -> int:
+        for i, bound in enumerate(self.bounds):
             if m <= bound:
-                return kernel(x)
-        return self.kernels[-1](x)
+                return i
+        return len(self.bounds) - 1
 
     def describe(self) -> str:
         parts = [f"{name} up to {bound}" for name, bound in zip(self.names, self.bounds)]
@@ -232,6 +238,30 @@ def packed_int8_gemm_is_exact() -> bool:
     products = kernels.packed_int8_gemm(kernels.shift_to_uint8(a), kernels.pack_int8(b),
                                         torch.ones(b.shape[0]))
     return torch.equal(products, (a.int() @ b.int().t()).float())
+
+
+# The rows each expert gets in a decode step of 32 requests routed to 2 of 8 experts (Mixtral's
+# and the Qwen3-MoE benchmark's routing): few enough that the weights' bytes bound the step.
+EXPERT_DECODE_ROWS = 8
+
+
+def packed_if_faster(weights: torch.Tensor, scales: torch.Tensor) -> list[torch.Tensor] | None:
+    """The experts `weights[E, N, K]` (fp32 `scales[E, N]`) packed for oneDNN's matmul
+    (`kernels.pack_int8`), if it beats `torch._int_mm` on the stacked ones at
+    `EXPERT_DECODE_ROWS` rows: the two W8A8 kernels timed as `plan_kernels` times a layer's
+    candidates, over these experts. On two Zen 4 cores packed experts read twice as fast; with
+    oneDNN capped at AVX2, half as fast."""
+    packed = [kernels.pack_int8(w) for w in weights]
+    experts = [{"w8a8": functools.partial(kernels.int8_linear, weight=w, scales=s),
+                "w8a8-packed": functools.partial(kernels.packed_int8_linear, packed=p,
+                                                 w_scale=s)}
+               for w, p, s in zip(weights, packed, scales)]
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ (weights[0].float() * scales[0][:, None]).t()
+
+    plan = plan_kernels(experts, reference, *weights.shape[1:], torch.bfloat16)[0]
+    return packed if plan.name_at(EXPERT_DECODE_ROWS) == "w8a8-packed" else None
 
 
 def _random_codes(code_max: int) -> tuple[torch.Tensor, torch.Tensor]:
