@@ -198,6 +198,7 @@ class LlamaForCausalLM(nn.Module):
             k.startswith(n + "#") for k in loaded)]
         if missing:
             raise ValueError(f"weights missing from checkpoint: {missing[:5]}")
+        del params, param  # so that a weight replaced by its repacked form is freed at once
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         for m in linears:
             m.method.process_weights_after_loading(m)
