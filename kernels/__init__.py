@@ -122,6 +122,10 @@ def rotate(x, block):
     return reference.rotate(x, block)
 
 
+def rotate_activation(x, block):
+    return reference.rotate_activation(x, block)
+
+
 def quantize_int8_rows(w, code_max=127):
     return reference.quantize_int8_rows(w, code_max)
 

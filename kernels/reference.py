@@ -124,8 +124,8 @@ def int8_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: to
             torch._int_mm(codes[pairs], w[expert].t(), out=products[pairs])
         return scale_int32(products, a_scale, scale.index_select(0, experts))
 
-    gate_up = grouped_gemm(rotate(x, blocks[0]), w13, w13_scale, rows=tokens)
-    h = rotate(gated_activation(gate_up.to(x.dtype)), blocks[1])
+    gate_up = grouped_gemm(rotate_activation(x, blocks[0]), w13, w13_scale, rows=tokens)
+    h = rotate_activation(gated_activation(gate_up.to(x.dtype)), blocks[1])
     down = grouped_gemm(h, w2, w2_scale).mul_(weights[:, None])
     return torch.zeros(x.shape, dtype=down.dtype).index_add_(0, tokens, down).to(x.dtype)
 
@@ -346,22 +346,40 @@ def hadamard(block: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 _KRONECKER_INNER = 64
 
 
-def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+def rotate(x: torch.Tensor, block: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`x[..., K]` times the block-diagonal `hadamard` matrix of `block`-sized blocks. Rotating
     a linear's input and its weight alike leaves `x W^T` as it was, and spreads an outlier
     channel over the block, so that int8 per token rounds it no worse than the rest (QuaRot).
 
-    Computed and returned in fp32, as the int8 quantizer takes it (a 16-bit result would be
-    converted back before quantizing). A 512-block as `H_8 X H_64` does 7x fewer
-    flops than one `[512, 512]` matmul; with fp32 (whose small batched matmuls run several times
-    faster than bf16's on CPU) a `[8, 2048]` input took 35 us instead of 91 on two Zen 4 cores,
-    `[512, 2048]` 1.7 ms instead of 2.9."""
+    Computed and returned in `dtype`: fp32 by default, as the int8 quantizer takes it (a
+    16-bit result would be converted back before quantizing). A 512-block as `H_8 X H_64` does
+    7x fewer flops than one `[512, 512]` matmul; with fp32 (whose small batched matmuls run
+    several times faster than bf16's on CPU) a `[8, 2048]` input took 35 us instead of 91 on
+    two Zen 4 cores. Large inputs are another matter: `rotate_activation`."""
     inner = _KRONECKER_INNER if block % _KRONECKER_INNER == 0 else block
-    y = x.float().unflatten(-1, (-1, block // inner, inner)) @ hadamard(inner, torch.float32,
-                                                                         x.device)
+    y = x.to(dtype).unflatten(-1, (-1, block // inner, inner)) @ hadamard(inner, dtype,
+                                                                           x.device)
     if block > inner:
-        y = hadamard(block // inner, torch.float32, x.device) @ y
+        y = hadamard(block // inner, dtype, x.device) @ y
     return y.flatten(-3)
+
+
+# From this many rows on (past kernel_choice's last token class, so a compiled decode step
+# never branches on it), a bf16 activation is rotated in bf16.
+BF16_ROTATION_MIN_ROWS = 513
+
+
+def rotate_activation(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`rotate` for an activation `x[T, K]` on its way to int8 codes. A bf16 one of
+    `BF16_ROTATION_MIN_ROWS` rows or more is rotated in bf16 where oneDNN's 16-bit matmuls are
+    fast: rotating and quantizing `[4096, 2048]` (a Qwen3-MoE prefill chunk's expert inputs, in
+    blocks of 512) took 10 ms instead of 23 on two Zen 4 cores, SmolLM2's `[2048, 1536]` 4.0
+    instead of 6.4; at 128 rows the two tie. Its two roundings add ~0.24% rms to the values,
+    under a third of what int8 codes round off after them."""
+    if (x.dtype == torch.bfloat16 and SIXTEEN_BIT_MATMULS_ARE_FAST
+            and x.shape[0] >= BF16_ROTATION_MIN_ROWS):
+        return rotate(x, block, torch.bfloat16)
+    return rotate(x, block)
 
 
 def quantize_int8_rows(w: torch.Tensor, code_max: int = 127

@@ -22,6 +22,7 @@ from engine.layers.quantization.gguf import QuantizedWeight
 from engine.layers.quantization.int8 import rotation_block
 from engine import model_runner
 from engine.model_runner import default_dtype, resolve_dtype
+from kernels import reference
 
 OUTPUT_SIZES = [64, 32, 32]  # a fused q|k|v with 2:1 grouped-query heads
 IN_FEATURES = 256
@@ -175,7 +176,7 @@ def test_every_kernel_matches_the_weight_it_holds(name, shape):
     candidates = layer.method.candidates(layer)
     assert set(candidates) == ({"int4", "w8a16", "w8a8"} if name == "gguf"
                                else {"w8a16", "w8a8"})
-    for num_tokens in (1, 7, 64):
+    for num_tokens in (1, 7, 64, reference.BF16_ROTATION_MIN_ROWS):
         x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
         for kernel, run in candidates.items():
             expected = (F.linear(x.float(), dense) if kernel == "int4"
@@ -197,6 +198,23 @@ def test_rotation_is_orthonormal_spreads_each_channel_and_leaves_the_product_unc
     # of an even spread (a Hartley factor's cos + sin reaches sqrt(2))
     spread = kernels.rotate(torch.eye(block), block).abs()
     assert spread.min() > 0 and spread.max() <= (2 / block) ** 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("block", [512, 576, 1536])
+def test_a_large_bf16_activation_rotates_in_bf16_within_its_rounding(block):
+    """Prefill-sized bf16 activations rotate in bf16 where 16-bit matmuls are fast, off the
+    fp32 rotation by bf16's rounding; fewer rows, or fp32 inputs, rotate in fp32."""
+    gen = torch.Generator().manual_seed(5)
+    rows = reference.BF16_ROTATION_MIN_ROWS
+    x = torch.randn(rows, 2 * block, generator=gen).bfloat16()
+    exact = kernels.rotate(x, block)
+    fast = kernels.rotate_activation(x, block)
+    assert fast.dtype == (torch.bfloat16 if reference.SIXTEEN_BIT_MATMULS_ARE_FAST
+                          else torch.float32)
+    assert (fast.float() - exact).norm() <= 0.005 * exact.norm()
+    for few_or_fp32 in (x[:rows - 1], x.float()):
+        assert torch.equal(kernels.rotate_activation(few_or_fp32, block),
+                           kernels.rotate(few_or_fp32, block))
 
 
 def test_the_rotation_block_takes_the_input_size_s_odd_factor():

@@ -93,8 +93,8 @@ class Int8Method(LinearMethod):
         return {"w8a16": w8a16, "w8a8": w8a8}
 
     def reference(self, layer, x):
-        """fp32 `x W^T` on the dequantized weight (rotated, with x rotated alike)."""
-        return F.linear(_rotated(layer, x).float(),
+        """fp32 `x W^T` on the dequantized weight (rotated, with x rotated alike in fp32)."""
+        return F.linear(_rotated(layer, x, kernels.rotate).float(),
                         layer.weight.float() * layer.weight_scale[:, None])
 
     def apply(self, layer, x, bias):
@@ -109,6 +109,7 @@ class Int8Method(LinearMethod):
         return _rotated(layer, rows).to(layer.params_dtype)  # H H = I
 
 
-def _rotated(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _rotated(layer: nn.Module, x: torch.Tensor, rotate=kernels.rotate_activation
+             ) -> torch.Tensor:
     """`x` in the layer weight's rotated basis (as it is where the block is 1: no rotation)."""
-    return x if layer.rotation_block == 1 else kernels.rotate(x, layer.rotation_block)
+    return x if layer.rotation_block == 1 else rotate(x, layer.rotation_block)
