@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from engine import kv_offsets, loader
+from engine import kv_calibration, loader
 from engine.config import EngineConfig
 from engine.cpu_info import cpu_flags
 from engine.cpu_memory import release_freed_memory, retain_freed_memory
@@ -16,7 +16,7 @@ from engine.cpu_compile import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import (DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_fits,
                              gpu_kv_budget, split_pages)
-from engine.layers.attention import AttentionMetadata, CenteredKV, HeadSplit, ScoredQueries
+from engine.layers.attention import AttentionMetadata, HeadSplit, ScoredQueries
 from engine.layers.quantization import get_linear_method, resolve_quantization
 from engine.layers.quantization.kernel_choice import chosen_plans
 from engine.messages import TokenLogprobs
@@ -161,10 +161,10 @@ class ModelRunner:
                 for full, streaming, mask in zip(self.kv_cache.layers, self.streaming_cache.layers,
                                                  self.streaming_heads)]
         quant = self.kv_spec.quant
-        if quant is not None and quant.centers_keys and arch.attn_softcap is None:
-            offsets = kv_offsets.calibrate(self.model, self.kv_spec, arch.vocab_size,
-                                           self.max_model_len, self.device)
-            self.kv_layers = [CenteredKV(layer, mu) for layer, mu in zip(self.kv_layers, offsets)]
+        if quant is not None and quant.calibrates_keys:
+            self.kv_layers = kv_calibration.calibrate(
+                self.model, self.kv_spec, self.kv_layers, arch.vocab_size, self.max_model_len,
+                self.device, centre=arch.attn_softcap is None)
         self.graphs, self.compiled = None, None
         self.page_tables = PageTables()
         eager = config.model.enforce_eager

@@ -20,23 +20,30 @@ few large channels are the keys' own: unrotated, those channels' rounding domina
 int4 and int8 they set the step of every channel); rotated, both vectors spread over all
 channels and the error averages out. SmolLM2, GPL-3's first 4096 tokens, perplexity over bf16
 KV: int8 +0.29% unrotated, +0.09% rotated; fp8 +1.28%, +0.47%; int4 keys alone +17%, +8%
-(int4 values alone +1.4%). int4, with 16 levels, goes two steps further. Its keys are stored
-minus a calibrated offset per channel (engine/kv_offsets.py), which every score ignores. Its
-values are stored rotated too: attention's output is a weighted sum of them, rotated back
-once. int4 went from +10.4% to +3.1% (keys centred and values rotated; either alone: +5.4%,
-+8.1%); on int8 and fp8 neither moved the figure beyond the run-to-run spread (centring values
-made int4 worse, rotated or not). At head_dim 64 against bf16's 128 bytes per token-head:
-int8 66 bytes (1.94x), int4 36 (3.56x). An int4 key group also tries its min-max range shrunk
-about the middle, in 2.5% steps down to 80%, and keeps the range whose codes round it with the
-least squared error: clamping one or two extreme channels buys a finer step for the other 62.
-Perplexity over bf16 KV, GPL-3's first 8192 tokens, SmolLM2's Q4_1 GGUF: +4.86% -> +4.19%,
-and lower under each of six offset calibrations (engine/kv_offsets.py; by 1.4 points on
-average); values gained nothing (their rounding averages out in attention's weighted sum) and
-keep their min-max range. Scales and zeros are rounded to bf16 before the codes are computed
-from them, so the codes absorb that rounding: each value is off by at most half a step (int8,
-int4) or fp8's own rounding of `x / scale`, plus, for an int4 key clamped to a shrunk range,
-what was cut from its end. bf16 rather than fp16 for the scales: its range is fp32's, and a
-bf16 scale times a code is one bf16 rounding, as the model's own K and V are.
+(int4 values alone +1.4%). int4, with 16 levels, goes three steps further. Its keys are
+stored minus a calibrated offset per channel (engine/kv_calibration.py), which every score
+ignores. Its values are stored rotated too: attention's output is a weighted sum of them,
+rotated back once. int4 went from +10.4% to +3.1% (keys centred and values rotated; either
+alone: +5.4%, +8.1%); on int8 and fp8 neither moved the figure beyond the run-to-run spread
+(centring values made int4 worse, rotated or not). And an int4 key group keeps its mean
+(`_mean_exact`): its rounding error is orthogonal to the rotated page's all-ones direction,
+which a reflection of queries and keys alike makes the direction of the queries' mean, half
+of their energy and so most of what a key's rounding did to its scores (engine/kv_calibration.py).
+The group tries its range shrunk in 2.5% steps down to 80% and keeps the one of least squared
+error: clamping one or two extreme channels buys a finer step for the other 62. Perplexity
+over bf16 KV (SmolLM2's Q4_1 GGUF, GPL-3's first 8192 tokens in windows of 1024, chunks of
+256, as `tessera bench kv-quality` runs it): +4.46% with min-max key groups searching their
+range, +2.53% with mean-keeping ones (+5.5% without the reflection); over 24k tokens of the
+other licences in /usr/share/common-licenses, +4.20% and +2.67%. Values keep their min-max
+range: a range search, or keeping their mean, gained nothing beyond the run-to-run spread
+(their rounding averages out in attention's weighted sum). At head_dim 64 against bf16's 128
+bytes per token-head: int8 66 bytes (1.94x), int4 36 (3.56x). Scales are rounded to bf16
+before the codes are computed from them, so the codes absorb that rounding: each value is off
+by at most half a step (int8, int4) or fp8's own rounding of `x / scale`, plus, for an int4
+key clamped to a shrunk range, what was cut from its end, and for an int4 key group's mean,
+its zero point's bf16 rounding (an int4 value's zero point is rounded before its codes). bf16
+rather than fp16 for the scales: its range is fp32's, and a bf16 scale times a code is one
+bf16 rounding, as the model's own K and V are.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -54,9 +61,9 @@ class QuantFormat:
     qmax: float  # the largest code magnitude (symmetric) or code (asymmetric: codes 0..qmax)
     asymmetric: bool
     group_size: int | None  # channels sharing a scale; None = the whole head
-    centers_keys: bool  # keys stored minus per-channel offsets (engine/kv_offsets.py)
+    calibrates_keys: bool  # keys stored centred and reflected (engine/kv_calibration.py)
     rotates_values: bool  # values stored Hadamard-rotated too (see the module's notes)
-    key_range_steps: int = 1  # ranges a key group tries (`quantize`); 1: its min-max range
+    key_range_steps: int = 1  # ranges an asymmetric key group tries (`_mean_exact`)
 
     @property
     def codes_per_byte(self) -> int:
@@ -74,11 +81,11 @@ class QuantFormat:
 
 
 FORMATS = {f.name: f for f in (
-    QuantFormat("fp8", torch.float8_e4m3fn, 448.0, False, None, centers_keys=False,
+    QuantFormat("fp8", torch.float8_e4m3fn, 448.0, False, None, calibrates_keys=False,
                 rotates_values=False),
-    QuantFormat("int8", torch.int8, 127.0, False, None, centers_keys=False,
+    QuantFormat("int8", torch.int8, 127.0, False, None, calibrates_keys=False,
                 rotates_values=False),
-    QuantFormat("int4", torch.uint8, 15.0, True, 64, centers_keys=True, rotates_values=True,
+    QuantFormat("int4", torch.uint8, 15.0, True, 64, calibrates_keys=True, rotates_values=True,
                 key_range_steps=9),
 )}
 _BY_CODE_DTYPE = {f.code_dtype: f for f in FORMATS.values()}
@@ -118,61 +125,75 @@ def allocate(fmt: QuantFormat, lead: tuple[int, ...], head_dim: int,
     return QuantizedPages(codes, scales, zeros)
 
 
-def quantize(x: torch.Tensor, fmt: QuantFormat, range_steps: int = 1
+def quantize(x: torch.Tensor, fmt: QuantFormat, keys: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`x[..., D]` -> (codes `[..., D / codes_per_byte]`, scales `[..., G]`, zeros or None).
 
-    An asymmetric group takes the one of `range_steps` ranges (`range_ratio`) that rounds it
-    with the least squared error; 1 is its min-max range alone."""
+    An int4 value group spans its min-max range; an int4 key group is `_mean_exact`."""
     groups = fmt.groups(x.shape[-1])
     xg = x.float().unflatten(-1, (groups, -1))
     if fmt.asymmetric:
-        zeros, scales = _least_error_range(xg, fmt.qmax, range_steps)
-        xg = xg - zeros.float()[..., None]
-    else:
-        zeros = None
-        scales = (xg.abs().amax(-1) / fmt.qmax).clamp_(min=1e-30).to(SCALE_DTYPE)
+        q, scales, zeros = (_mean_exact(xg, fmt.qmax, fmt.key_range_steps) if keys else
+                            _min_max(xg, fmt.qmax))
+        q = q.flatten(-2).to(torch.uint8)
+        return q[..., 0::2] | (q[..., 1::2] << 4), scales, zeros
+    scales = (xg.abs().amax(-1) / fmt.qmax).clamp_(min=1e-30).to(SCALE_DTYPE)
     # a bf16 scale can round below amax / qmax: clamp the one code that would overflow
     q = (xg / scales.float()[..., None]).flatten(-2)
     if fmt.name == "fp8":
         codes = q.clamp_(-fmt.qmax, fmt.qmax).to(fmt.code_dtype)
-    elif fmt.asymmetric:
-        q = q.round_().clamp_(0, fmt.qmax).to(torch.uint8)
-        codes = q[..., 0::2] | (q[..., 1::2] << 4)
     else:
         codes = q.round_().clamp_(-fmt.qmax, fmt.qmax).to(fmt.code_dtype)
-    return codes, scales, zeros
+    return codes, scales, None
 
 
 def range_ratio(step: int) -> float:
-    """The fraction of a group's min-max range, about its middle, that range `step` spans."""
+    """The fraction of a key group's largest deviation from its mean that range `step` spans."""
     return 1.0 - RANGE_STEP * step
 
 
-def _least_error_range(xg: torch.Tensor, qmax: float, range_steps: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero points and scales (bf16) of groups `xg[..., G, group_size]`: of the ranges
-    `range_ratio(0 .. range_steps - 1)`, each group's with the least squared rounding error
-    (the first on a tie). Values outside a shrunk range are clamped to its ends. All ranges
-    are tried at once, along a new dimension: a handful of ops, not a handful per range."""
-    lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
-    bottom, top = lo, hi
-    if range_steps > 1:  # [..., G, R]; range 0 is [lo, hi] itself, not recomputed from mid
-        ratios = torch.tensor([range_ratio(step) for step in range(1, range_steps)],
-                              device=xg.device)
-        mid = (lo + hi) * 0.5
-        bottom = torch.cat([lo, mid - (mid - lo) * ratios], -1)
-        top = torch.cat([hi, mid + (hi - mid) * ratios], -1)
-    zeros = bottom.to(SCALE_DTYPE)
-    scales = ((top - zeros.float()) / qmax).clamp_(min=1e-30).to(SCALE_DTYPE)
+def _min_max(xg: torch.Tensor, qmax: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (as floats), scales and zero points (bf16) of groups `xg[..., G, group_size]`
+    spanning each group's min-max range."""
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    zeros = lo.to(SCALE_DTYPE)
+    scales = ((hi - zeros.float()) / qmax).clamp_(min=1e-30).to(SCALE_DTYPE)
+    codes = (xg - zeros.float()[..., None]).div_(scales.float()[..., None])
+    return codes.round_().clamp_(0, qmax), scales, zeros
+
+
+def _mean_exact(xg: torch.Tensor, qmax: float, range_steps: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (as floats), scales and zero points (bf16) of groups `xg[..., G, group_size]`
+    that keep each group's mean: the group minus its mean is rounded to `qmax + 1` levels
+    spaced a scale apart about zero, and the zero point is set after the codes, so that the
+    group's dequantized mean is its own (up to the zero's bf16 rounding). The rounding error
+    is thus orthogonal to the group's all-ones direction, which is where the attention layer
+    puts the direction of the queries' mean (`engine.kv_calibration`).
+
+    The levels span a fraction `range_ratio(0 .. range_steps - 1)` of the group's largest
+    deviation from its mean, each group's with the least squared error (the first on a tie).
+    All ranges are tried at once, along a new dimension: a handful of ops, not a handful per
+    range."""
+    mean = xg.mean(-1, keepdim=True)
+    centred = xg - mean
+    half = qmax / 2
+    ratios = torch.tensor([range_ratio(step) for step in range(range_steps)],
+                          device=xg.device)
+    scales = (centred.abs().amax(-1, keepdim=True) * ratios / half).clamp_(min=1e-30)
+    scales = scales.to(SCALE_DTYPE)  # [..., G, R]
+    step = scales.float()[..., None]
+    codes = (centred[..., None, :] / step).add_(half).round_().clamp_(0, qmax)  # [..., G, R, S]
+    best = scales.new_zeros(scales.shape[:-1] + (1,), dtype=torch.int64)
     if range_steps > 1:
-        z, s = zeros.float()[..., None], scales.float()[..., None]
-        x = xg[..., None, :]
-        rounded = (x - z).div_(s).round_().clamp_(0, qmax).mul_(s).add_(z)  # in place: 4x faster
-        error = rounded.sub_(x).square_().sum(-1)
+        error = (codes - half).mul_(step).sub_(centred[..., None, :])
+        error = error.sub_(error.mean(-1, keepdim=True)).square_().sum(-1)
         best = error.argmin(-1, keepdim=True)
-        zeros, scales = zeros.gather(-1, best), scales.gather(-1, best)
-    return zeros.squeeze(-1), scales.squeeze(-1)
+    scales = scales.gather(-1, best)
+    codes = codes.gather(-2, best[..., None].expand(*best.shape, xg.shape[-1])).squeeze(-2)
+    zeros = (mean - scales.float() * codes.mean(-1, keepdim=True)).to(SCALE_DTYPE)
+    return codes, scales.squeeze(-1), zeros.squeeze(-1)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

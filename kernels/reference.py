@@ -144,8 +144,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     for x, cache, keys in ((k, k_cache, True), (v, v_cache, False)):
         if isinstance(cache, QuantizedPages):
-            steps = cache.format.key_range_steps if keys else 1
-            for part, pool in zip(kv_format.quantize(x, cache.format, steps), cache):
+            for part, pool in zip(kv_format.quantize(x, cache.format, keys), cache):
                 if pool is not None:
                     pool.view(-1, *pool.shape[2:])[slot_mapping] = part
         else:

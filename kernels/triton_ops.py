@@ -44,53 +44,67 @@ def _asymmetric_codes(x, zero, scale, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _least_error_range(even, odd, mask, QMAX: tl.constexpr, RANGE_STEPS: tl.constexpr,
-                       RANGE_STEP: tl.constexpr):
+def _min_max_range(even, odd, mask, QMAX: tl.constexpr):
     """bf16 zero and scale per row of a group held as its even and odd channels (`[H, G/2]`),
-    as `kv_format._least_error_range` picks them (its first range on a tie)."""
+    spanning its min-max range as `kv_format._min_max` does."""
     lo = tl.minimum(tl.min(tl.where(mask, even, float("inf")), 1),
                     tl.min(tl.where(mask, odd, float("inf")), 1))
     hi = tl.maximum(tl.max(tl.where(mask, even, float("-inf")), 1),
                     tl.max(tl.where(mask, odd, float("-inf")), 1))
-    mid = (lo + hi) * 0.5
-    best_zero = lo.to(tl.bfloat16)
-    best_scale = tl.maximum(tl.math.div_rn(hi - best_zero.to(tl.float32), QMAX), 1e-30)
-    best_scale = best_scale.to(tl.bfloat16)
-    if RANGE_STEPS > 1:
-        best_error = _rounding_error(even, odd, mask, best_zero, best_scale, QMAX)
-        for step in tl.static_range(1, RANGE_STEPS):
-            zero = (mid - (mid - lo) * (1.0 - RANGE_STEP * step)).to(tl.bfloat16)
-            top = mid + (hi - mid) * (1.0 - RANGE_STEP * step)
-            scale = tl.maximum(tl.math.div_rn(top - zero.to(tl.float32), QMAX), 1e-30)
-            scale = scale.to(tl.bfloat16)
-            error = _rounding_error(even, odd, mask, zero, scale, QMAX)
-            better = error < best_error
-            best_error = tl.where(better, error, best_error)
-            best_zero = tl.where(better, zero, best_zero)
-            best_scale = tl.where(better, scale, best_scale)
-    return best_zero, best_scale
+    zero = lo.to(tl.bfloat16)
+    scale = tl.maximum(tl.math.div_rn(hi - zero.to(tl.float32), QMAX), 1e-30)
+    return zero, scale.to(tl.bfloat16)
 
 
 @triton.jit
-def _rounding_error(even, odd, mask, zero, scale, QMAX: tl.constexpr):
-    """Per row, the squared error of rounding the group to codes of this zero and scale."""
-    z, s = zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None]
-    d_even = _asymmetric_codes(even, z, s, QMAX) * s + z - even
-    d_odd = _asymmetric_codes(odd, z, s, QMAX) * s + z - odd
-    return (tl.sum(tl.where(mask, d_even * d_even, 0.0), 1)
-            + tl.sum(tl.where(mask, d_odd * d_odd, 0.0), 1))
+def _centred_codes(x, scale, QMAX: tl.constexpr):
+    half = QMAX * 0.5
+    return tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale) + half), 0), QMAX)
+
+
+@triton.jit
+def _mean_exact_scale(even, odd, mask, QMAX: tl.constexpr, RANGE_STEPS: tl.constexpr,
+                      RANGE_STEP: tl.constexpr):
+    """bf16 scale per row of a key group minus its mean, held as its even and odd channels
+    (`[H, G/2]`), as `kv_format._mean_exact` picks it (its first range on a tie)."""
+    amax = tl.maximum(tl.max(tl.where(mask, tl.abs(even), 0.0), 1),
+                      tl.max(tl.where(mask, tl.abs(odd), 0.0), 1))
+    best_scale = tl.maximum(tl.math.div_rn(amax, QMAX * 0.5), 1e-30).to(tl.bfloat16)
+    if RANGE_STEPS > 1:
+        best_error = _centred_error(even, odd, mask, best_scale, QMAX)
+        for step in tl.static_range(1, RANGE_STEPS):
+            scale = tl.math.div_rn(amax * (1.0 - RANGE_STEP * step), QMAX * 0.5)
+            scale = tl.maximum(scale, 1e-30).to(tl.bfloat16)
+            error = _centred_error(even, odd, mask, scale, QMAX)
+            better = error < best_error
+            best_error = tl.where(better, error, best_error)
+            best_scale = tl.where(better, scale, best_scale)
+    return best_scale
+
+
+@triton.jit
+def _centred_error(even, odd, mask, scale, QMAX: tl.constexpr):
+    """Per row, the squared rounding error of a centred group at this scale, less its mean
+    (which the zero point takes up)."""
+    s = scale.to(tl.float32)[:, None]
+    d_even = tl.where(mask, (_centred_codes(even, s, QMAX) - QMAX * 0.5) * s - even, 0.0)
+    d_odd = tl.where(mask, (_centred_codes(odd, s, QMAX) - QMAX * 0.5) * s - odd, 0.0)
+    count = tl.sum(mask.to(tl.float32), 1) * 2
+    mean = ((tl.sum(d_even, 1) + tl.sum(d_odd, 1)) / count)[:, None]
+    d_even, d_odd = tl.where(mask, d_even - mean, 0.0), tl.where(mask, d_odd - mean, 0.0)
+    return tl.sum(d_even * d_even, 1) + tl.sum(d_odd * d_odd, 1)
 
 
 @triton.jit
 def _quantize_store(x_ptr, stride_h, pool, code_row, scale_row, code_strides, scale_strides,
                     num_kv_heads, QMAX: tl.constexpr, GROUPS: tl.constexpr,
                     GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
-                    RANGE_STEPS: tl.constexpr, RANGE_STEP: tl.constexpr):
+                    KEYS: tl.constexpr, RANGE_STEPS: tl.constexpr, RANGE_STEP: tl.constexpr):
     """Quantize one token's `[KvH, D]` K or V into `pool` (codes, scales, zeros) as
-    `kv_format.quantize` does: the scale (and zero) rounded to bf16 first, the codes computed
-    from the rounded values, and an asymmetric group's range the least-error one of
-    `RANGE_STEPS`. A pool with zeros is int4 (asymmetric, two codes per byte); fp8 codes are
-    cast, int8 codes rounded."""
+    `kv_format.quantize` does: the scale rounded to bf16 first, the codes computed from the
+    rounded value. A pool with zeros is int4 (asymmetric, two codes per byte): a key group
+    keeps its mean, at the least-error one of `RANGE_STEPS` ranges, a value group spans its
+    min-max range. fp8 codes are cast, int8 codes rounded."""
     codes_ptr, scales_ptr, zeros_ptr = pool
     heads = tl.arange(0, BLOCK_H)
     h = heads[:, None]
@@ -101,12 +115,21 @@ def _quantize_store(x_ptr, stride_h, pool, code_row, scale_row, code_strides, sc
             j = tl.arange(0, BLOCK_G // 2)[None, :]
             mask = (h < num_kv_heads) & (j < GROUP_SIZE // 2)
             src = x_ptr + h * stride_h + g * GROUP_SIZE + 2 * j
-            lo = tl.load(src, mask=mask).to(tl.float32)
-            hi = tl.load(src + 1, mask=mask).to(tl.float32)
-            zero, scale = _least_error_range(lo, hi, mask, QMAX, RANGE_STEPS, RANGE_STEP)
-            z, s = zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None]
-            lo = _asymmetric_codes(lo, z, s, QMAX)
-            hi = _asymmetric_codes(hi, z, s, QMAX)
+            lo = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+            hi = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+            if KEYS:
+                mean = (tl.sum(lo, 1) + tl.sum(hi, 1)) / GROUP_SIZE
+                lo = tl.where(mask, lo - mean[:, None], 0.0)
+                hi = tl.where(mask, hi - mean[:, None], 0.0)
+                scale = _mean_exact_scale(lo, hi, mask, QMAX, RANGE_STEPS, RANGE_STEP)
+                s = scale.to(tl.float32)[:, None]
+                lo, hi = _centred_codes(lo, s, QMAX), _centred_codes(hi, s, QMAX)
+                code_mean = tl.sum(tl.where(mask, lo + hi, 0.0), 1) / GROUP_SIZE
+                zero = (mean - scale.to(tl.float32) * code_mean).to(tl.bfloat16)
+            else:
+                zero, scale = _min_max_range(lo, hi, mask, QMAX)
+                z, s = zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None]
+                lo, hi = _asymmetric_codes(lo, z, s, QMAX), _asymmetric_codes(hi, z, s, QMAX)
             tl.store(codes_ptr + g * GROUP_SIZE // 2 + j,
                      lo.to(tl.uint8) | (hi.to(tl.uint8) << 4), mask=mask)
             tl.store(zeros_ptr + group_off + g, zero, mask=heads < num_kv_heads)
@@ -141,10 +164,10 @@ def _write_kv_quantized_kernel(k_ptr, v_ptr, k_pool, v_pool, slot_ptr, stride_kt
     scale_row = page * scale_strides[0] + offset * scale_strides[1]
     _quantize_store(k_ptr + t * stride_kt, stride_kh, k_pool, code_row, scale_row, code_strides,
                     scale_strides, num_kv_heads, QMAX, GROUPS, GROUP_SIZE, BLOCK_H, BLOCK_G,
-                    KEY_RANGE_STEPS, RANGE_STEP)
+                    True, KEY_RANGE_STEPS, RANGE_STEP)
     _quantize_store(v_ptr + t * stride_vt, stride_vh, v_pool, code_row, scale_row, code_strides,
                     scale_strides, num_kv_heads, QMAX, GROUPS, GROUP_SIZE, BLOCK_H, BLOCK_G,
-                    1, RANGE_STEP)
+                    False, 1, RANGE_STEP)
 
 
 def pool_tuples(k_cache: KVPool, v_cache: KVPool) -> tuple[tuple, tuple]:

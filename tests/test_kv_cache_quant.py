@@ -2,6 +2,7 @@
 byte accounting, greedy decoding against the `auto` cache teacher-forced, and page accounting
 and prefix caching on quantized pages. (The Triton kernels are held to the same torch
 reference in tests/test_kernels.py.)"""
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from engine import LLM, SamplingParams
 import kernels
 from engine.kv_cache import KVCache, KVCacheSpec
-from engine.layers.attention import AttentionMetadata, CenteredKV, paged_attention
+from engine import kv_calibration
+from engine.layers.attention import AttentionMetadata, CalibratedKV, paged_attention
 from engine.messages import AddRequest
 from kernels import kv_format, reference
 from tests.test_engine import PROMPTS
@@ -25,17 +27,21 @@ def _slots(lengths: list[int], pages: list[list[int]]) -> torch.Tensor:
                          for r, n in enumerate(lengths) for i in range(n)])
 
 
-def _max_error(x: torch.Tensor, fmt: kv_format.QuantFormat, range_steps: int = 1
-               ) -> torch.Tensor:
+def _max_error(x: torch.Tensor, fmt: kv_format.QuantFormat, keys: bool) -> torch.Tensor:
     """Per value, the most a round trip may be off: half a step (the step of a group with a
-    bf16-rounded scale, and for int4 the bf16 rounding of its zero point), or for fp8 half its
+    bf16-rounded scale), plus for int4 the bf16 rounding of its zero point, or for fp8 half its
     3-bit mantissa's spacing at the value's magnitude, down to the subnormal spacing. An int4
-    group whose range shrinks (keys) clamps its ends: off by up to the part cut from each."""
+    key group whose range shrinks clamps its ends: off by up to the part cut from each."""
     groups = x.float().unflatten(-1, (fmt.groups(x.shape[-1]), -1))
-    if fmt.asymmetric:
+    if fmt.asymmetric and keys:
+        centred = groups - groups.mean(-1, keepdim=True)
+        amax = centred.abs().amax(-1, keepdim=True)
+        cut = 1 - kv_format.range_ratio(fmt.key_range_steps - 1)
+        zero = groups.mean(-1, keepdim=True).abs() + amax
+        bound = amax * (0.51 / (fmt.qmax / 2) + cut) + zero * 2.0 ** -8
+    elif fmt.asymmetric:
         lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        cut = (1 - kv_format.range_ratio(range_steps - 1)) / 2
-        bound = (hi - lo) * (0.51 / fmt.qmax + cut) + (lo - lo.bfloat16().float()).abs()
+        bound = (hi - lo) * 0.51 / fmt.qmax + (lo - lo.bfloat16().float()).abs()
     else:
         scale = groups.abs().amax(-1, keepdim=True) / fmt.qmax * 1.01
         bound = (scale / 2 if fmt.name == "int8" else
@@ -58,56 +64,97 @@ def test_a_write_then_read_is_within_the_formats_step(name):
     pools = [kv_format.allocate(fmt, (8, PAGE, KV_HEADS), HEAD_DIM, "cpu") for _ in range(2)]
     padded = torch.cat([slots, torch.tensor([-1])])
     reference.write_kv(torch.cat([k, k[:1]]), torch.cat([v, v[:1]]), *pools, padded)
-    for x, pool, steps in ((k, pools[0], fmt.key_range_steps), (v, pools[1], 1)):
+    for x, pool, keys in ((k, pools[0], True), (v, pools[1], False)):
         flat = [None if p is None else p.view(-1, *p.shape[2:]) for p in pool]
         got = kv_format.dequantize(*(None if p is None else p[slots] for p in flat),
                                    torch.float32)
-        assert ((got - x).abs() <= _max_error(x, fmt, steps)).all()
+        assert ((got - x).abs() <= _max_error(x, fmt, keys)).all()
         untouched = torch.ones(flat[0].shape[0], dtype=torch.bool)
         untouched[slots] = False
         assert all((p[untouched] == 0).all() for p in flat if p is not None)
 
 
-def test_int4_keys_take_the_range_that_rounds_them_best():
-    """An int4 key group tries `key_range_steps` ranges, its min-max range first, and keeps the
-    one of least squared rounding error: more ranges never round a group worse, and on most
-    Gaussian groups a shrunk range wins (one or two clamped extremes buy a finer step for the
-    rest of the group's 64 channels)."""
+def test_int4_keys_keep_their_mean_at_the_range_that_rounds_them_best():
+    """An int4 key group keeps its mean (its error is orthogonal to the all-ones direction, up
+    to its zero point's bf16 rounding), and tries `key_range_steps` ranges, keeping the one
+    whose error is least: more ranges never round a group worse, and on most Gaussian groups a
+    shrunk range wins (one or two clamped extremes buy a finer step for the other 63)."""
     fmt = kv_format.FORMATS["int4"]
     torch.manual_seed(0)
-    x = torch.randn(256, KV_HEADS, HEAD_DIM)
+    x = torch.randn(256, KV_HEADS, HEAD_DIM) + torch.randn(256, KV_HEADS, 1) * 4
 
-    def group_errors(range_steps: int) -> torch.Tensor:
-        got = kv_format.dequantize(*kv_format.quantize(x, fmt, range_steps), torch.float32)
-        return (got - x).square().sum(-1)
+    def errors(range_steps: int) -> torch.Tensor:
+        steps_fmt = dataclasses.replace(fmt, key_range_steps=range_steps)
+        return kv_format.dequantize(*kv_format.quantize(x, steps_fmt, keys=True),
+                                    torch.float32) - x
 
-    errors = [group_errors(steps) for steps in range(1, fmt.key_range_steps + 1)]
-    assert all((fewer >= more).all() for fewer, more in zip(errors, errors[1:]))
-    assert (errors[-1] < errors[0]).float().mean() > 0.5
+    error = errors(fmt.key_range_steps)
+    zeros = kv_format.quantize(x, fmt, keys=True)[2]
+    assert (error.mean(-1).abs() <= zeros.float().squeeze(-1).abs() * 2.0 ** -8 + 1e-6).all()
+    assert error.abs().amax() > 0.1  # the codes did round
+    squared = [(e - e.mean(-1, keepdim=True)).square().sum(-1)
+               for e in map(errors, range(1, fmt.key_range_steps + 1))]
+    assert all((fewer >= more - 1e-4).all() for fewer, more in zip(squared, squared[1:]))
+    assert (squared[-1] < squared[0]).float().mean() > 0.5
 
 
-def test_int4_attention_is_float_attention_over_what_its_pages_hold():
-    """The attention layer on int4 pages (keys minus an offset, keys and values rotated) gives
-    what plain float attention gives over the pages' own keys and values, dequantized, rotated
-    back and the offset added back: the transforms change what is rounded, never the result."""
+@pytest.mark.parametrize("offset_size, softcap", [(5.0, None), (0.0, 30.0)])
+def test_int4_attention_is_float_attention_over_what_its_pages_hold(offset_size, softcap):
+    """The attention layer on int4 pages (keys minus an offset and reflected, queries
+    reflected alike, keys and values rotated) gives what plain float attention gives over the
+    pages' own keys and values, dequantized, rotated back, reflected back and the offset added
+    back: the transforms change what is rounded, never the result. Under a score softcap
+    (Gemma 2), which shifted scores would change, the calibration sets no offset."""
     torch.manual_seed(0)
     n, group = 40, 3
     q = torch.randn(n, KV_HEADS * group, HEAD_DIM)
     k, v = torch.randn(n, KV_HEADS, HEAD_DIM), torch.randn(n, KV_HEADS, HEAD_DIM)
-    offset = torch.randn(KV_HEADS, HEAD_DIM) * 5
+    offset = torch.randn(KV_HEADS, HEAD_DIM) * offset_size
+    reflector = torch.nn.functional.normalize(torch.randn(KV_HEADS, HEAD_DIM), dim=-1)
     table = torch.tensor([[3, 1, 4]])
     positions, meta = AttentionMetadata.for_batch(torch.tensor([0]), torch.tensor([n]), table,
                                                   PAGE, n, n)
     fmt = kv_format.FORMATS["int4"]
     pools = tuple(kv_format.allocate(fmt, (8, PAGE, KV_HEADS), HEAD_DIM, "cpu") for _ in range(2))
-    got = paged_attention(q, k + offset, v, CenteredKV(pools, offset), meta, HEAD_DIM ** -0.5)
+    calibrated = CalibratedKV(pools, offset, reflector)
+    got = paged_attention(q, k + offset, v, calibrated, meta, HEAD_DIM ** -0.5, None, softcap)
     held_k, held_v = (kernels.rotate(kv_format.dequantize(
         *(p.view(-1, *p.shape[2:])[meta.slot_mapping] for p in pool), torch.float32), HEAD_DIM)
         for pool in pools)
+    held_k = calibrated.keys(held_k + offset) + offset  # a reflection undoes itself
     plain = KVCache(KVCacheSpec(1, KV_HEADS, HEAD_DIM, PAGE, torch.float32), 8, "cpu").layers[0]
-    want = paged_attention(q, held_k + offset, held_v, plain, meta, HEAD_DIM ** -0.5)
+    want = paged_attention(q, held_k, held_v, plain, meta, HEAD_DIM ** -0.5, None, softcap)
     assert torch.allclose(got, want, atol=1e-4)
-    assert not torch.allclose(held_k, k, atol=1e-2)  # int4 did round them
+    assert not torch.allclose(held_k, k + offset, atol=1e-2)  # int4 did round them
+
+
+def test_int4_rounding_spares_the_calibrated_mean_query():
+    """After SmolLM2's start-up calibration, the direction that each KV head's reflection
+    takes to the pages' exactly-stored one (its queries' mean) sees int4 keys' rounding only
+    through the bf16 rounding of their zero points: a fraction of what a random direction
+    sees."""
+    llm = LLM(dtype="float32", quantization="none", max_model_len=256, num_kv_pages=64,
+              enforce_eager=True, kv_cache_dtype="int4")
+    layer = llm.engine.runner.kv_layers[10]
+    assert isinstance(layer, CalibratedKV)
+    r = layer.reflector
+    assert torch.allclose(r.norm(dim=-1), torch.ones(KV_HEADS))
+    target = kv_calibration.exact_direction(HEAD_DIM, "cpu")
+    mean_query = target - 2 * (target * r).sum(-1, keepdim=True) * r
+    torch.manual_seed(0)
+    keys = torch.randn(256, KV_HEADS, HEAD_DIM) * 3 + layer.k_offset
+    reflected = layer.keys(keys)
+    codes, scales, zeros = kv_format.quantize(kernels.rotate(reflected, HEAD_DIM),
+                                              kv_format.FORMATS["int4"], keys=True)
+    rounded = kv_format.dequantize(codes, scales, zeros, torch.float32)
+    # held minus written, reflected back (a reflection undoes itself) to the keys' own basis
+    error = layer.keys(kernels.rotate(rounded, HEAD_DIM) - reflected + layer.k_offset)
+    spared = (error * mean_query).sum(-1)
+    zero_rounding = zeros.float().squeeze(-1).abs() * 2.0 ** -8 * HEAD_DIM ** 0.5
+    assert (spared.abs() <= zero_rounding + 1e-4).all()
+    random_direction = torch.nn.functional.normalize(torch.randn(KV_HEADS, HEAD_DIM), dim=-1)
+    blurred = (error * random_direction).sum(-1)
+    assert spared.square().mean() < 0.3 * blurred.square().mean()
 
 
 @pytest.mark.parametrize("name, head_bytes", [("int8", 66), ("fp8", 66), ("int4", 36)])
@@ -155,8 +202,8 @@ def test_greedy_decoding_stays_within_a_margin_of_auto_teacher_forced(name, auto
     llm = LLM(dtype="float32", quantization="none", max_model_len=512, num_kv_pages=256,
               enforce_eager=True, kv_cache_dtype=name)
     assert llm.engine.runner.kv_spec.storage == name
-    centred = isinstance(llm.engine.runner.kv_layers[0], CenteredKV)
-    assert centred == kv_format.FORMATS[name].centers_keys
+    calibrated = isinstance(llm.engine.runner.kv_layers[0], CalibratedKV)
+    assert calibrated == kv_format.FORMATS[name].calibrates_keys
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     probe = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params)):

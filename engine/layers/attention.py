@@ -93,11 +93,35 @@ class HeadSplit:
 
 
 @dataclass
-class CenteredKV:
+class CalibratedKV:
     """One layer's KV (pools or a `HeadSplit`) holding keys minus a constant offset per KV
-    head and channel, `[num_kv_heads, head_dim]` (engine/kv_offsets.py)."""
+    head and channel, `[num_kv_heads, head_dim]`, then reflected (queries alike) by the
+    Householder reflection of a unit vector per KV head, `x - 2 (x . r) r`
+    (engine/kv_calibration.py). Neither changes a softmax: scores all move by q . offset, and
+    a reflection is orthogonal."""
     inner: "tuple | HeadSplit"
     k_offset: torch.Tensor
+    reflector: torch.Tensor  # [num_kv_heads, head_dim]
+
+    def keys(self, k: torch.Tensor) -> torch.Tensor:
+        return _reflect(k.float() - self.k_offset.float(), self.reflector).to(k.dtype)
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        per_head = self.reflector.repeat_interleave(q.shape[1] // self.reflector.shape[0], 0)
+        return _reflect(q.float(), per_head).to(q.dtype)
+
+
+def _reflect(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """`x[T, heads, D]` reflected by unit (or zero) vectors `r[heads, D]`."""
+    return x - 2 * (x * r).sum(-1, keepdim=True) * r
+
+
+@dataclass
+class QueryProbe:
+    """One layer's pools during calibration (engine/kv_calibration.py), and the mean query,
+    `[num_heads, head_dim]` in fp32, of each forward that attended over them."""
+    inner: tuple
+    query_means: list[torch.Tensor] = field(default_factory=list)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -107,9 +131,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Each query attends to its request's keys up to its own position, or to the last
     `sliding_window` of them; `softcap` caps the scores (kernels.reference.paged_attention).
     Under a head config each side of the layer's `HeadSplit` attends in its own pool."""
-    if isinstance(kv_cache, CenteredKV):  # softmax(q (k - mu)^T) = softmax(q k^T)
-        return paged_attention(q, k - kv_cache.k_offset, v, kv_cache.inner, meta, scale,
-                               sliding_window, softcap)
+    if isinstance(kv_cache, CalibratedKV):
+        return paged_attention(kv_cache.queries(q), kv_cache.keys(k), v, kv_cache.inner, meta,
+                               scale, sliding_window, softcap)
+    if isinstance(kv_cache, QueryProbe):
+        kv_cache.query_means.append(q.float().mean(0))
+        return paged_attention(q, k, v, kv_cache.inner, meta, scale, sliding_window, softcap)
     if isinstance(kv_cache, HeadSplit):
         out = torch.empty_like(q)
         for pools, kv_heads, q_heads, m in kv_cache.sides(meta):
