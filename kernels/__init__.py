@@ -113,6 +113,20 @@ def packed_int8_linear(x, packed, w_scale):
     return reference.packed_int8_linear(x, packed, w_scale)
 
 
+def fbgemm_int8_available():
+    return reference.fbgemm_int8_available()
+
+
+def pack_int8_fbgemm(weight, scales):
+    _cpu_only("pack_int8_fbgemm", weight)
+    return reference.FbgemmInt8Weight(weight, scales)
+
+
+def fbgemm_int8_linear(x, packed):
+    _cpu_only("fbgemm_int8_linear", x)
+    return reference.fbgemm_int8_linear(x, packed)
+
+
 def int4_linear(x, packed, scales_and_zeros, group_size):
     _cpu_only("int4_linear", x)
     return reference.int4_linear(x, packed, scales_and_zeros, group_size)

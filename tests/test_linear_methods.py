@@ -2,6 +2,7 @@
 float reference, the integer GEMM's exactness, and the per-machine kernel choice."""
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -174,8 +175,10 @@ def test_every_kernel_matches_the_weight_it_holds(name, shape):
     assert layer.weight.abs().max() <= code_max
     assert (held - dense).norm() <= 0.015 * 127 / code_max * dense.norm()
     candidates = layer.method.candidates(layer)
-    assert set(candidates) == ({"int4", "w8a16", "w8a8"} if name == "gguf"
-                               else {"w8a16", "w8a8"})
+    names = {"w8a16", "w8a8"} | ({"int4"} if name == "gguf" else set())
+    if kernel_choice.fbgemm_gemm_is_exact():
+        names.add("w8a8-fbgemm")
+    assert set(candidates) == names
     for num_tokens in (1, 7, 64, reference.BF16_ROTATION_MIN_ROWS):
         x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
         for kernel, run in candidates.items():
@@ -183,7 +186,7 @@ def test_every_kernel_matches_the_weight_it_holds(name, shape):
                         else layer.method.reference(layer, x))
             error = (run(x).float() - expected).abs().max()
             # bf16 output rounding; w8a8 also rounds activations to int8 per token
-            bound = (0.02 if kernel == "w8a8" else 0.01) * expected.abs().max()
+            bound = (0.02 if kernel.startswith("w8a8") else 0.01) * expected.abs().max()
             assert error <= bound, (kernel, num_tokens, error)
 
 
@@ -231,6 +234,24 @@ def test_int8_gemm_is_exact_on_its_quantized_operands():
     expected = (xq.double() @ codes.double().t()) * x_scale.double() * scales[:, 0].double()
     y = kernels.int8_linear(x, codes, scales[:, 0])
     assert torch.allclose(y.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="fbgemm is x86's")
+def test_fbgemm_int8_gemm_is_within_its_activation_rounding():
+    """fbgemm quantizes each row, scaled to max |x| = 1, to 256 levels spanning the batch's
+    range (at most [-1, 1]): an activation moves by at most 1/255 of its row's max, so an
+    output by at most that times the row's sum of |W|. Saturated int16 sums would be far off."""
+    assert kernel_choice.fbgemm_gemm_is_exact()  # every x86 CPU, at int8_weight_code_max
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(37, 1536, generator=gen) * torch.rand(37, 1, generator=gen) * 10
+    codes, scales = kernels.quantize_int8_rows(torch.randn(576, 1536, generator=gen),
+                                               kernel_choice.int8_weight_code_max())
+    w = codes.double() * scales.double()
+    y = kernels.fbgemm_int8_linear(x, kernels.pack_int8_fbgemm(codes, scales[:, 0]))
+    error = (y.double() - x.double() @ w.t()).abs()
+    bound = x.double().abs().amax(1, keepdim=True) / 255 * w.abs().sum(1) * 1.001
+    assert (error <= bound).all()
+    assert error.mean() < 0.1 * bound.mean()  # roundings of either sign mostly cancel
 
 
 def test_int8_embedding_rows_are_the_lm_head_rows():
@@ -330,6 +351,7 @@ codes, _ = quantize_rotated(torch.randn(64, 576), 576)
 a = torch.randint(-128, 128, (16, 576), dtype=torch.int8)
 assert codes.abs().max() == kernel_choice.int8_weight_code_max() == 64
 assert torch.equal(torch._int_mm(a, codes.t()), a.int() @ codes.int().t())
+assert kernel_choice.fbgemm_gemm_is_exact()
 # torch's kernels capped at AVX2 use no AVX-512 BF16, whatever the CPU reports
 from engine.model_runner import resolve_dtype
 assert resolve_dtype("auto", "cpu")[0] == torch.float32

@@ -10,8 +10,10 @@ gets one fp32 scale (`max |row| / 127`; 64 on CPUs without VNNI, see
 float copy of the weight ever exists. Two kernels share the one int8 weight: W8A16
 (`_weight_int8pack_mm`, bf16 activations, dequantized in the kernel) and W8A8 (activations
 quantized per token, `torch._int_mm`'s integer dot products); which runs at which step size is
-measured per machine (kernel_choice). The two round differently, so a request's tokens can
-depend on the size of the step it runs in.
+measured per machine (kernel_choice). fbgemm's int8 GEMM (activations per token too; on AVX2
+without VNNI, where `_int_mm` takes a slow path, ~20x as fast) is a third candidate, its packed
+copy of the weight kept only where a plan picks it. They round differently, so a request's tokens
+can depend on the size of the step it runs in.
 """
 from functools import partial
 
@@ -21,7 +23,7 @@ from torch.nn import functional as F
 
 import kernels
 from engine.layers.quantization.base import LinearMethod
-from engine.layers.quantization.kernel_choice import int8_weight_code_max
+from engine.layers.quantization.kernel_choice import fbgemm_gemm_is_exact, int8_weight_code_max
 
 # SmolLM2 perplexity on GPL-3 (7650 tokens, prefill so w8a8 throughout) over dense 18.83:
 # +1.0% with blocks of up to 256, +0.7% up to 512 (its 1536-wide down projection); the
@@ -90,7 +92,15 @@ class Int8Method(LinearMethod):
         def w8a8(x):
             return kernels.int8_linear(_rotated(layer, x), layer.weight, layer.weight_scale)
 
-        return {"w8a16": w8a16, "w8a8": w8a8}
+        found = {"w8a16": w8a16, "w8a8": w8a8}
+        if fbgemm_gemm_is_exact():
+            # Held by the closure alone: a plan that does not pick it lets it go.
+            packed = kernels.pack_int8_fbgemm(layer.weight, layer.weight_scale)
+
+            def w8a8_fbgemm(x):
+                return kernels.fbgemm_int8_linear(_rotated(layer, x), packed)
+            found["w8a8-fbgemm"] = w8a8_fbgemm
+        return found
 
     def reference(self, layer, x):
         """fp32 `x W^T` on the dequantized weight (rotated, with x rotated alike in fp32)."""

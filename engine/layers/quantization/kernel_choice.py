@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 # Part of the cache key: bump it when a kernel or the way it is timed changes.
-MEASUREMENT_VERSION = 8
+MEASUREMENT_VERSION = 9
 # The token counts a plan may switch kernels at: one request, the rows decode attention runs
 # through SDPA (kernels.reference.SDPA_MAX_ROWS), then powers of eight.
 TOKEN_CLASSES = (1, 4, 8, 64, 512)
@@ -203,14 +203,16 @@ def _time(kernels: list[Kernel], x: torch.Tensor) -> float:
 
 @functools.cache
 def int8_weight_code_max() -> int:
-    """The largest int8 weight code: 127, or 64 where `torch._int_mm` sums exactly only up to
-    it. oneDNN without VNNI (AVX2) adds 128 to the int8 activations and adds pairs of u8 x s8
-    products in int16 (`vpmaddubsw`), which saturates past 2 x 255 x 64; weights kept within
-    +-64 keep every sum exact, so W8A8 runs there too, at twice the weight's rounding step."""
+    """The largest int8 weight code at which this CPU's int8 GEMMs (`torch._int_mm`, and
+    fbgemm's where torch has it) sum exactly: 127, or 64. Without VNNI (AVX2) they take uint8
+    activations (oneDNN adds 128 to int8 ones) and add pairs of u8 x s8 products in int16
+    (`vpmaddubsw`), which saturates past 2 x 255 x 64; weights kept within +-64 keep every sum
+    exact, so W8A8 runs there too, at twice the weight's rounding step."""
     for code_max in (127, 64):
-        if _integer_gemm_is_exact(code_max):
-            logger.info("int8 GEMM (torch._int_mm) is exact on this CPU for weight codes up to "
-                        "+-%d: int8 weights use that range", code_max)
+        if _integer_gemm_is_exact(code_max) and (not kernels.fbgemm_int8_available()
+                                                 or _fbgemm_gemm_is_exact(code_max)):
+            logger.info("int8 GEMMs are exact on this CPU for weight codes up to +-%d: int8 "
+                        "weights use that range", code_max)
             return code_max
     logger.warning("int8 GEMM (torch._int_mm) is inexact on this CPU: W8A8 is not used")
     return 127
@@ -222,10 +224,27 @@ def integer_gemm_is_exact() -> bool:
     return _integer_gemm_is_exact(int8_weight_code_max())
 
 
+def fbgemm_gemm_is_exact() -> bool:
+    """Whether torch has fbgemm's int8 GEMM and it is exact for weights within
+    `int8_weight_code_max` (the int8 linears' third candidate, `kernels.fbgemm_int8_linear`)."""
+    return kernels.fbgemm_int8_available() and _fbgemm_gemm_is_exact(int8_weight_code_max())
+
+
 @functools.cache
 def _integer_gemm_is_exact(code_max: int) -> bool:
     a, b = _random_codes(code_max)
     return torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
+
+
+@functools.cache
+def _fbgemm_gemm_is_exact(code_max: int) -> bool:
+    """Every row holds 0 and 255, so its activations quantize to themselves: the output is
+    the integer sums up to fp32 rounding (saturated sums are off by thousands)."""
+    a, b = _random_codes(code_max)
+    x = kernels.shift_to_uint8(a).float()
+    x[:, :2] = torch.tensor([0.0, 255.0])
+    products = kernels.fbgemm_int8_linear(x, kernels.pack_int8_fbgemm(b, torch.ones(len(b))))
+    return bool(((products - x @ b.float().t()).abs() < 0.5).all())
 
 
 @functools.cache
