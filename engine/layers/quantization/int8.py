@@ -10,9 +10,9 @@ gets one fp32 scale (`max |row| / 127`; 64 on CPUs without VNNI, see
 float copy of the weight ever exists. Two kernels share the one int8 weight: W8A16
 (`_weight_int8pack_mm`, bf16 activations, dequantized in the kernel) and W8A8 (activations
 quantized per token, `torch._int_mm`'s integer dot products); which runs at which step size is
-measured per machine (kernel_choice). fbgemm's int8 GEMM (activations per token too; on AVX2
-without VNNI, where `_int_mm` takes a slow path, ~20x as fast) is a third candidate, its packed
-copy of the weight kept only where a plan picks it. They round differently, so a request's tokens
+measured per machine (kernel_choice). fbgemm's int8 GEMM (activations per token too) is a
+third candidate where it sums the weight codes exactly, its packed copy of the weight kept
+only where a plan picks it. They round differently, so a request's tokens
 can depend on the size of the step it runs in.
 """
 from functools import partial

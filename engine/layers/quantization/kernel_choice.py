@@ -203,16 +203,16 @@ def _time(kernels: list[Kernel], x: torch.Tensor) -> float:
 
 @functools.cache
 def int8_weight_code_max() -> int:
-    """The largest int8 weight code at which this CPU's int8 GEMMs (`torch._int_mm`, and
-    fbgemm's where torch has it) sum exactly: 127, or 64. Without VNNI (AVX2) they take uint8
-    activations (oneDNN adds 128 to int8 ones) and add pairs of u8 x s8 products in int16
-    (`vpmaddubsw`), which saturates past 2 x 255 x 64; weights kept within +-64 keep every sum
-    exact, so W8A8 runs there too, at twice the weight's rounding step."""
+    """The largest int8 weight code: 127, or 64 where `torch._int_mm` sums exactly only up to
+    it. oneDNN without VNNI (AVX2) adds 128 to the int8 activations and adds pairs of u8 x s8
+    products in int16 (`vpmaddubsw`), which saturates past 2 x 255 x 64; weights kept within
+    +-64 keep every sum exact, so W8A8 runs there too, at twice the weight's rounding step.
+    fbgemm's GEMM does not lower it: +-64 weights move a random tiny MoE's greedy tokens past
+    tests/test_gguf_families.py's margin."""
     for code_max in (127, 64):
-        if _integer_gemm_is_exact(code_max) and (not kernels.fbgemm_int8_available()
-                                                 or _fbgemm_gemm_is_exact(code_max)):
-            logger.info("int8 GEMMs are exact on this CPU for weight codes up to +-%d: int8 "
-                        "weights use that range", code_max)
+        if _integer_gemm_is_exact(code_max):
+            logger.info("int8 GEMM (torch._int_mm) is exact on this CPU for weight codes up to "
+                        "+-%d: int8 weights use that range", code_max)
             return code_max
     logger.warning("int8 GEMM (torch._int_mm) is inexact on this CPU: W8A8 is not used")
     return 127
