@@ -487,8 +487,9 @@ def fbgemm_int8_linear(x: torch.Tensor, weight: FbgemmInt8Weight) -> torch.Tenso
     """fp32 `x[M, K] @ W^T` with fbgemm's dynamic int8 linear (uint8 activations). It
     quantizes its input per tensor, so each row is scaled to max |x| = 1 first and its output
     scaled back: int8 per token, in effect. On two AVX2-only Zen 2 cores it runs ~80 GOP/s
-    where `torch._int_mm` runs 4 (oneDNN's reference path) and W8A16 ~35. Its sums are exact
-    for weights within `kernel_choice.int8_weight_code_max` (+-64 without VNNI)."""
+    where `torch._int_mm` runs 4 (oneDNN's reference path) and W8A16 ~35. Without VNNI it sums
+    u8 x s8 pairs in int16, exact only for weights within +-64: where that is below the int8
+    weights' range, `kernel_choice.fbgemm_gemm_is_exact` keeps it from being offered."""
     x = x.float()
     row_max = x.abs().amax(-1, keepdim=True).clamp_(min=1e-30)
     return _fbgemm_linear(x / row_max, weight.key, weight.out_features).mul_(row_max)

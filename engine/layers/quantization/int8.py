@@ -12,8 +12,8 @@ float copy of the weight ever exists. Two kernels share the one int8 weight: W8A
 quantized per token, `torch._int_mm`'s integer dot products); which runs at which step size is
 measured per machine (kernel_choice). fbgemm's int8 GEMM (activations per token too) is a
 third candidate where it sums the weight codes exactly, its packed copy of the weight kept
-only where a plan picks it. They round differently, so a request's tokens
-can depend on the size of the step it runs in.
+only where a plan picks it. They round differently, so a request's tokens can depend on the
+size of the step it runs in.
 """
 from functools import partial
 
