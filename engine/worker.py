@@ -38,7 +38,7 @@ WORKER_MESSAGES = msgspec.msgpack.Decoder(WorkerReady | WorkerFailed)
 def resident_bytes(module) -> int:
     """Bytes of a module's parameters and buffers (what a rank holds of the model)."""
     return sum(t.numel() * t.element_size()
-               for t in (*module.parameters(), *module.buffers()))
+               for t in (*module.parameters(), *module.buffers()) if not t.is_meta)
 
 
 def serve(config_json: bytes, rank: int, size: int, init_method: str, plans_addr: str,

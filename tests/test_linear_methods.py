@@ -20,7 +20,7 @@ from engine.layers.quantization import kernel_choice
 from engine.layers.quantization.checkpoint import ChannelWeight, Int4Weight
 from engine.layers.quantization.dense import DenseMethod
 from engine.layers.quantization.gguf import QuantizedWeight
-from engine.layers.quantization.int8 import rotation_block
+from engine.layers.quantization.int8 import RAW_WEIGHT_KERNELS, rotation_block
 from engine import model_runner
 from engine.model_runner import default_dtype, resolve_dtype
 from kernels import reference
@@ -85,7 +85,9 @@ CASES = {"none": (_dense_shard, torch.float32, 1e-6),
 
 
 def _loaded_layer(name: str, gen: torch.Generator, output_sizes=OUTPUT_SIZES,
-                  in_features=IN_FEATURES):
+                  in_features=IN_FEATURES, plan: bool = True):
+    """A layer of method `name` loaded with random shards, its kernels planned unless `plan`
+    is false (planning frees an int8 weight that the plan does not read)."""
     make_shard, dtype, _ = CASES[name]
     method = get_linear_method(name)
     with default_dtype(dtype):
@@ -98,7 +100,8 @@ def _loaded_layer(name: str, gen: torch.Generator, output_sizes=OUTPUT_SIZES,
         layer.bias.weight_loader(layer.bias, torch.zeros(rows) + shard, shard)
         dense.append(values)
     method.process_weights_after_loading(layer)
-    plan_layer_kernels([layer])
+    if plan:
+        plan_layer_kernels([layer])
     return layer, torch.cat(dense)
 
 
@@ -148,9 +151,12 @@ def test_fused_shards_land_at_their_rows():
 @pytest.mark.parametrize("name", list(QUANTIZATION_METHODS))
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
 def test_apply_matches_f_linear_on_the_checkpoint_weight(name, num_tokens):
-    """Through the measured plan: whatever kernel this machine picks for the step size."""
+    """Through the measured plan: whatever kernel this machine picks for the step size. An
+    int8 weight that no kernel of the plan reads is gone."""
     gen = torch.Generator().manual_seed(0)
     layer, dense = _loaded_layer(name, gen)
+    if (plan := getattr(layer, "kernel_plan", None)) is not None:
+        assert layer.weight.is_meta == RAW_WEIGHT_KERNELS.isdisjoint(plan.names)
     dtype, bound = CASES[name][1:]
     x = torch.randn(num_tokens, IN_FEATURES, generator=gen).to(dtype)
     y = layer(x).float()
@@ -165,18 +171,19 @@ def test_every_kernel_matches_the_weight_it_holds(name, shape):
     holds: the 4-bit codes for int4, the rotated int8 requantization for the int8 kernels."""
     out_features, in_features = shape
     gen = torch.Generator().manual_seed(1)
-    layer, dense = _loaded_layer(name, gen, [out_features], in_features)
+    layer, dense = _loaded_layer(name, gen, [out_features], in_features, plan=False)
     # int8 of the rotated weight, rotated back: the checkpoint's values up to rounding by
     # steps of max |row| / 127: ~0.8% of the weight's norm for Gaussian rows and for real
     # SmolLM2 layers (0.74-0.81%), ~1.1% for these uniform codes; twice that with +-64 codes
     held = kernels.rotate(layer.weight.float() * layer.weight_scale[:, None],
                           layer.rotation_block)
-    code_max = kernel_choice.int8_weight_code_max()
+    code_max = layer.method.code_max
+    assert code_max == kernel_choice.linear_int8_code_max()
     assert layer.weight.abs().max() <= code_max
     assert (held - dense).norm() <= 0.015 * 127 / code_max * dense.norm()
     candidates = layer.method.candidates(layer)
     names = {"w8a16", "w8a8"} | ({"int4"} if name == "gguf" else set())
-    if kernel_choice.fbgemm_gemm_is_exact():
+    if kernel_choice.fbgemm_gemm_is_exact(code_max):
         names.add("w8a8-fbgemm")
     assert set(candidates) == names
     for num_tokens in (1, 7, 64, reference.BF16_ROTATION_MIN_ROWS):
@@ -256,10 +263,13 @@ def test_fbgemm_int8_gemm_is_within_its_activation_rounding():
 def test_int8_embedding_rows_are_the_lm_head_rows():
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(100, 64, generator=gen)
-    layer = VocabEmbedding(100, 64, method=get_linear_method("int8"))
+    layer = VocabEmbedding(100, 64, method=get_linear_method("int8").vocab_method())
     layer.weight.weight_loader(layer.weight, table)
     layer.method.process_weights_after_loading(layer)
     plan_layer_kernels([layer])
+    # full-range codes whatever the layer linears take; kept for the lookups whatever the plan
+    assert layer.method.code_max == kernel_choice.int8_weight_code_max()
+    assert not layer.weight.is_meta
     ids = torch.tensor([5, 0, 99, 5])
     rows = layer.embed(ids)
     assert (rows - table[ids]).norm() <= 0.015 * table[ids].norm()  # int8 rounding, as above
@@ -344,13 +354,14 @@ assert torch.backends.cpu.get_cpu_capability() == "AVX2", torch.backends.cpu.get
 for num_tokens in (1, 3, 33, 130):
     check("gguf", num_tokens)
 print(" | ".join(kernel_choice.chosen_plans().values()))
-# weights within the range where the int8 GEMM is exact: +-64 where oneDNN's AVX2 kernel sums
-# u8 x s8 pairs in int16 (an AVX-512 CPU capped at AVX2), +-127 where a real AVX2-only CPU
-# takes its reference path
+# a linear's weights within the range where its int8 GEMMs are exact: +-64 where oneDNN's AVX2
+# kernel sums u8 x s8 pairs in int16 (an AVX-512 CPU capped at AVX2) or where fbgemm does (a
+# real AVX2-only CPU, whose _int_mm takes its exact reference path), else +-127
 from engine.layers.quantization.int8 import quantize_rotated
-codes, _ = quantize_rotated(torch.randn(64, 576), 576)
+code_max = kernel_choice.linear_int8_code_max()
+codes, _ = quantize_rotated(torch.randn(64, 576), 576, code_max)
 a = torch.randint(-128, 128, (16, 576), dtype=torch.int8)
-assert codes.abs().max() == kernel_choice.int8_weight_code_max() in (64, 127)
+assert codes.abs().max() == code_max in (64, 127)
 assert torch.equal(torch._int_mm(a, codes.t()), a.int() @ codes.int().t())
 # torch's kernels capped at AVX2 use no AVX-512 BF16, whatever the CPU reports
 from engine.model_runner import resolve_dtype

@@ -18,7 +18,8 @@ from engine.layers.linear import Linear
 from engine.layers.mlp import gated_activation
 from engine.layers.quantization import LinearMethod, get_linear_method
 from engine.layers.quantization.int8 import quantize_rotated, rotation_block
-from engine.layers.quantization.kernel_choice import (integer_gemm_is_exact,
+from engine.layers.quantization.kernel_choice import (int8_weight_code_max,
+                                                       integer_gemm_is_exact,
                                                        packed_if_faster,
                                                        packed_int8_gemm_is_exact)
 
@@ -51,7 +52,7 @@ class MoEMLP(nn.Module):
         """Expert `shard[0]`'s weight; `shard[1]` is 0 (gate) or 1 (up) within `w13`."""
         if self.quantized:
             down = param is self.w2
-            loaded, scale = quantize_rotated(loaded, self.blocks[down])
+            loaded, scale = quantize_rotated(loaded, self.blocks[down], int8_weight_code_max())
             self._rows(self.w2_scale if down else self.w13_scale, shard).copy_(scale[:, 0])
         self._rows(param.data, shard).copy_(loaded)
 

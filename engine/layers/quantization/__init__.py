@@ -53,7 +53,8 @@ def get_linear_method(name: str) -> LinearMethod:
 
 def plan_layer_kernels(layers: list[nn.Module]) -> None:
     """Give each loaded layer whose method has `candidates` its `kernel_plan`, measured (or
-    read from the cache) once per shape over all the layers of that shape."""
+    read from the cache) once per shape over all the layers of that shape, and let the method
+    free what that plan never reads."""
     groups = defaultdict(list)
     for layer in layers:
         if candidates := layer.method.candidates(layer):
@@ -65,3 +66,4 @@ def plan_layer_kernels(layers: list[nn.Module]) -> None:
                              out_features, in_features, dtype)
         for (layer, _), plan in zip(members, plans):
             layer.kernel_plan = plan
+            layer.method.release_unplanned(layer)

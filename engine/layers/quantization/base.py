@@ -95,6 +95,9 @@ class LinearMethod:
         method has a single matmul."""
         return {}
 
+    def release_unplanned(self, layer: torch.nn.Module) -> None:
+        """Free what no kernel of `layer.kernel_plan` reads; called once the plan is set."""
+
     def reference(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """fp32 `x W^T` on the dequantized weight, which the candidates are checked against."""
         raise NotImplementedError

@@ -103,6 +103,3 @@ class GGUFMethod(Int8Method):
                                            layer.int4_group_size)
             found["int4"] = int4
         return found
-
-    def vocab_method(self):
-        return Int8Method()

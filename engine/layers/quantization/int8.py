@@ -6,7 +6,7 @@ up to `MAX_ROTATION_BLOCK`), and each kernel rotates its input alike, so `x W^T`
 rotation spreads the outlier channels of LLM activations (SwiGLU's output above all), which
 otherwise make int8 per token cost SmolLM2 3.9% perplexity (0.66% rotated). Each row
 gets one fp32 scale (`max |row| / 127`; 64 on CPUs without VNNI, see
-`int8_weight_code_max`), so a shard quantizes on its own as it loads and no
+`linear_int8_code_max`), so a shard quantizes on its own as it loads and no
 float copy of the weight ever exists. Two kernels share the one int8 weight: W8A16
 (`_weight_int8pack_mm`, bf16 activations, dequantized in the kernel) and W8A8 (activations
 quantized per token, `torch._int_mm`'s integer dot products); which runs at which step size is
@@ -23,7 +23,8 @@ from torch.nn import functional as F
 
 import kernels
 from engine.layers.quantization.base import LinearMethod
-from engine.layers.quantization.kernel_choice import fbgemm_gemm_is_exact, int8_weight_code_max
+from engine.layers.quantization.kernel_choice import (fbgemm_gemm_is_exact, int8_weight_code_max,
+                                                       linear_int8_code_max)
 
 # SmolLM2 perplexity on GPL-3 (7650 tokens, prefill so w8a8 throughout) over dense 18.83:
 # +1.0% with blocks of up to 256, +0.7% up to 512 (its 1536-wide down projection); the
@@ -33,6 +34,8 @@ MAX_ROTATION_BLOCK = 512
 # the full 576 (not 64) and 1536 (not 512) take the perplexity cost from +0.79% to +0.66%, and
 # with the +-64 weight codes of CPUs without VNNI from +1.02% to +0.47%.
 MAX_ODD_FACTOR = 15
+# The candidates that multiply by `layer.weight` itself.
+RAW_WEIGHT_KERNELS = frozenset({"w8a16", "w8a8"})
 
 
 def rotation_block(in_features: int) -> int:
@@ -43,16 +46,26 @@ def rotation_block(in_features: int) -> int:
     return power * odd if odd <= MAX_ODD_FACTOR else power
 
 
-def quantize_rotated(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rotated(w: torch.Tensor, block: int, code_max: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """A float weight `[N, K]` as this format stores it: rotated along K in blocks of `block`,
-    then int8 codes (within what this CPU's integer GEMM sums exactly) and an fp32 scale
-    `[N, 1]` per row."""
-    return kernels.quantize_int8_rows(kernels.rotate(w.float(), block), int8_weight_code_max())
+    then int8 codes within `+-code_max` (what this CPU's integer GEMMs sum exactly) and an fp32
+    scale `[N, 1]` per row."""
+    return kernels.quantize_int8_rows(kernels.rotate(w.float(), block), code_max)
 
 
 class Int8Method(LinearMethod):
     name = "int8"
     integer_kernels = True
+
+    def __init__(self, code_max: int | None = None):
+        """`code_max`: the weights' largest code; by default `linear_int8_code_max`, the range
+        that this CPU's fastest exact int8 GEMM takes."""
+        self._code_max = code_max
+
+    @property
+    def code_max(self) -> int:
+        return self._code_max or linear_int8_code_max()
 
     def create_weights(self, layer, in_features, out_features):
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8),
@@ -64,7 +77,7 @@ class Int8Method(LinearMethod):
         layer.kernel_plan = None  # set by plan_layer_kernels once every layer is loaded
 
     def _load(self, layer, param, loaded: torch.Tensor, shard_id: int | None = None) -> None:
-        codes, scale = quantize_rotated(loaded, layer.rotation_block)
+        codes, scale = quantize_rotated(loaded, layer.rotation_block, self.code_max)
         layer.load_rows(param, codes, shard_id)
         layer.load_rows(layer.weight_scale, scale[:, 0], shard_id)
 
@@ -93,7 +106,7 @@ class Int8Method(LinearMethod):
             return kernels.int8_linear(_rotated(layer, x), layer.weight, layer.weight_scale)
 
         found = {"w8a16": w8a16, "w8a8": w8a8}
-        if fbgemm_gemm_is_exact():
+        if fbgemm_gemm_is_exact(self.code_max):
             # Held by the closure alone: a plan that does not pick it lets it go.
             packed = kernels.pack_int8_fbgemm(layer.weight, layer.weight_scale)
 
@@ -101,6 +114,15 @@ class Int8Method(LinearMethod):
                 return kernels.fbgemm_int8_linear(_rotated(layer, x), packed)
             found["w8a8-fbgemm"] = w8a8_fbgemm
         return found
+
+    def release_unplanned(self, layer):
+        """The int8 weight goes where no kernel of the plan reads it (int4 runs on its own
+        codes, fbgemm on its own packed copy) and no token's row is looked up in it (`embed`):
+        the GGUF method would otherwise hold 1.625 + 1 bytes per weight, more than bf16's 2.
+        A meta tensor keeps its shape."""
+        if RAW_WEIGHT_KERNELS.isdisjoint(layer.kernel_plan.names) and not hasattr(layer,
+                                                                                 "embed"):
+            layer.weight = nn.Parameter(layer.weight.to("meta"), requires_grad=False)
 
     def reference(self, layer, x):
         """fp32 `x W^T` on the dequantized weight (rotated, with x rotated alike in fp32)."""
@@ -113,6 +135,13 @@ class Int8Method(LinearMethod):
 
     def logits(self, layer, x):
         return layer.kernel_plan(x).float()
+
+    def vocab_method(self):
+        """Full-range codes (`int8_weight_code_max`) for the token embedding and LM head:
+        its logits feed sampling as they are. On AVX2, +-64 codes there cost SmolLM2 0.22%
+        perplexity (18.86 -> 18.91) and moved a greedy token past tests/test_quantized.py's
+        margin; the head then runs W8A16, fbgemm being inexact at +-127 there."""
+        return Int8Method(int8_weight_code_max())
 
     def embed(self, layer, token_ids):
         rows = layer.weight[token_ids].float() * layer.weight_scale[token_ids, None]

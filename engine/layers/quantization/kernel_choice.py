@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 # Part of the cache key: bump it when a kernel or the way it is timed changes.
-MEASUREMENT_VERSION = 9
+MEASUREMENT_VERSION = 10
 # The token counts a plan may switch kernels at: one request, the rows decode attention runs
 # through SDPA (kernels.reference.SDPA_MAX_ROWS), then powers of eight.
 TOKEN_CLASSES = (1, 4, 8, 64, 512)
@@ -207,8 +207,7 @@ def int8_weight_code_max() -> int:
     it. oneDNN without VNNI (AVX2) adds 128 to the int8 activations and adds pairs of u8 x s8
     products in int16 (`vpmaddubsw`), which saturates past 2 x 255 x 64; weights kept within
     +-64 keep every sum exact, so W8A8 runs there too, at twice the weight's rounding step.
-    fbgemm's GEMM does not lower it: +-64 weights move a random tiny MoE's greedy tokens past
-    tests/test_gguf_families.py's margin."""
+    Mixture-of-experts weights use this range; dense linears `linear_int8_code_max`."""
     for code_max in (127, 64):
         if _integer_gemm_is_exact(code_max):
             logger.info("int8 GEMM (torch._int_mm) is exact on this CPU for weight codes up to "
@@ -218,16 +217,34 @@ def int8_weight_code_max() -> int:
     return 127
 
 
+@functools.cache
+def linear_int8_code_max() -> int:
+    """The largest int8 weight code of a dense linear: `int8_weight_code_max`, or 64 where
+    fbgemm's GEMM sums exactly only up to there. That is a CPU without VNNI (AVX2: u8 x s8
+    pairs added in int16), where fbgemm is a linear's one fast integer GEMM: ~80 GOP/s on two
+    Zen 2 cores against `torch._int_mm`'s 4 (oneDNN's reference path). The cost, SmolLM2
+    perplexity on GPL-3: +0.41% over dense fp32 rather than +0.25%. Experts keep
+    `int8_weight_code_max` (no fbgemm kernel runs them): +-64 moved a random tiny MoE's
+    greedy tokens past tests/test_gguf_families.py's margin."""
+    code_max = int8_weight_code_max()
+    if (kernels.fbgemm_int8_available() and not _fbgemm_gemm_is_exact(code_max)
+            and _fbgemm_gemm_is_exact(64)):
+        logger.info("fbgemm's int8 GEMM is exact on this CPU for weight codes up to +-64: "
+                    "dense int8 linears use that range")
+        return 64
+    return code_max
+
+
 def integer_gemm_is_exact() -> bool:
     """Whether `torch._int_mm` is exact for weights within `int8_weight_code_max`. For int8
     layers whose kernel is not measured per shape (mixture-of-experts layers)."""
     return _integer_gemm_is_exact(int8_weight_code_max())
 
 
-def fbgemm_gemm_is_exact() -> bool:
-    """Whether torch has fbgemm's int8 GEMM and it is exact for weights within
-    `int8_weight_code_max` (the int8 linears' third candidate, `kernels.fbgemm_int8_linear`)."""
-    return kernels.fbgemm_int8_available() and _fbgemm_gemm_is_exact(int8_weight_code_max())
+def fbgemm_gemm_is_exact(code_max: int) -> bool:
+    """Whether torch has fbgemm's int8 GEMM and it is exact for weights within `+-code_max`
+    (the int8 linears' third candidate, `kernels.fbgemm_int8_linear`)."""
+    return kernels.fbgemm_int8_available() and _fbgemm_gemm_is_exact(code_max)
 
 
 @functools.cache

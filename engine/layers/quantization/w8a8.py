@@ -22,6 +22,9 @@ class W8A8Method(Int8Method):
     takes_int8_tokens = True
     integer_kernels = False  # its LM head is a dense GEMM
 
+    def __init__(self):
+        super().__init__(code_max=127)  # a checkpoint's codes span the whole int8 range
+
     def create_weights(self, layer, in_features, out_features):
         super().create_weights(layer, in_features, out_features)
         layer.rotation_block = 1
