@@ -36,9 +36,12 @@ WORKER_MESSAGES = msgspec.msgpack.Decoder(WorkerReady | WorkerFailed)
 
 
 def resident_bytes(module) -> int:
-    """Bytes of a module's parameters and buffers (what a rank holds of the model)."""
-    return sum(t.numel() * t.element_size()
-               for t in (*module.parameters(), *module.buffers()) if not t.is_meta)
+    """Bytes of a module's parameters, buffers (a freed weight is a meta tensor) and fbgemm's
+    packed int8 weights: what a rank holds of the model."""
+    tensors = sum(t.numel() * t.element_size()
+                  for t in (*module.parameters(), *module.buffers()) if not t.is_meta)
+    return tensors + sum(m.fbgemm_weight.nbytes for m in module.modules()
+                         if getattr(m, "fbgemm_weight", None) is not None)
 
 
 def serve(config_json: bytes, rank: int, size: int, init_method: str, plans_addr: str,

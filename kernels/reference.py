@@ -5,6 +5,7 @@ Shapes follow the flat, unpadded batch (see DESIGN.md): T tokens from R requests
 whole context (earlier tokens plus the new ones), and `block_table[R, max_pages]` names the
 pages holding that context. KV caches are `[num_pages, page_size, num_kv_heads, head_dim]`.
 """
+import itertools
 import math
 import warnings
 
@@ -459,7 +460,9 @@ class FbgemmInt8Weight:
     int8 GEMM (`fbgemm_int8_linear`): as many bytes, plus a column sum per output. The packed
     object lives in a table under this handle's key as long as the handle does, so that a
     compiled step calls the GEMM as a custom op with a plain int (torch.compile's stand-in for
-    the packed object gives the wrong output shape). torch marks its quantized tensors, which
+    the packed object gives the wrong output shape). Keys count handles in the order they are
+    packed: the compiled graph holds them as constants, so a key from the object's id made
+    every start miss Inductor's cache and compile again (9.5 minutes on two Zen 2 cores). torch marks its quantized tensors, which
     the prepack takes, deprecated; the pinned torch has them."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
@@ -473,7 +476,8 @@ class FbgemmInt8Weight:
             packed = torch.ops.quantized.linear_prepack(codes, None)
         finally:
             torch.backends.quantized.engine = engine
-        self.key, self.out_features = id(self), weight.shape[0]
+        self.key, self.out_features = next(_FBGEMM_KEYS), weight.shape[0]
+        self.nbytes = weight.numel() + 4 * weight.shape[0]  # the codes and a column sum each
         _FBGEMM_WEIGHTS[self.key] = packed
 
     def __del__(self):
@@ -481,6 +485,7 @@ class FbgemmInt8Weight:
 
 
 _FBGEMM_WEIGHTS: dict[int, torch.ScriptObject] = {}
+_FBGEMM_KEYS = itertools.count()
 
 
 def fbgemm_int8_linear(x: torch.Tensor, weight: FbgemmInt8Weight) -> torch.Tensor:

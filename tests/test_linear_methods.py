@@ -260,6 +260,26 @@ def test_fbgemm_int8_gemm_is_within_its_activation_rounding():
     assert error.mean() < 0.1 * bound.mean()  # roundings of either sign mostly cancel
 
 
+_PACK_TWO = """
+import torch, kernels
+w, s = torch.ones(8, 16, dtype=torch.int8), torch.ones(8)
+first = kernels.pack_int8_fbgemm(w, s)
+del first
+print([kernels.pack_int8_fbgemm(w, s).key for _ in range(2)])
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="fbgemm is x86's")
+def test_fbgemm_weight_keys_are_the_same_in_every_process():
+    """A compiled step holds the packed weights' keys as constants: keys that follow the
+    packing order, not object addresses, keep Inductor's cache valid from one start to the
+    next."""
+    root = os.path.dirname(os.path.dirname(__file__))
+    keys = {subprocess.run([sys.executable, "-c", _PACK_TWO], capture_output=True, text=True,
+                           timeout=120, cwd=root, check=True).stdout for _ in range(2)}
+    assert keys == {"[1, 2]\n"}
+
+
 def test_int8_embedding_rows_are_the_lm_head_rows():
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(100, 64, generator=gen)

@@ -4,7 +4,9 @@ Layer linears stored as Q4_0/Q4_1 arrive as their 4-bit codes (`QuantizedWeight`
 packed for torch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations): it reads a
 quarter of bf16's bytes, which is what bounds a step of one or a few tokens. Every layer also
 gets the int8 weight of `Int8Method`, requantized per output channel from the file's values,
-for the integer GEMMs of larger steps; 0.625 + 1 bytes per weight in all, less than bf16's 2.
+for the integer GEMMs of larger steps (or fbgemm's packed copy of it, the int8 weight then
+freed where the plan reads it through fbgemm alone); 0.625 + 1 bytes per weight in all, less
+than bf16's 2.
 Linears of any other GGML type (Q8_0, K-quants, floats) come dequantized and are int8 only, as
 are the token embedding and the LM head (`vocab_method`).
 """

@@ -6,7 +6,7 @@ up to `MAX_ROTATION_BLOCK`), and each kernel rotates its input alike, so `x W^T`
 rotation spreads the outlier channels of LLM activations (SwiGLU's output above all), which
 otherwise make int8 per token cost SmolLM2 3.9% perplexity (0.66% rotated). Each row
 gets one fp32 scale (`max |row| / 127`; 64 on CPUs without VNNI, see
-`linear_int8_code_max`), so a shard quantizes on its own as it loads and no
+`linear_int8_code_max` and `vocab_method`), so a shard quantizes on its own as it loads and no
 float copy of the weight ever exists. Two kernels share the one int8 weight: W8A16
 (`_weight_int8pack_mm`, bf16 activations, dequantized in the kernel) and W8A8 (activations
 quantized per token, `torch._int_mm`'s integer dot products); which runs at which step size is
@@ -75,6 +75,7 @@ class Int8Method(LinearMethod):
                               persistent=False)
         layer.rotation_block = rotation_block(in_features)
         layer.kernel_plan = None  # set by plan_layer_kernels once every layer is loaded
+        layer.fbgemm_weight = None  # packed where fbgemm's GEMM is a candidate
 
     def _load(self, layer, param, loaded: torch.Tensor, shard_id: int | None = None) -> None:
         codes, scale = quantize_rotated(loaded, layer.rotation_block, self.code_max)
@@ -107,22 +108,24 @@ class Int8Method(LinearMethod):
 
         found = {"w8a16": w8a16, "w8a8": w8a8}
         if fbgemm_gemm_is_exact(self.code_max):
-            # Held by the closure alone: a plan that does not pick it lets it go.
-            packed = kernels.pack_int8_fbgemm(layer.weight, layer.weight_scale)
+            # Released with the int8 weight where the plan does not pick it.
+            layer.fbgemm_weight = kernels.pack_int8_fbgemm(layer.weight, layer.weight_scale)
 
             def w8a8_fbgemm(x):
-                return kernels.fbgemm_int8_linear(_rotated(layer, x), packed)
+                return kernels.fbgemm_int8_linear(_rotated(layer, x), layer.fbgemm_weight)
             found["w8a8-fbgemm"] = w8a8_fbgemm
         return found
 
     def release_unplanned(self, layer):
-        """The int8 weight goes where no kernel of the plan reads it (int4 runs on its own
-        codes, fbgemm on its own packed copy) and no token's row is looked up in it (`embed`):
-        the GGUF method would otherwise hold 1.625 + 1 bytes per weight, more than bf16's 2.
-        A meta tensor keeps its shape."""
-        if RAW_WEIGHT_KERNELS.isdisjoint(layer.kernel_plan.names) and not hasattr(layer,
-                                                                                 "embed"):
-            layer.weight = nn.Parameter(layer.weight.to("meta"), requires_grad=False)
+        """fbgemm's packed weight goes where the plan does not pick it, and the int8 weight
+        where no kernel of the plan reads it (int4 runs on its own codes, fbgemm on its own
+        copy) and no token's row is looked up in it (`embed`): the GGUF method would otherwise
+        hold 1.625 + 1 bytes per weight, more than bf16's 2. A meta tensor keeps its shape."""
+        if "w8a8-fbgemm" not in layer.kernel_plan.names:
+            layer.fbgemm_weight = None
+        if hasattr(layer, "embed") or not RAW_WEIGHT_KERNELS.isdisjoint(layer.kernel_plan.names):
+            return
+        layer.weight = nn.Parameter(layer.weight.to("meta"), requires_grad=False)
 
     def reference(self, layer, x):
         """fp32 `x W^T` on the dequantized weight (rotated, with x rotated alike in fp32)."""
@@ -137,8 +140,9 @@ class Int8Method(LinearMethod):
         return layer.kernel_plan(x).float()
 
     def vocab_method(self):
-        """Full-range codes (`int8_weight_code_max`) for the token embedding and LM head:
-        its logits feed sampling as they are. On AVX2, +-64 codes there cost SmolLM2 0.22%
+        """The token embedding and LM head take `torch._int_mm`'s range
+        (`int8_weight_code_max`: +-127 but where `_int_mm` itself saturates), not fbgemm's:
+        their logits feed sampling as they are. On AVX2, +-64 codes there cost SmolLM2 0.22%
         perplexity (18.86 -> 18.91) and moved a greedy token past tests/test_quantized.py's
         margin; the head then runs W8A16, fbgemm being inexact at +-127 there."""
         return Int8Method(int8_weight_code_max())
