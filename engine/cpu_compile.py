@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import kernels
 from engine.cpu_info import cpu_flags
 from engine.cpu_memory import release_freed_memory
 from engine.layers.attention import AttentionMetadata
@@ -42,12 +43,14 @@ MIN_BATCH = SDPA_MAX_ROWS + 1  # fewer rows take decode attention's SDPA branch
 
 def inductor_cache_dir() -> Path:
     """Inductor's cache, one per instruction set its C++ may target: torch's capability
-    (`ATEN_CPU_CAPABILITY` lowers it) and the CPU's flags. Its graph cache does not key on the
-    vector width: loops generated for AVX2's 256-bit vectors, found again at AVX-512 and
-    rebuilt for it, store 512-bit vectors past their buffers' ends (a bf16-to-fp32 copy did,
-    and the process died of heap corruption)."""
+    (`ATEN_CPU_CAPABILITY` lowers it) and the CPU's flags, and per build of Tessera's own CPU
+    ops. Its graph cache keys on neither the vector width (loops generated for AVX2's 256-bit
+    vectors, found again at AVX-512 and rebuilt for it, stored 512-bit vectors past their
+    buffers' ends and the process died of heap corruption) nor a custom op's code (a graph
+    cached when q4_linear returned fp32 corrupted the heap once it returned bf16)."""
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:8]
-    return cache_dir() / "inductor" / f"{torch.backends.cpu.get_cpu_capability()}-{flags}"
+    return (cache_dir() / "inductor" / f"{torch.backends.cpu.get_cpu_capability()}-{flags}-"
+            f"{kernels.cpu_extension_digest()}")
 
 
 def warm_up_batches(max_num_seqs: int) -> list[int]:

@@ -132,6 +132,28 @@ def int4_linear(x, packed, scales_and_zeros, group_size):
     return reference.int4_linear(x, packed, scales_and_zeros, group_size)
 
 
+def pack_q4_blocks(codes, scales, zeros):
+    _cpu_only("pack_q4_blocks", codes)
+    return reference.pack_q4_blocks(codes, scales, zeros)
+
+
+def q4_linear_available(cache_dir):
+    """Whether this CPU runs `q4_linear` (its extension built into `cache_dir` on first use)."""
+    from kernels import cpu_extension
+    return cpu_extension.q4_available(cache_dir)
+
+
+def cpu_extension_digest():
+    """Names the build of the CPU ops `q4_linear_available` loads."""
+    from kernels import cpu_extension
+    return cpu_extension.source_digest()
+
+
+def q4_linear(x, blocks):
+    _cpu_only("q4_linear", x)
+    return reference.q4_linear(x, blocks)
+
+
 def rotate(x, block):
     return reference.rotate(x, block)
 

@@ -319,6 +319,24 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                                                       scales_and_zeros).to(x.dtype)
 
 
+def pack_q4_blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+                   ) -> torch.Tensor:
+    """Codes `[N, K]` (0..15) with `w = scales * codes + zeros` per 32 of K -> `q4_linear`'s
+    uint8 `[N, K / 32, 20]`: GGUF Q4_1's block (fp16 scale, fp16 min, then 16 bytes whose low
+    nibbles are values 0..15 and high nibbles 16..31)."""
+    n, k = codes.shape
+    grouped = codes.view(n, k // 32, 32).to(torch.uint8)
+    nibbles = grouped[..., :16] | (grouped[..., 16:] << 4)
+    halves = torch.stack([scales, zeros], -1).to(torch.float16).view(torch.uint8)
+    return torch.cat([halves, nibbles], -1).contiguous()
+
+
+def q4_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """`x[M, K] @ w.T` for a `pack_q4_blocks` weight, each 32-block of x quantized to int8
+    (kernels/q4_cpu.cpp: needs `cpu_extension.q4_available()`); bf16 for bf16 x, else fp32."""
+    return torch.ops.tessera.q4_linear(x, blocks)
+
+
 _HADAMARDS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 

@@ -185,15 +185,17 @@ def test_every_kernel_matches_the_weight_it_holds(name, shape):
     names = {"w8a16", "w8a8"} | ({"int4"} if name == "gguf" else set())
     if kernel_choice.fbgemm_gemm_is_exact(code_max):
         names.add("w8a8-fbgemm")
+    if name == "gguf" and _q4_kernel_builds():
+        names.add("w4a8")
     assert set(candidates) == names
     for num_tokens in (1, 7, 64, reference.BF16_ROTATION_MIN_ROWS):
         x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
         for kernel, run in candidates.items():
-            expected = (F.linear(x.float(), dense) if kernel == "int4"
+            expected = (F.linear(x.float(), dense) if kernel in ("int4", "w4a8")
                         else layer.method.reference(layer, x))
             error = (run(x).float() - expected).abs().max()
-            # bf16 output rounding; w8a8 also rounds activations to int8 per token
-            bound = (0.02 if kernel.startswith("w8a8") else 0.01) * expected.abs().max()
+            # bf16 output rounding; w8a8 and w4a8 also round activations to int8
+            bound = (0.01 if kernel in ("int4", "w8a16") else 0.02) * expected.abs().max()
             assert error <= bound, (kernel, num_tokens, error)
 
 
@@ -230,6 +232,38 @@ def test_a_large_bf16_activation_rotates_in_bf16_within_its_rounding(block):
 def test_the_rotation_block_takes_the_input_size_s_odd_factor():
     assert [rotation_block(k) for k in (576, 1536, 2048, 3072, 2304, 17 * 64)] == [
         576, 1536, 512, 1536, 2304, 64]
+
+
+def _q4_kernel_builds() -> bool:
+    """W4A8's C++ kernel builds and loads wherever torch runs AVX2 or wider (x86 CI included):
+    nowhere else is it offered."""
+    wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert kernels.q4_linear_available(kernel_choice.cache_dir()) == wide
+    return wide
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a8_is_exact_on_its_quantized_operands(dtype):
+    """q4_linear against fp64 on the same operands: the weight's 4-bit codes with their fp16
+    scales and minimums, x rounded to int8 per 32-block at max |block| / 127. Row counts cover
+    its tiles of 4 rows and their remainders; 37 outputs split unevenly over threads."""
+    if not _q4_kernel_builds():
+        pytest.skip("W4A8's kernel needs AVX2")
+    gen = torch.Generator().manual_seed(3)
+    q, _ = _q4_shard(37, 576, gen)
+    q = QuantizedWeight(q.codes, q.scales.half().float(), q.zeros.half().float())
+    blocks = kernels.pack_q4_blocks(q.codes, q.scales, q.zeros)
+    w = q.dequantize().double()
+    for rows in (1, 3, 4, 5, 9):
+        x = (torch.randn(rows, 576, generator=gen) * torch.rand(rows, 1, generator=gen)).to(dtype)
+        xb = x.float().unflatten(1, (-1, 32))
+        step = xb.abs().amax(-1, keepdim=True) / 127  # in fp32, rounding as the kernel does
+        codes = (xb * (1 / step)).round()
+        expected = (codes.double() * step.double()).flatten(1) @ w.t()
+        y = kernels.q4_linear(x, blocks)
+        assert y.dtype == dtype
+        bound = (1e-5 if dtype == torch.float32 else 4e-3) * expected.abs().max()
+        assert (y.double() - expected).abs().max() <= bound, rows
 
 
 def test_int8_gemm_is_exact_on_its_quantized_operands():

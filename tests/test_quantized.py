@@ -77,7 +77,11 @@ def test_gguf_model_holds_no_float_copy_of_its_linears():
     llm = LLM(enforce_eager=True, num_kv_pages=16, max_model_len=256)
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
     assert all(m.weight.dtype == torch.int8 for m in linears)
-    assert sum(hasattr(m, "int4_packed") for m in linears) == 30 * 4
+    four_bit = [m for m in linears if getattr(m, "int4_group_size", None)]
+    assert len(four_bit) == 30 * 4
+    # the plan's 4-bit kernel keeps its pack, the other's is freed
+    assert all((m.int4_packed is None) != (getattr(m, "q4_blocks", None) is None)
+               for m in four_bit)
     held = sum(resident_bytes(m) for m in linears)  # fbgemm's packs too, where planned
     assert held <= 2 * sum(m.weight.numel() for m in linears)
     assert all(m.kernel_plan is not None for m in linears)
