@@ -13,6 +13,9 @@ ENV TORCH_INDEX=https://download.pytorch.org/whl/cu124
 FROM base-${BASE}
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
+# A C++ compiler: Inductor's CPU graphs, Tessera's CPU kernels and Triton's launchers build with it.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m pip install --upgrade pip && python -m pip install torch --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md ./
 COPY server ./server

@@ -137,14 +137,15 @@ def pack_q4_blocks(codes, scales, zeros):
     return reference.pack_q4_blocks(codes, scales, zeros)
 
 
-def q4_linear_available(cache_dir):
-    """Whether this CPU runs `q4_linear` (its extension built into `cache_dir` on first use)."""
+def cpu_int_gemv_available(cache_dir):
+    """Whether this CPU runs `q4_linear` and `i8_linear` (built into `cache_dir` on first
+    use)."""
     from kernels import cpu_extension
-    return cpu_extension.q4_available(cache_dir)
+    return cpu_extension.available(cache_dir)
 
 
 def cpu_extension_digest():
-    """Names the build of the CPU ops `q4_linear_available` loads."""
+    """Names the build of the CPU ops `cpu_int_gemv_available` loads."""
     from kernels import cpu_extension
     return cpu_extension.source_digest()
 
@@ -152,6 +153,11 @@ def cpu_extension_digest():
 def q4_linear(x, blocks):
     _cpu_only("q4_linear", x)
     return reference.q4_linear(x, blocks)
+
+
+def i8_linear(x, weight, scales):
+    _cpu_only("i8_linear", x)
+    return reference.i8_linear(x, weight, scales)
 
 
 def rotate(x, block):

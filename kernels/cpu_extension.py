@@ -1,10 +1,10 @@
-"""The hand-written CPU kernels (`q4_cpu.cpp`), compiled once per machine and torch version.
+"""The hand-written CPU kernels (`int_gemv_cpu.cpp`), compiled once per machine and torch version.
 
 They are built with the C++ compiler that Inductor already needs (~20 s), into the caller's
 cache directory (`extensions/`) under a name hashing the source, the flags and torch's version,
 and loaded as torch ops (`torch.ops.tessera.*`), so compiled graphs call them as they call
 aten's. Where torch's CPU capability is below AVX2 (`ATEN_CPU_CAPABILITY` lowers it) or no
-compiler is found, `q4_available` is False and callers offer other kernels.
+compiler is found, `available` is False and callers offer other kernels.
 """
 import functools
 import hashlib
@@ -20,10 +20,10 @@ from torch.utils import cpp_extension
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("q4_cpu.cpp")
+_SOURCE = Path(__file__).with_name("int_gemv_cpu.cpp")
 # torch's capabilities that imply AVX2 with FMA (and so F16C): what the source's intrinsics need.
 _CAPABILITIES = ("AVX2", "AVX512")
-_CXXFLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
+_CXXFLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 
@@ -36,7 +36,7 @@ def source_digest() -> str:
 
 
 def _library_path(cache: Path) -> Path:
-    return cache / "extensions" / f"tessera_q4_cpu-{source_digest()}.so"
+    return cache / "extensions" / f"tessera_int_gemv_cpu-{source_digest()}.so"
 
 
 def _build(target: Path) -> None:
@@ -58,8 +58,9 @@ def _build(target: Path) -> None:
 _loaded: bool | None = None  # whether this process loaded the ops, once it tried
 
 
-def q4_available(cache: Path) -> bool:
-    """Whether `torch.ops.tessera.q4_linear` is loaded, built into `cache` first if need be.
+def available(cache: Path) -> bool:
+    """Whether `torch.ops.tessera.q4_linear` and `i8_linear` are loaded, built into `cache`
+    first if need be.
     A process tries once: its later callers get the same answer whatever their `cache`."""
     global _loaded
     if _loaded is None:
@@ -74,17 +75,22 @@ def _load(cache: Path) -> bool:
     path = _library_path(cache)
     try:
         if not path.exists():
-            logger.info("building the CPU int4 x int8 kernel into %s", path)
+            logger.info("building the CPU integer GEMV kernels into %s", path)
             _build(path)
         torch.ops.load_library(str(path))
     except (OSError, subprocess.CalledProcessError) as error:
-        logger.warning("the CPU int4 x int8 kernel is unavailable: %s",
+        logger.warning("the CPU integer GEMV kernels are unavailable: %s",
                        getattr(error, "stderr", None) or error)
         return False
     torch.library.register_fake("tessera::q4_linear")(_q4_linear_fake)
+    torch.library.register_fake("tessera::i8_linear")(_i8_linear_fake)
     return True
 
 
 def _q4_linear_fake(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     return x.new_empty(x.shape[0], blocks.shape[0], dtype=dtype)
+
+
+def _i8_linear_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)

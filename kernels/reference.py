@@ -333,8 +333,14 @@ def pack_q4_blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 def q4_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """`x[M, K] @ w.T` for a `pack_q4_blocks` weight, each 32-block of x quantized to int8
-    (kernels/q4_cpu.cpp: needs `cpu_extension.q4_available()`); bf16 for bf16 x, else fp32."""
+    (kernels/int_gemv_cpu.cpp: needs `cpu_extension.available`); bf16 for bf16 x, else fp32."""
     return torch.ops.tessera.q4_linear(x, blocks)
+
+
+def i8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 `x[M, K] @ (weight * scales[:, None]).T` for int8 `weight[N, K]`, each 32-block of x
+    quantized to int8 (kernels/int_gemv_cpu.cpp: needs `cpu_extension.available`)."""
+    return torch.ops.tessera.i8_linear(x, weight, scales)
 
 
 _HADAMARDS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}

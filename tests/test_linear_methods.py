@@ -185,8 +185,8 @@ def test_every_kernel_matches_the_weight_it_holds(name, shape):
     names = {"w8a16", "w8a8"} | ({"int4"} if name == "gguf" else set())
     if kernel_choice.fbgemm_gemm_is_exact(code_max):
         names.add("w8a8-fbgemm")
-    if name == "gguf" and _q4_kernel_builds():
-        names.add("w4a8")
+    if _int_gemv_builds():
+        names |= {"w8a8-blocks", "w4a8"} if name == "gguf" else {"w8a8-blocks"}
     assert set(candidates) == names
     for num_tokens in (1, 7, 64, reference.BF16_ROTATION_MIN_ROWS):
         x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
@@ -194,7 +194,7 @@ def test_every_kernel_matches_the_weight_it_holds(name, shape):
             expected = (F.linear(x.float(), dense) if kernel in ("int4", "w4a8")
                         else layer.method.reference(layer, x))
             error = (run(x).float() - expected).abs().max()
-            # bf16 output rounding; w8a8 and w4a8 also round activations to int8
+            # bf16 output rounding; the w8a8s and w4a8 also round activations to int8
             bound = (0.01 if kernel in ("int4", "w8a16") else 0.02) * expected.abs().max()
             assert error <= bound, (kernel, num_tokens, error)
 
@@ -234,36 +234,62 @@ def test_the_rotation_block_takes_the_input_size_s_odd_factor():
         576, 1536, 512, 1536, 2304, 64]
 
 
-def _q4_kernel_builds() -> bool:
-    """W4A8's C++ kernel builds and loads wherever torch runs AVX2 or wider (x86 CI included):
-    nowhere else is it offered."""
+def _int_gemv_builds() -> bool:
+    """The C++ integer GEMVs (W4A8, W8A8 per 32-block) build and load wherever torch runs AVX2
+    or wider (x86 CI included): nowhere else are they offered."""
     wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    assert kernels.q4_linear_available(kernel_choice.cache_dir()) == wide
+    assert kernels.cpu_int_gemv_available(kernel_choice.cache_dir()) == wide
     return wide
+
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as the integer GEMVs take it: rounded to int8 per 32-block at max |block| / 127,
+    computed in fp32 as they compute it (fp64 out)."""
+    xb = x.float().unflatten(1, (-1, 32))
+    step = xb.abs().amax(-1, keepdim=True) / 127
+    return ((xb * (1 / step)).round().double() * step.double()).flatten(1)
+
+
+# Row counts cover the kernels' tiles of 4 rows and their remainders; 37 outputs split
+# unevenly over threads.
+GEMV_ROWS = (1, 3, 4, 5, 9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w4a8_is_exact_on_its_quantized_operands(dtype):
     """q4_linear against fp64 on the same operands: the weight's 4-bit codes with their fp16
-    scales and minimums, x rounded to int8 per 32-block at max |block| / 127. Row counts cover
-    its tiles of 4 rows and their remainders; 37 outputs split unevenly over threads."""
-    if not _q4_kernel_builds():
-        pytest.skip("W4A8's kernel needs AVX2")
+    scales and minimums, x rounded to int8 per 32-block; bf16 x gets a bf16 y."""
+    if not _int_gemv_builds():
+        pytest.skip("the integer GEMVs need AVX2")
     gen = torch.Generator().manual_seed(3)
     q, _ = _q4_shard(37, 576, gen)
     q = QuantizedWeight(q.codes, q.scales.half().float(), q.zeros.half().float())
     blocks = kernels.pack_q4_blocks(q.codes, q.scales, q.zeros)
     w = q.dequantize().double()
-    for rows in (1, 3, 4, 5, 9):
+    for rows in GEMV_ROWS:
         x = (torch.randn(rows, 576, generator=gen) * torch.rand(rows, 1, generator=gen)).to(dtype)
-        xb = x.float().unflatten(1, (-1, 32))
-        step = xb.abs().amax(-1, keepdim=True) / 127  # in fp32, rounding as the kernel does
-        codes = (xb * (1 / step)).round()
-        expected = (codes.double() * step.double()).flatten(1) @ w.t()
+        expected = _int8_blocks(x) @ w.t()
         y = kernels.q4_linear(x, blocks)
         assert y.dtype == dtype
         bound = (1e-5 if dtype == torch.float32 else 4e-3) * expected.abs().max()
         assert (y.double() - expected).abs().max() <= bound, rows
+
+
+def test_w8a8_blocks_is_exact_on_its_quantized_operands():
+    """i8_linear against fp64 on int8 weights (-128 included: its magnitude is 128) with a scale
+    per row and x rounded to int8 per 32-block; fp32 out whatever x's dtype."""
+    if not _int_gemv_builds():
+        pytest.skip("the integer GEMVs need AVX2")
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.randint(-128, 128, (37, 576), generator=gen, dtype=torch.int8)
+    scales = torch.rand(37, generator=gen) / 100
+    w = codes.double() * scales.double()[:, None]
+    for rows in GEMV_ROWS:
+        x = (torch.randn(rows, 576, generator=gen) * 5).bfloat16()
+        y = kernels.i8_linear(x, codes, scales)
+        assert y.dtype == torch.float32
+        expected = _int8_blocks(x) @ w.t()
+        assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
 def test_int8_gemm_is_exact_on_its_quantized_operands():

@@ -12,7 +12,8 @@ float copy of the weight ever exists. Two kernels share the one int8 weight: W8A
 quantized per token, `torch._int_mm`'s integer dot products); which runs at which step size is
 measured per machine (kernel_choice). fbgemm's int8 GEMM (activations per token too) is a
 third candidate where it sums the weight codes exactly, its packed copy of the weight kept
-only where a plan picks it. They round differently, so a request's tokens can depend on the
+only where a plan picks it; `kernels.i8_linear` (activations per 32-block, AVX2 and up) a
+fourth, for the few-row steps where the others convert or pack more than they multiply. They round differently, so a request's tokens can depend on the
 size of the step it runs in.
 """
 from functools import partial
@@ -23,8 +24,8 @@ from torch.nn import functional as F
 
 import kernels
 from engine.layers.quantization.base import LinearMethod
-from engine.layers.quantization.kernel_choice import (fbgemm_gemm_is_exact, int8_weight_code_max,
-                                                       linear_int8_code_max)
+from engine.layers.quantization.kernel_choice import (cache_dir, fbgemm_gemm_is_exact,
+                                                       int8_weight_code_max, linear_int8_code_max)
 
 # SmolLM2 perplexity on GPL-3 (7650 tokens, prefill so w8a8 throughout) over dense 18.83:
 # +1.0% with blocks of up to 256, +0.7% up to 512 (its 1536-wide down projection); the
@@ -35,7 +36,7 @@ MAX_ROTATION_BLOCK = 512
 # with the +-64 weight codes of CPUs without VNNI from +1.02% to +0.47%.
 MAX_ODD_FACTOR = 15
 # The candidates that multiply by `layer.weight` itself.
-RAW_WEIGHT_KERNELS = frozenset({"w8a16", "w8a8"})
+RAW_WEIGHT_KERNELS = frozenset({"w8a16", "w8a8", "w8a8-blocks"})
 
 
 def rotation_block(in_features: int) -> int:
@@ -107,6 +108,10 @@ class Int8Method(LinearMethod):
             return kernels.int8_linear(_rotated(layer, x), layer.weight, layer.weight_scale)
 
         found = {"w8a16": w8a16, "w8a8": w8a8}
+        if layer.weight.shape[1] % 32 == 0 and kernels.cpu_int_gemv_available(cache_dir()):
+            def w8a8_blocks(x):
+                return kernels.i8_linear(_rotated(layer, x), layer.weight, layer.weight_scale)
+            found["w8a8-blocks"] = w8a8_blocks
         if fbgemm_gemm_is_exact(self.code_max):
             # Released with the int8 weight where the plan does not pick it.
             layer.fbgemm_weight = kernels.pack_int8_fbgemm(layer.weight, layer.weight_scale)
