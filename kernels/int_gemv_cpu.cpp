@@ -3,8 +3,8 @@
 // - tessera::q4_linear: 4-bit weights in 32-wide blocks (GGUF Q4_1's layout). torch's int4
 //   kernel dequantizes each weight to a float and runs ~4 GB/s of weights on two AVX2 cores;
 //   summing u4 x s8 pairs with vpmaddubsw takes half the instructions per weight.
-// - tessera::i8_linear: int8 weights with an fp32 scale per row (an LM head). At 16 rows it
-//   runs ~5x torch's W8A16, which converts every weight to a float for every row.
+// - tessera::i8_linear: int8 weights with an fp32 scale per row (an LM head): SmolLM2's head of
+//   one row in 1.8 ms where torch's W8A16, which converts every weight to a float, takes 4.5.
 // Built at run time by kernels/cpu_extension.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,7 +12,7 @@
 
 #include <immintrin.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
