@@ -13,8 +13,8 @@ quantized per token, `torch._int_mm`'s integer dot products); which runs at whic
 measured per machine (kernel_choice). fbgemm's int8 GEMM (activations per token too) is a
 third candidate where it sums the weight codes exactly, its packed copy of the weight kept
 only where a plan picks it; `kernels.i8_linear` (activations per 32-block, AVX2 and up) a
-fourth, for the LM head alone (`vocab_method`). They round differently, so a request's tokens can depend on the
-size of the step it runs in.
+fourth, for the LM head alone (`vocab_method`). They round differently, so a request's tokens
+can depend on the size of the step it runs in.
 """
 from functools import partial
 
