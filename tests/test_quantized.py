@@ -25,7 +25,12 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea."]
 VARIED_PROMPTS = PROMPTS + [
     "def fibonacci(n):\n    ", "Translate to German: I would like a cup of coffee.",
     "List three prime numbers greater than 100:", "Once upon a time, in a small village,"]
-MARGIN_NATS = 0.5
+# Int8 activations (per token or per 32-block, as llama.cpp's Q8_1) move logits: forcing each
+# AVX2 plan on these prompts, the worst teacher-forced gap was 0.40 nats (w4a8 layers), 0.27
+# (w8a16) and 0.02 (torch's int4 on bf16); a CI run's own plan met 0.54 once, at a near-tie of
+# <|im_end|> and a newline. A broken kernel misses by nats, and on most positions.
+MARGIN_NATS = 1.0
+MAX_OFF_TOP_SHARE = 1 / 8  # 5-7 of the 96 positions were off dense's top choice
 
 
 def _gguf_tensor(name: str):
@@ -117,31 +122,34 @@ def test_gguf_greedy_tokens_track_dense_and_pages_return_to_free():
     """Every greedy token of the quantized default is the dense model's choice or a near-tie
     of it, teacher-forced.
 
-    The default serves the file's 4-bit codes with bf16 activations, and int8 weights with
-    int8 activations for larger steps, where dense fp32 reads the same codes dequantized; so
-    an argmax between two almost equal logits can flip, and after a flip the continuations
-    differ by construction; which kernel runs which step is measured per machine, so even the
-    first token may flip. So: at every position of the quantized run, the first included, the
-    dense model, fed the same history, ranks its token within `MARGIN_NATS` of its own top
-    choice.
+    The default serves the file's 4-bit codes against bf16 or int8 activations, and int8
+    weights with int8 activations for larger steps, where dense fp32 reads the same codes
+    dequantized; so an argmax between two almost equal logits can flip, and after a flip the
+    continuations differ by construction; which kernel runs which step is measured per
+    machine, so even the first token may flip. So: at every position of the quantized run,
+    the first included, the dense model, fed the same history, ranks its token within
+    `MARGIN_NATS` of its own top choice, and rarely below it.
     """
     params = SamplingParams(temperature=0, max_tokens=16)
     dense = LLM(dtype="float32", quantization="none", num_kv_pages=128, max_model_len=256,
                 enforce_eager=True)
     quantized = LLM(enforce_eager=True, num_kv_pages=128, max_model_len=256)
     assert quantized.engine.runner.linear_method.name == "gguf"
-    runs = {}
-    for name, llm in (("dense", dense), ("quantized", quantized)):
-        runs[name] = [o.outputs[0].token_ids for o in llm.generate(VARIED_PROMPTS, params)]
-        assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
-    for prompt, ours, theirs in zip(VARIED_PROMPTS, runs["quantized"], runs["dense"]):
+    runs = [o.outputs[0].token_ids for o in quantized.generate(VARIED_PROMPTS, params)]
+    probe = SamplingParams(temperature=0, max_tokens=1, logprobs=20)
+    positions = off_top = 0
+    for prompt, ours in zip(VARIED_PROMPTS, runs):
         history = dense.tokenizer.encode(prompt)
-        probe = SamplingParams(temperature=0, max_tokens=1, logprobs=20)
         for token in ours:
             lp = dense.generate([history], probe)[0].outputs[0].logprobs[0]
             ranked = dict(lp.top)
             assert token in ranked and ranked[token] >= lp.top[0][1] - MARGIN_NATS, prompt
+            positions += 1
+            off_top += token != lp.top[0][0]
             history = history + [token]
+    assert off_top <= MAX_OFF_TOP_SHARE * positions, (off_top, positions)
+    for llm in (dense, quantized):
+        assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
 
 
 def test_a_server_on_the_default_serves_the_codes_and_says_which_kernels(tmp_path):
