@@ -8,14 +8,15 @@ decode steps gain as much: 32 rows at a 256-token context went from 110 to 77 ms
 50 to 35 ms (two AMX Xeon cores), and a Qwen3-MoE step of 32 rows, whose experts run outside
 the graph, from 172 to 158 ms. Steps with a prefill stay eager: their GEMMs dominate.
 
-The graph is dynamic in the context length (its page count, kernels.reference's decode
-attention masks the last page's tail) and in the batch, and is compiled at start-up, so no
-request waits on a compile. torch specializes sizes 0 and 1, and the forward branches on the
-row count where a linear's measured kernel changes (at the bounds of kernel_choice's
-`TOKEN_CLASSES`) and where decode attention switches to SDPA (4 rows), each branch a graph of
-its own. So one request has a graph, batches of `MIN_BATCH` rows or more get one per token
-class, warmed up at a size inside it, and 2 to 4 rows run eagerly. A context of one page would
-need a graph of its own: those few steps run eagerly too. Inductor's cache lives beside the
+The graph is dynamic in the context length (its page count: torch's decode attention masks
+the last page's tail; the CPU op reads each row's own length) and in the batch, and is
+compiled at start-up, so no request waits on a compile. torch specializes sizes 0 and 1, and
+the forward branches on the row count where a linear's measured kernel changes (at the bounds
+of kernel_choice's `TOKEN_CLASSES`) and, on quantized KV pages, where decode attention
+switches to SDPA (4 rows), each branch a graph of its own. So one request has a graph,
+batches of `MIN_BATCH` rows or more get one per token class, warmed up at a size inside it, and
+2 to 4 rows run eagerly. A context of one page would need a graph of its own: those few steps
+run eagerly too. Inductor's cache lives beside the
 kernel measurements (`inductor_cache_dir`): the first start compiles for a minute or more,
 later ones mostly load.
 """

@@ -18,7 +18,7 @@ from engine.kv_cache import (DEFAULT_CPU_KV_MEMORY, KVCache, KVCacheSpec, check_
                              gpu_kv_budget, split_pages)
 from engine.layers.attention import AttentionMetadata, HeadSplit, ScoredQueries
 from engine.layers.quantization import get_linear_method, resolve_quantization
-from engine.layers.quantization.kernel_choice import chosen_plans
+from engine.layers.quantization.kernel_choice import cache_dir, chosen_plans
 from engine.messages import TokenLogprobs
 from engine.models import model_class
 from engine.parallel import TensorParallel
@@ -26,6 +26,7 @@ from engine.sampler import SamplingBatch, gather_logprobs, sample
 from engine.step_plan import PageTables, StepPlan
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import model_format, resolve_model_path
+import kernels
 from kernels import kv_format
 from scheduler.head_config import load_head_config
 from scheduler.scheduler import SchedulerOutput
@@ -112,6 +113,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             _take_cores(tp)
             retain_freed_memory()
+            kernels.cpu_kernels_available(cache_dir())  # loads decode attention's op
         else:
             if tp.size > 1:  # rank r on GPU r; a Ray actor sees only its own GPU
                 self.device = torch.device("cuda", tp.rank % torch.cuda.device_count())

@@ -137,15 +137,15 @@ def pack_q4_blocks(codes, scales, zeros):
     return reference.pack_q4_blocks(codes, scales, zeros)
 
 
-def cpu_int_gemv_available(cache_dir):
-    """Whether this CPU runs `q4_linear` and `i8_linear` (built into `cache_dir` on first
-    use)."""
+def cpu_kernels_available(cache_dir):
+    """Whether this CPU runs the hand-written ops, `q4_linear`, `i8_linear` and decode
+    attention's (built into `cache_dir` on first use)."""
     from kernels import cpu_extension
     return cpu_extension.available(cache_dir)
 
 
 def cpu_extension_digest():
-    """Names the build of the CPU ops `cpu_int_gemv_available` loads."""
+    """Names the build of the CPU ops `cpu_kernels_available` loads."""
     from kernels import cpu_extension
     return cpu_extension.source_digest()
 

@@ -1,4 +1,5 @@
-"""The hand-written CPU kernels (`int_gemv_cpu.cpp`), compiled once per machine and torch version.
+"""The hand-written CPU kernels (`int_gemv_cpu.cpp`, `decode_attention_cpu.cpp`), compiled once per
+machine and torch version.
 
 They are built with the C++ compiler that Inductor already needs (~20 s), into the caller's
 cache directory (`extensions/`) under a name hashing the source, the flags and torch's version,
@@ -20,7 +21,9 @@ from torch.utils import cpp_extension
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("int_gemv_cpu.cpp")
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("int_gemv_cpu.cpp", "decode_attention_cpu.cpp")]
+_HEADERS = [Path(__file__).with_name("avx2_vec.h")]
 # torch's capabilities that imply AVX2 with FMA (and so F16C): what the source's intrinsics need.
 _CAPABILITIES = ("AVX2", "AVX512")
 _CXXFLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
@@ -31,7 +34,8 @@ _CXXFLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mf
 def source_digest() -> str:
     """Names one build of the kernels. Inductor's graph cache does not key on what a custom op
     does, so a cache of graphs that call these ops must key on it (cpu_compile)."""
-    return hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CXXFLAGS).encode()
+    return hashlib.sha256(b"".join(source.read_bytes() for source in _SOURCES + _HEADERS)
+                          + " ".join(_CXXFLAGS).encode()
                           + torch.__version__.encode()).hexdigest()[:16]
 
 
@@ -46,7 +50,7 @@ def _build(target: Path) -> None:
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libdir = Path(torch.__file__).parent / "lib"
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
-        command = [os.environ.get("CXX", "g++"), *_CXXFLAGS, *includes, str(_SOURCE),
+        command = [os.environ.get("CXX", "g++"), *_CXXFLAGS, *includes, *map(str, _SOURCES),
                    "-o", tmp.name, f"-L{libdir}", "-lc10", "-ltorch_cpu"]
         try:
             subprocess.run(command, check=True, capture_output=True, text=True)
@@ -59,8 +63,8 @@ _loaded: bool | None = None  # whether this process loaded the ops, once it trie
 
 
 def available(cache: Path) -> bool:
-    """Whether `torch.ops.tessera.q4_linear` and `i8_linear` are loaded, built into `cache`
-    first if need be.
+    """Whether the ops (`torch.ops.tessera.q4_linear`, `i8_linear`, `decode_attention`) are
+    loaded, built into `cache` first if need be.
     A process tries once: its later callers get the same answer whatever their `cache`."""
     global _loaded
     if _loaded is None:
@@ -84,12 +88,22 @@ def _load(cache: Path) -> bool:
         return False
     torch.library.register_fake("tessera::q4_linear")(_q4_linear_fake)
     torch.library.register_fake("tessera::i8_linear")(_i8_linear_fake)
+    torch.library.register_fake("tessera::decode_attention")(_decode_attention_fake)
     return True
+
+
+def loaded() -> bool:
+    """Whether this process has loaded the ops (`available` said so)."""
+    return bool(_loaded)
 
 
 def _q4_linear_fake(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     return x.new_empty(x.shape[0], blocks.shape[0], dtype=dtype)
+
+
+def _decode_attention_fake(q: torch.Tensor, *_) -> torch.Tensor:
+    return torch.empty_like(q)
 
 
 def _i8_linear_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

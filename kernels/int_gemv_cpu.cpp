@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "avx2_vec.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -19,24 +21,13 @@
 
 namespace {
 
+using tessera_avx2::hsum;
+using tessera_avx2::load8;
+
 constexpr int64_t kBlock = 32;
 constexpr int64_t kBlockBytes = 20;  // fp16 scale d, fp16 min m, 16 bytes of nibbles
 constexpr int kRowTile = 4;          // activation rows that share one read of a weight block
 constexpr int64_t kWeightRows = 16;  // weight rows that each tile of activation rows passes over
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-
-inline __m256 load8(const c10::BFloat16* x) {  // bf16 is fp32's upper half
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
 
 // Each 32-block of x as int8 codes q, its scale d = max|x| / 127 and d * sum(q): the weight's
 // min m multiplies the block's sum of activations, which d * sum(q) stands for.

@@ -238,7 +238,7 @@ def _int_gemv_builds() -> bool:
     """The C++ integer GEMVs (W4A8, W8A8 per 32-block) build and load wherever torch runs AVX2
     or wider (x86 CI included): nowhere else are they offered."""
     wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    assert kernels.cpu_int_gemv_available(kernel_choice.cache_dir()) == wide
+    assert kernels.cpu_kernels_available(kernel_choice.cache_dir()) == wide
     return wide
 
 

@@ -98,7 +98,7 @@ class GGUFMethod(Int8Method):
             q = QuantizedWeight.cat([shards[i] for i in sorted(shards)])
             register_int4(layer, q.codes, q.scales, q.zeros)
             layer.int4_group_size = q.group_size
-            if q.group_size == 32 and kernels.cpu_int_gemv_available(cache_dir()):
+            if q.group_size == 32 and kernels.cpu_kernels_available(cache_dir()):
                 layer.register_buffer("q4_blocks", kernels.pack_q4_blocks(
                     q.codes, q.scales, q.zeros), persistent=False)
         del layer.q4_shards

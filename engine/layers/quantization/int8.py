@@ -111,7 +111,7 @@ class Int8Method(LinearMethod):
 
         found = {"w8a16": w8a16, "w8a8": w8a8}
         if (self.block_activations and layer.weight.shape[1] % 32 == 0
-                and kernels.cpu_int_gemv_available(cache_dir())):
+                and kernels.cpu_kernels_available(cache_dir())):
             def w8a8_blocks(x):
                 return kernels.i8_linear(_rotated(layer, x), layer.weight, layer.weight_scale)
             found["w8a8-blocks"] = w8a8_blocks

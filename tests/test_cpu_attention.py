@@ -1,0 +1,72 @@
+"""The CPU's decode attention op (kernels/decode_attention_cpu.cpp) equals torch's gathered path
+(kernels.reference), which the engine takes where the op is not loaded or the pool quantized."""
+import pytest
+import torch
+
+import kernels
+from engine.layers.quantization import kernel_choice
+from kernels import reference
+
+pytestmark = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="the CPU ops need AVX2")
+
+TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=1e-4),
+              # bf16 out: both round the same fp32 result, which may differ in its last bits
+              torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
+              torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ops():
+    assert kernels.cpu_kernels_available(kernel_choice.cache_dir())
+
+
+def _batch(heads, kv_heads, dim, dtype, lens, page_size=16, num_pages=64, seed=0):
+    """Queries of `len(lens)` rows and pools whose pages each row holds scattered over the
+    pool, as a server's are."""
+    g = torch.Generator().manual_seed(seed)
+    k_pool, v_pool = (torch.randn(num_pages, page_size, kv_heads, dim, generator=g).to(dtype)
+                      for _ in range(2))
+    width = max(-(-n // page_size) for n in lens) + 1  # a spare column, as tables have
+    table = torch.randperm(num_pages, generator=g)[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), heads, dim, generator=g).to(dtype)
+    return q, k_pool, v_pool, table, torch.tensor(lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (16, 2, 256), (5, 1, 16)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (20, None), (None, 30.0), (7, 5.0)])
+def test_decode_attention_op_matches_the_gathered_path(dtype, heads, kv_heads, dim, window,
+                                                       softcap):
+    """Rows of 1 key, a page's worth, a page and a bit, and longer than any window; scores
+    with and without Gemma 2's soft cap (a small cap bends them)."""
+    lens = [1, 16, 17, 45, 100, 3]
+    q, k_pool, v_pool, table, seq_lens = _batch(heads, kv_heads, dim, dtype, lens)
+    ours = torch.ops.tessera.decode_attention(q, k_pool, v_pool, table, seq_lens, 0.125,
+                                              window or 0, softcap or 0.0)
+    expected = reference._gathered_decode_attention(q, k_pool, v_pool, seq_lens, table, 0.125,
+                                                    max(lens), window, softcap)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours.float(), expected.float(), **TOLERANCES[dtype])
+
+
+def test_the_engine_s_decode_attention_takes_the_op():
+    """kernels.paged_attention's decode step on a plain pool returns the op's own result."""
+    q, k_pool, v_pool, table, seq_lens = _batch(9, 3, 64, torch.bfloat16, [5, 40])
+    starts = torch.tensor([0, 1, 2])
+    out = kernels.paged_attention(q, k_pool, v_pool, starts, seq_lens, table, 0.125, 1, 40)
+    assert torch.equal(out, torch.ops.tessera.decode_attention(q, k_pool, v_pool, table,
+                                                               seq_lens, 0.125, 0, 0.0))
+
+
+@pytest.mark.parametrize("bad", ["page", "length"])
+def test_a_table_pointing_outside_the_pool_is_refused(bad):
+    q, k_pool, v_pool, table, seq_lens = _batch(9, 3, 64, torch.float32, [5, 40])
+    if bad == "page":
+        table[1, 2] = k_pool.shape[0]
+    else:
+        seq_lens[0] = table.shape[1] * k_pool.shape[1] + 1
+    with pytest.raises(RuntimeError, match="block table|not in the pool"):
+        torch.ops.tessera.decode_attention(q, k_pool, v_pool, table, seq_lens, 0.125, 0, 0.0)
