@@ -182,22 +182,12 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                       seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
                       max_seq_len: int, sliding_window: int | None = None,
                       softcap: float | None = None) -> torch.Tensor:
-    """One new token per row (`q` is `[B, H, D]`) over the rows' gathered pages, as many as
-    the longest row needs, the tokens past each row's context masked. The shapes follow the
-    page count alone, so a torch.compile'd step (engine/cpu_compile.py) needs no new graph
-    as a context grows within its last page.
-
-    Plain pools, where the process loaded the CPU ops, are read in place by
-    `tessera::decode_attention` (kernels/decode_attention_cpu.cpp): served SmolLM2 on two AVX2
-    cores, a one-request step went from 20.2 to 19.2 ms, 64 requests' output from 76 to 86
-    tok/s. Otherwise, up to `SDPA_MAX_ROWS` rows, or in fp32, torch's SDPA in fp32
-    (half-precision contexts converted). Beyond, two batched matmuls in the cache's dtype (fp32
-    where 16-bit ones are slow), each KV head's group of query heads at once. SmolLM2's heads,
-    200-token contexts on pages scattered over a 64k-token cache (as a server's are), 2 Zen 4
-    cores, per layer: 1 row, SDPA 0.11 ms vs matmuls 0.16;
-    4 rows, 0.18 vs 0.20; 8 rows, 1.1 vs 0.36; 16 rows, 2.3 vs 0.39 (issue 14's profile had
-    SDPA at 47% of a batch-32 decode step). Soft-capped scores (SDPA has no soft cap) always
-    take the matmuls.
+    """One new token per row (`q` is `[B, H, D]`) over its context's pages. Plain pools, where
+    the process loaded the CPU ops, are read in place by `tessera::decode_attention`
+    (kernels/decode_attention_cpu.cpp): served SmolLM2 on two AVX2 cores, a one-request step
+    went from 20.2 to 19.2 ms, 64 requests' output from 76 to 86 tok/s. Quantized pools, head
+    dims that are not a multiple of 16 and CPUs without the ops take
+    `_gathered_decode_attention`.
     """
     if (cpu_extension.loaded() and not isinstance(k_cache, QuantizedPages) and not q.is_cuda
             and q.shape[-1] % 16 == 0):
@@ -211,6 +201,19 @@ def _gathered_decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool
                                seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
                                max_seq_len: int, sliding_window: int | None = None,
                                softcap: float | None = None) -> torch.Tensor:
+    """Decode attention over the rows' gathered pages, as many as the longest row needs, the
+    tokens past each row's context masked. The shapes follow the page count alone, so a
+    torch.compile'd step (engine/cpu_compile.py) needs no new graph as a context grows within
+    its last page.
+
+    Up to `SDPA_MAX_ROWS` rows, or in fp32, torch's SDPA in fp32 (half-precision contexts
+    converted). Beyond, two batched matmuls in the cache's dtype (fp32 where 16-bit ones are
+    slow), each KV head's group of query heads at once. SmolLM2's heads, 200-token contexts on
+    pages scattered over a 64k-token cache (as a server's are), 2 Zen 4 cores, per layer: 1
+    row, SDPA 0.11 ms vs matmuls 0.16; 4 rows, 0.18 vs 0.20; 8 rows, 1.1 vs 0.36; 16 rows, 2.3
+    vs 0.39 (issue 14's profile had SDPA at 47% of a batch-32 decode step). Soft-capped scores
+    (SDPA has no soft cap) always take the matmuls.
+    """
     pages = block_table[:, : -(-max_seq_len // kv_format.page_size(k_cache))]
     k = _context_by_head(k_cache, pages, q.dtype)  # [B, KvH, pages * page_size, D]
     v = _context_by_head(v_cache, pages, q.dtype)
