@@ -2,7 +2,10 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
+
+#include <cstdint>
 
 #include <immintrin.h>
 
@@ -24,6 +27,21 @@ inline __m256 load8(const c10::BFloat16* x) {  // bf16 is fp32's upper half
 
 inline __m256 load8(const c10::Half* x) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
+inline __m256 load8(const int8_t* x) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+}
+
+// fp8 (e4m3, bias 7) through fp16 (bias 15), which AVX2 converts: a code's exponent and
+// mantissa bits, moved up into fp16's, read as 2^-8 times its value (subnormals too). The NaN
+// code (0x7f) reads as 480: quantized pages never hold it.
+inline __m256 load8(const c10::Float8_e4m3fn* x) {
+  const __m128i bits = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)));
+  const __m128i half = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(bits, _mm_set1_epi16(0x7f)), 7),
+                                    _mm_slli_epi16(_mm_and_si128(bits, _mm_set1_epi16(0x80)), 8));
+  return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.0f));
 }
 
 }  // namespace tessera_avx2

@@ -1,11 +1,11 @@
 """The CPU's decode attention op (kernels/decode_attention_cpu.cpp) equals torch's gathered path
-(kernels.reference), which the engine takes where the op is not loaded or the pool quantized."""
+(kernels.reference), which the engine takes where the op is not loaded or the pool is int4."""
 import pytest
 import torch
 
 import kernels
 from engine.layers.quantization import kernel_choice
-from kernels import reference
+from kernels import kv_format, reference
 
 pytestmark = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
@@ -52,13 +52,57 @@ def test_decode_attention_op_matches_the_gathered_path(dtype, heads, kv_heads, d
     torch.testing.assert_close(ours.float(), expected.float(), **TOLERANCES[dtype])
 
 
-def test_the_engine_s_decode_attention_takes_the_op():
-    """kernels.paged_attention's decode step on a plain pool returns the op's own result."""
+def _quantized(pool, fmt):
+    codes, scales, _ = kv_format.quantize(pool, kv_format.FORMATS[fmt])
+    return kv_format.QuantizedPages(codes, scales, None)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("window,softcap", [(None, None), (7, 5.0)])
+def test_quantized_pages_are_read_in_place_as_the_gathered_path_reads_them(fmt, dtype, window,
+                                                                           softcap):
+    """int8 and fp8 pages: codes times their token-head's scale, as `kv_format.dequantize`
+    gives them to the gathered path (which rounds them to q's dtype first: the op does not)."""
+    lens = [1, 16, 17, 45, 100, 3]
+    q, k_pool, v_pool, table, seq_lens = _batch(9, 3, 64, dtype, lens)
+    k, v = _quantized(k_pool, fmt), _quantized(v_pool, fmt)
+    ours = torch.ops.tessera.decode_attention(q, k.codes, v.codes, table, seq_lens, 0.125,
+                                              window or 0, softcap or 0.0, k.scales, v.scales)
+    expected = reference._gathered_decode_attention(q, k, v, seq_lens, table, 0.125, max(lens),
+                                                    window, softcap)
+    torch.testing.assert_close(ours.float(), expected.float(), **TOLERANCES[dtype])
+
+
+def test_every_fp8_code_reads_as_its_value():
+    """The op converts e4m3 by its bits (AVX2 has no instruction for it): every non-NaN code,
+    subnormals and both zeros included, read back as a row's only value."""
+    bits = torch.arange(256, dtype=torch.uint8)
+    bits = torch.cat([bits[(bits & 0x7F) != 0x7F], bits.new_zeros(2)])  # 254 codes, 2 zeros
+    pool = bits.view(torch.float8_e4m3fn).view(16, 1, 1, 16)  # 16 pages of one slot
+    ones = torch.ones(16, 1, 1, 1, dtype=torch.bfloat16)
+    out = torch.ops.tessera.decode_attention(torch.zeros(16, 1, 16), pool, pool,
+                                             torch.arange(16).view(16, 1),
+                                             torch.ones(16, dtype=torch.long), 1.0, 0, 0.0,
+                                             ones, ones)
+    assert torch.equal(out.view(-1), pool.float().view(-1))
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_the_engine_s_decode_attention_takes_the_op(fmt):
+    """kernels.paged_attention's decode step on a plain or int8 pool returns the op's own
+    result."""
     q, k_pool, v_pool, table, seq_lens = _batch(9, 3, 64, torch.bfloat16, [5, 40])
+    scales = ()
+    if fmt:
+        k_pool, v_pool = _quantized(k_pool, fmt), _quantized(v_pool, fmt)
+        scales = k_pool.scales, v_pool.scales
     starts = torch.tensor([0, 1, 2])
     out = kernels.paged_attention(q, k_pool, v_pool, starts, seq_lens, table, 0.125, 1, 40)
-    assert torch.equal(out, torch.ops.tessera.decode_attention(q, k_pool, v_pool, table,
-                                                               seq_lens, 0.125, 0, 0.0))
+    codes = (k_pool.codes, v_pool.codes) if fmt else (k_pool, v_pool)
+    assert torch.equal(out, torch.ops.tessera.decode_attention(q, *codes, table, seq_lens,
+                                                               0.125, 0, 0.0, *scales))
 
 
 @pytest.mark.parametrize("bad", ["page", "length"])
