@@ -15,7 +15,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <numeric>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -54,52 +57,111 @@ void token_heads(const int64_t* pages, int64_t first, int64_t last, int64_t page
   }
 }
 
+// int4 codes, two per byte: channel 2i in the low nibble, 2i + 1 in the high one.
+struct Nibbles {
+  uint8_t bits;
+};
+
+template <typename T>
+constexpr int64_t kChannelsPerCode = std::is_same_v<T, Nibbles> ? 2 : 1;
+
+// Channels d .. d + 7 of a token-head's codes.
+template <typename T>
+inline __m256 channels8(const T* codes, int64_t d) {
+  return load8(codes + d);
+}
+
+template <>
+inline __m256 channels8(const Nibbles* codes, int64_t d) {
+  int32_t four;
+  std::memcpy(&four, codes + d / 2, sizeof four);
+  const __m128i bytes = _mm_cvtsi32_si128(four), low = _mm_set1_epi8(0x0f);
+  const __m128i even = _mm_and_si128(bytes, low);
+  const __m128i odd = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(even, odd)));
+}
+
+// A pool's codes and, quantized, per token-head and group of `dim / groups` channels a scale
+// and (int4) a zero point: a channel reads as code * scale + zero. Plain pools have neither.
+template <typename T>
+struct Pool {
+  const T* codes;
+  const c10::BFloat16* scales;
+  const c10::BFloat16* zeros;
+  int64_t groups;
+
+  const T* token_head(int64_t th, int64_t dim) const {
+    return codes + th * (dim / kChannelsPerCode<T>);
+  }
+  float scale(int64_t th, int64_t group) const {
+    return scales ? static_cast<float>(scales[th * groups + group]) : 1.0f;
+  }
+  float zero(int64_t th, int64_t group) const {
+    return zeros ? static_cast<float>(zeros[th * groups + group]) : 0.0f;
+  }
+};
+
 // scores[g][i] = q[g] . k_i for `G` query heads over the `n` keys at token-heads `rows`, two
 // keys at a time: each key's 8 channels are converted once for all G heads, in 2G independent
-// chains. Quantized keys (int8, fp8) are codes times their token-head's scale.
+// chains. A quantized key group adds scale * (q . codes) + zero * sum(q) (`q_sums[g][group]`).
 template <int G, typename T>
-void score_keys(const T* k_pool, const c10::BFloat16* k_scales, const int64_t* rows, int64_t n,
-                const float* q, int64_t dim, float* scores) {
+void score_keys(const Pool<T>& k, const int64_t* rows, int64_t n, const float* q,
+                const float* q_sums, int64_t dim, float* scores) {
+  const int64_t width = dim / k.groups;
   for (int64_t i = 0; i < n; i += 2) {
     const int keys = i + 1 < n ? 2 : 1;
-    const T* k[2] = {k_pool + rows[i] * dim, k_pool + rows[i + keys - 1] * dim};
-    __m256 acc[G][2];
-    for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < dim; d += 8) {
-      const __m256 k0 = load8(k[0] + d), k1 = load8(k[1] + d);
-      for (int g = 0; g < G; ++g) {
-        const __m256 qd = load8(q + g * dim + d);
-        acc[g][0] = _mm256_fmadd_ps(qd, k0, acc[g][0]);
-        acc[g][1] = _mm256_fmadd_ps(qd, k1, acc[g][1]);
+    const T* key[2] = {k.token_head(rows[i], dim), k.token_head(rows[i + keys - 1], dim)};
+    float total[G][2] = {};
+    for (int64_t group = 0; group < k.groups; ++group) {
+      __m256 acc[G][2];
+      for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+      for (int64_t d = group * width; d < (group + 1) * width; d += 8) {
+        const __m256 k0 = channels8(key[0], d), k1 = channels8(key[1], d);
+        for (int g = 0; g < G; ++g) {
+          const __m256 qd = load8(q + g * dim + d);
+          acc[g][0] = _mm256_fmadd_ps(qd, k0, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(qd, k1, acc[g][1]);
+        }
+      }
+      for (int j = 0; j < keys; ++j) {
+        const float scale = k.scale(rows[i + j], group), zero = k.zero(rows[i + j], group);
+        for (int g = 0; g < G; ++g) {
+          total[g][j] += hsum(acc[g][j]) * scale;
+          if (k.zeros) total[g][j] += zero * q_sums[g * k.groups + group];
+        }
       }
     }
-    for (int j = 0; j < keys; ++j) {
-      const float key_scale = k_scales ? static_cast<float>(k_scales[rows[i + j]]) : 1.0f;
-      for (int g = 0; g < G; ++g) scores[g * n + i + j] = hsum(acc[g][j]) * key_scale;
+    for (int g = 0; g < G; ++g) {
+      for (int j = 0; j < keys; ++j) scores[g * n + i + j] = total[g][j];
     }
   }
 }
 
-// out[g][d0 .. d0 + 15] = sum_i p[g][i] v_i[d0 ..] for `G` query heads (a quantized value's
-// scale already folded into p): each value's channels converted once for all of them, the sums
-// in registers across keys.
+// out[g][d0 .. d0 + 15] = sum_i p[g][i] v_i[d0 ..] for `G` query heads: each value's channels
+// converted once for all of them, the sums in registers across keys. A quantized value weighs
+// its codes by p * scale, and its zero point adds sum_i p * zero to every channel.
 template <int G, typename T>
-void weigh_values(const T* v_pool, const int64_t* rows, int64_t n, const float* p, int64_t d0,
+void weigh_values(const Pool<T>& v, const int64_t* rows, int64_t n, const float* p, int64_t d0,
                   int64_t dim, float* out) {
+  const int64_t group = d0 / (dim / v.groups);
   __m256 acc[G][2];
+  float bias[G] = {};
   for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
-    const T* v = v_pool + rows[i] * dim + d0;
-    const __m256 v0 = load8(v), v1 = load8(v + 8);
+    const T* codes = v.token_head(rows[i], dim);
+    const __m256 v0 = channels8(codes, d0), v1 = channels8(codes, d0 + 8);
+    const float scale = v.scale(rows[i], group), zero = v.zero(rows[i], group);
     for (int g = 0; g < G; ++g) {
-      const __m256 pg = _mm256_broadcast_ss(p + g * n + i);
+      const __m256 pg = _mm256_set1_ps(p[g * n + i] * scale);
       acc[g][0] = _mm256_fmadd_ps(pg, v0, acc[g][0]);
       acc[g][1] = _mm256_fmadd_ps(pg, v1, acc[g][1]);
+      if (v.zeros) bias[g] += p[g * n + i] * zero;
     }
   }
   for (int g = 0; g < G; ++g) {
-    _mm256_storeu_ps(out + g * dim + d0, acc[g][0]);
-    _mm256_storeu_ps(out + g * dim + d0 + 8, acc[g][1]);
+    const __m256 b = _mm256_set1_ps(bias[g]);
+    _mm256_storeu_ps(out + g * dim + d0, _mm256_add_ps(acc[g][0], b));
+    _mm256_storeu_ps(out + g * dim + d0 + 8, _mm256_add_ps(acc[g][1], b));
   }
 }
 
@@ -141,51 +203,42 @@ void by_head_chunks(int64_t group, F&& f) {
   }
 }
 
-// A pool's codes and, quantized, a scale per token-head (null for a plain pool).
-template <typename T>
-struct Pool {
-  const T* codes;
-  const c10::BFloat16* scales;
-};
-
 // The `group` query heads `q[group, dim]` (scaled) that share one KV head, over the `n` keys
 // and values at token-heads `rows`: softmax(q k^T) v into `out[group, dim]`; `scores` holds
-// group * n.
+// group * n, `q_sums` group * k.groups.
 template <typename T>
-void attend(Pool<T> k, Pool<T> v, const int64_t* rows, int64_t n, int64_t group, int64_t dim,
-            const float* q, float softcap, float* scores, float* out) {
-  by_head_chunks(group, [&]<int G>(int64_t g0) {
-    score_keys<G>(k.codes, k.scales, rows, n, q + g0 * dim, dim, scores + g0 * n);
-  });
-  softmax_rows(scores, group, n, softcap);
-  if (v.scales) {  // sum_i p_i (s_i c_i) = sum_i (p_i s_i) c_i
-    for (int64_t i = 0; i < n; ++i) {
-      const float value_scale = static_cast<float>(v.scales[rows[i]]);
-      for (int64_t g = 0; g < group; ++g) scores[g * n + i] *= value_scale;
+void attend(const Pool<T>& k, const Pool<T>& v, const int64_t* rows, int64_t n, int64_t group,
+            int64_t dim, const float* q, float* q_sums, float softcap, float* scores,
+            float* out) {
+  if (k.zeros) {
+    const int64_t width = dim / k.groups;
+    for (int64_t i = 0; i < group * k.groups; ++i) {
+      q_sums[i] = std::accumulate(q + i * width, q + (i + 1) * width, 0.0f);
     }
   }
   by_head_chunks(group, [&]<int G>(int64_t g0) {
+    score_keys<G>(k, rows, n, q + g0 * dim, q_sums + g0 * k.groups, dim, scores + g0 * n);
+  });
+  softmax_rows(scores, group, n, softcap);
+  by_head_chunks(group, [&]<int G>(int64_t g0) {
     for (int64_t d0 = 0; d0 < dim; d0 += 16) {
-      weigh_values<G>(v.codes, rows, n, scores + g0 * n, d0, dim, out + g0 * dim);
+      weigh_values<G>(v, rows, n, scores + g0 * n, d0, dim, out + g0 * dim);
     }
   });
 }
 
 template <typename Q, typename T>
-void decode_rows(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                 const c10::BFloat16* k_scales, const c10::BFloat16* v_scales,
-                 const at::Tensor& block_table, const at::Tensor& seq_lens, float scale,
-                 int64_t window, float softcap, at::Tensor& out) {
+void decode_rows(const at::Tensor& q, const Pool<T>& k, const Pool<T>& v, int64_t page_size,
+                 int64_t kv_heads, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                 float scale, int64_t window, float softcap, at::Tensor& out) {
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t page_size = k_pool.size(1), kv_heads = k_pool.size(2);
   const int64_t group = heads / kv_heads, table_width = block_table.size(1);
   const Q* qp = q.data_ptr<Q>();
-  const Pool<T> k{k_pool.data_ptr<T>(), k_scales}, v{v_pool.data_ptr<T>(), v_scales};
   const int64_t* tp = block_table.data_ptr<int64_t>();
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   Q* op = out.data_ptr<Q>();
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scaled(group * dim), result(group * dim), scores;
+    std::vector<float> scaled(group * dim), result(group * dim), q_sums(group * k.groups), scores;
     std::vector<int64_t> keys;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / kv_heads, head = item % kv_heads, len = lp[row];
@@ -199,8 +252,8 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor
       token_heads(tp + row * table_width, first, len, page_size, kv_heads, head, keys.data());
       for (int64_t i = 0; i < group * dim; ++i) scaled[i] = static_cast<float>(qp[at + i]) * scale;
       scores.resize(group * n);
-      attend(k, v, keys.data(), n, group, dim, scaled.data(), softcap, scores.data(),
-             result.data());
+      attend(k, v, keys.data(), n, group, dim, scaled.data(), q_sums.data(), softcap,
+             scores.data(), result.data());
       for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<Q>(result[i]);
     }
   });
@@ -223,35 +276,49 @@ void check_pages(const at::Tensor& block_table, const at::Tensor& seq_lens, int6
   }
 }
 
-// A quantized pool's scales: bf16, one per token-head of `pool` ([pages, size, heads, 1]).
-const c10::BFloat16* token_head_scales(const std::optional<at::Tensor>& scales,
-                                       const at::Tensor& pool) {
-  TORCH_CHECK(scales.has_value(), "decode_attention: an int8 or fp8 pool needs its scales");
-  TORCH_CHECK(scales->scalar_type() == at::kBFloat16 && scales->is_contiguous()
-              && scales->dim() == 4 && scales->size(3) == 1
-              && scales->sizes().slice(0, 3) == pool.sizes().slice(0, 3),
-              "decode_attention: scales are bf16 [pages, size, heads, 1], contiguous");
-  return scales->data_ptr<c10::BFloat16>();
+// A quantized pool's scales or zero points: bf16 `[pages, size, heads, groups]`, contiguous.
+const c10::BFloat16* per_group(const at::Tensor& t, const at::Tensor& codes, int64_t groups) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.dim() == 4
+              && t.sizes().slice(0, 3) == codes.sizes().slice(0, 3) && t.size(3) == groups,
+              "decode_attention: scales and zero points are bf16 [pages, size, heads, groups], "
+              "contiguous, the same for keys and values");
+  return t.data_ptr<c10::BFloat16>();
 }
 
-// q[B, H, D]; pools [pages, page_size, KvH, D] (bf16, fp16 or fp32; or int8 or fp8 codes with
-// bf16 scales [pages, page_size, KvH, 1]); block_table[>= B, W]; seq_lens[B]. Row b attends to
-// its keys max(0, len - window) .. len - 1 (all of them where window is 0), scores soft-capped
-// where softcap > 0. The result has q's dtype.
+// q[B, H, D]; pools [pages, page_size, KvH, D] of bf16, fp16 or fp32, or of quantized codes
+// (kernels/kv_format.py) with their bf16 scales [pages, page_size, KvH, groups]: int8 or fp8
+// (one group), or int4 ([..., D / 2] bytes of two codes, and zero points beside the scales).
+// block_table[>= B, W]; seq_lens[B]. Row b attends to its keys max(0, len - window) .. len - 1
+// (all of them where window is 0), scores soft-capped where softcap > 0. The result has q's
+// dtype.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
                             const at::Tensor& v_pool, const at::Tensor& block_table,
                             const at::Tensor& seq_lens, double scale, int64_t window,
                             double softcap, const std::optional<at::Tensor>& k_scales,
-                            const std::optional<at::Tensor>& v_scales) {
+                            const std::optional<at::Tensor>& v_scales,
+                            const std::optional<at::Tensor>& k_zeros,
+                            const std::optional<at::Tensor>& v_zeros) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes(),
               "decode_attention: q is [rows, heads, dim], the pools [pages, size, heads, dim]");
   TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type() && k_pool.is_contiguous()
               && v_pool.is_contiguous(), "decode_attention: pools of one dtype, contiguous");
+  const at::ScalarType codes = k_pool.scalar_type();
+  const bool int4 = codes == at::kByte;
+  const bool quantized = int4 || codes == at::kChar || codes == at::kFloat8_e4m3fn;
   const int64_t dim = q.size(2), kv_heads = k_pool.size(2);
-  TORCH_CHECK(k_pool.size(3) == dim && dim % 16 == 0 && q.size(1) % kv_heads == 0,
+  TORCH_CHECK(k_pool.size(3) * (int4 ? 2 : 1) == dim && dim % 16 == 0
+              && q.size(1) % kv_heads == 0,
               "decode_attention: head dims must match and be a multiple of 16");
   TORCH_CHECK(seq_lens.size(0) == q.size(0) && block_table.dim() == 2
               && block_table.size(0) >= q.size(0), "decode_attention: one table row per query");
+  TORCH_CHECK(quantized == (k_scales && v_scales) && int4 == (k_zeros && v_zeros)
+              && (int4 || !(k_zeros || v_zeros)) && (quantized || !(k_scales || v_scales)),
+              "decode_attention: int8, fp8 and int4 pools come with their scales, int4 with its "
+              "zero points too, plain pools with neither");
+  const int64_t groups = quantized ? k_scales->size(-1) : 1;
+  TORCH_CHECK(groups > 0 && dim % groups == 0 && (dim / groups) % 16 == 0
+              && (int4 || groups == 1),
+              "decode_attention: groups of a multiple of 16 channels (one but for int4)");
   const at::Tensor qc = q.contiguous();
   const at::Tensor table = block_table.to(at::kLong).contiguous();
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
@@ -260,24 +327,26 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   const auto s = static_cast<float>(scale);
   const auto cap = static_cast<float>(softcap);
   auto with_pools = [&]<typename Q>() {
-    auto run = [&]<typename T>(const c10::BFloat16* ks, const c10::BFloat16* vs) {
-      decode_rows<Q, T>(qc, k_pool, v_pool, ks, vs, table, lens, s, window, cap, out);
+    auto run = [&]<typename T>() {
+      auto pool = [&](const at::Tensor& codes, const std::optional<at::Tensor>& scales,
+                      const std::optional<at::Tensor>& zeros) {
+        return Pool<T>{static_cast<const T*>(codes.data_ptr()),
+                       quantized ? per_group(*scales, codes, groups) : nullptr,
+                       int4 ? per_group(*zeros, codes, groups) : nullptr, groups};
+      };
+      decode_rows<Q, T>(qc, pool(k_pool, k_scales, k_zeros), pool(v_pool, v_scales, v_zeros),
+                        k_pool.size(1), kv_heads, table, lens, s, window, cap, out);
     };
-    const bool quantized = k_pool.scalar_type() == at::kChar
-        || k_pool.scalar_type() == at::kFloat8_e4m3fn;
-    TORCH_CHECK(quantized || (!k_scales && !v_scales),
-                "decode_attention: scales belong to int8 or fp8 pools only");
-    const c10::BFloat16* ks = quantized ? token_head_scales(k_scales, k_pool) : nullptr;
-    const c10::BFloat16* vs = quantized ? token_head_scales(v_scales, v_pool) : nullptr;
-    switch (k_pool.scalar_type()) {
-      case at::kBFloat16: return run.template operator()<c10::BFloat16>(ks, vs);
-      case at::kHalf: return run.template operator()<c10::Half>(ks, vs);
-      case at::kFloat: return run.template operator()<float>(ks, vs);
-      case at::kChar: return run.template operator()<int8_t>(ks, vs);
-      case at::kFloat8_e4m3fn: return run.template operator()<c10::Float8_e4m3fn>(ks, vs);
+    switch (codes) {
+      case at::kBFloat16: return run.template operator()<c10::BFloat16>();
+      case at::kHalf: return run.template operator()<c10::Half>();
+      case at::kFloat: return run.template operator()<float>();
+      case at::kChar: return run.template operator()<int8_t>();
+      case at::kFloat8_e4m3fn: return run.template operator()<c10::Float8_e4m3fn>();
+      case at::kByte: return run.template operator()<Nibbles>();
       default:
-        TORCH_CHECK(false, "decode_attention: pools of bf16, fp16, fp32, int8 or fp8, not ",
-                    k_pool.scalar_type());
+        TORCH_CHECK(false, "decode_attention: pools of bf16, fp16, fp32, int8, fp8 or int4 "
+                    "(uint8), not ", codes);
     }
   };
   switch (q.scalar_type()) {
@@ -294,7 +363,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
 TORCH_LIBRARY_FRAGMENT(tessera, lib) {
   lib.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table, "
           "Tensor seq_lens, float scale, int window, float softcap, Tensor? k_scales=None, "
-          "Tensor? v_scales=None) -> Tensor");
+          "Tensor? v_scales=None, Tensor? k_zeros=None, Tensor? v_zeros=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tessera, CPU, lib) { lib.impl("decode_attention", &decode_attention); }

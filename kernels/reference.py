@@ -182,23 +182,20 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                       seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
                       max_seq_len: int, sliding_window: int | None = None,
                       softcap: float | None = None) -> torch.Tensor:
-    """One new token per row (`q` is `[B, H, D]`) over its context's pages. Plain pools and
-    int8 or fp8 ones, where the process loaded the CPU ops, are read in place by
-    `tessera::decode_attention` (kernels/decode_attention_cpu.cpp): served SmolLM2 on two AVX2
-    cores, a one-request step went from 20.2 to 19.2 ms, 64 requests' output from 76 to 86
-    tok/s; a bf16 step of 32 requests 2k tokens deep took 1.01 s, int8's 2.53 s gathered.
-    int4 pools, head dims that are not a multiple of 16 and CPUs without the ops take
-    `_gathered_decode_attention`.
+    """One new token per row (`q` is `[B, H, D]`) over its context's pages, read in place by
+    `tessera::decode_attention` (kernels/decode_attention_cpu.cpp) where the process loaded the
+    CPU ops: plain pools, and quantized ones as codes with their scales (and int4's zero points).
+    Served SmolLM2 on two AVX2 cores, a one-request step went from 20.2 to 19.2 ms, 64 requests'
+    output from 76 to 86 tok/s. Head dims that are not a multiple of 16 and CPUs without the
+    ops take `_gathered_decode_attention`.
     """
     if cpu_extension.loaded() and not q.is_cuda and q.shape[-1] % 16 == 0:
-        if not isinstance(k_cache, QuantizedPages):
-            return torch.ops.tessera.decode_attention(
-                q, k_cache, v_cache, block_table, seq_lens, scale, sliding_window or 0,
-                softcap or 0.0)
-        if k_cache.zeros is None:  # int8, fp8: one scale per token-head
-            return torch.ops.tessera.decode_attention(
-                q, k_cache.codes, v_cache.codes, block_table, seq_lens, scale,
-                sliding_window or 0, softcap or 0.0, k_cache.scales, v_cache.scales)
+        pools, quant = (k_cache, v_cache), ()
+        if isinstance(k_cache, QuantizedPages):
+            pools = k_cache.codes, v_cache.codes
+            quant = k_cache.scales, v_cache.scales, k_cache.zeros, v_cache.zeros
+        return torch.ops.tessera.decode_attention(q, *pools, block_table, seq_lens, scale,
+                                                  sliding_window or 0, softcap or 0.0, *quant)
     return _gathered_decode_attention(q, k_cache, v_cache, seq_lens, block_table, scale,
                                       max_seq_len, sliding_window, softcap)
 

@@ -1,5 +1,5 @@
 """The CPU's decode attention op (kernels/decode_attention_cpu.cpp) equals torch's gathered path
-(kernels.reference), which the engine takes where the op is not loaded or the pool is int4."""
+(kernels.reference), which the engine takes where the op is not loaded."""
 import pytest
 import torch
 
@@ -52,27 +52,29 @@ def test_decode_attention_op_matches_the_gathered_path(dtype, heads, kv_heads, d
     torch.testing.assert_close(ours.float(), expected.float(), **TOLERANCES[dtype])
 
 
-def _quantized(pool, fmt):
-    codes, scales, _ = kv_format.quantize(pool, kv_format.FORMATS[fmt])
-    return kv_format.QuantizedPages(codes, scales, None)
+def _quantized(pool, fmt, keys=False):
+    return kv_format.QuantizedPages(*kv_format.quantize(pool, kv_format.FORMATS[fmt], keys))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
                          ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (16, 2, 256), (5, 1, 16)])
 @pytest.mark.parametrize("window,softcap", [(None, None), (7, 5.0)])
-def test_quantized_pages_are_read_in_place_as_the_gathered_path_reads_them(fmt, dtype, window,
-                                                                           softcap):
-    """int8 and fp8 pages: codes times their token-head's scale, as `kv_format.dequantize`
-    gives them to the gathered path (which rounds them to q's dtype first: the op does not)."""
+def test_quantized_pages_are_read_in_place_as_the_gathered_path_reads_them(
+        fmt, dtype, heads, kv_heads, dim, window, softcap):
+    """Codes times their token-head's scale (int4: its group's, plus the zero point; 4 groups of
+    64 channels at head dim 256, one at 16), as `kv_format.dequantize` gives them to the gathered
+    path, here in fp32 (in bf16 it rounds each value twice: the op does not round them)."""
     lens = [1, 16, 17, 45, 100, 3]
-    q, k_pool, v_pool, table, seq_lens = _batch(9, 3, 64, dtype, lens)
-    k, v = _quantized(k_pool, fmt), _quantized(v_pool, fmt)
+    q, k_pool, v_pool, table, seq_lens = _batch(heads, kv_heads, dim, dtype, lens)
+    k, v = _quantized(k_pool, fmt, keys=True), _quantized(v_pool, fmt)
     ours = torch.ops.tessera.decode_attention(q, k.codes, v.codes, table, seq_lens, 0.125,
-                                              window or 0, softcap or 0.0, k.scales, v.scales)
-    expected = reference._gathered_decode_attention(q, k, v, seq_lens, table, 0.125, max(lens),
-                                                    window, softcap)
-    torch.testing.assert_close(ours.float(), expected.float(), **TOLERANCES[dtype])
+                                              window or 0, softcap or 0.0, k.scales, v.scales,
+                                              k.zeros, v.zeros)
+    expected = reference._gathered_decode_attention(q.float(), k, v, seq_lens, table, 0.125,
+                                                    max(lens), window, softcap)
+    torch.testing.assert_close(ours.float(), expected.to(dtype).float(), **TOLERANCES[dtype])
 
 
 def test_every_fp8_code_reads_as_its_value():
@@ -89,20 +91,20 @@ def test_every_fp8_code_reads_as_its_value():
     assert torch.equal(out.view(-1), pool.float().view(-1))
 
 
-@pytest.mark.parametrize("fmt", [None, "int8"])
+@pytest.mark.parametrize("fmt", [None, "int8", "int4"])
 def test_the_engine_s_decode_attention_takes_the_op(fmt):
-    """kernels.paged_attention's decode step on a plain or int8 pool returns the op's own
+    """kernels.paged_attention's decode step on a plain or quantized pool returns the op's own
     result."""
     q, k_pool, v_pool, table, seq_lens = _batch(9, 3, 64, torch.bfloat16, [5, 40])
-    scales = ()
+    pools, quant = (k_pool, v_pool), ()
     if fmt:
         k_pool, v_pool = _quantized(k_pool, fmt), _quantized(v_pool, fmt)
-        scales = k_pool.scales, v_pool.scales
+        pools, quant = (k_pool.codes, v_pool.codes), (k_pool.scales, v_pool.scales,
+                                                      k_pool.zeros, v_pool.zeros)
     starts = torch.tensor([0, 1, 2])
     out = kernels.paged_attention(q, k_pool, v_pool, starts, seq_lens, table, 0.125, 1, 40)
-    codes = (k_pool.codes, v_pool.codes) if fmt else (k_pool, v_pool)
-    assert torch.equal(out, torch.ops.tessera.decode_attention(q, *codes, table, seq_lens,
-                                                               0.125, 0, 0.0, *scales))
+    assert torch.equal(out, torch.ops.tessera.decode_attention(q, *pools, table, seq_lens,
+                                                               0.125, 0, 0.0, *quant))
 
 
 @pytest.mark.parametrize("bad", ["page", "length"])
