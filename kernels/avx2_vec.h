@@ -18,6 +18,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// [sum(a[0]), sum(a[1]), ..., sum(a[7])]: eight horizontal sums in nine instructions, where
+// eight `hsum`s take forty.
+inline __m256 sums8(const __m256 (&a)[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 
 inline __m256 load8(const c10::BFloat16* x) {  // bf16 is fp32's upper half

@@ -25,6 +25,7 @@ namespace {
 
 using tessera_avx2::hsum;
 using tessera_avx2::load8;
+using tessera_avx2::sums8;
 
 // e^x for x <= 0 (a score less its row's max): 2^n * p(r) with r = x - n ln2, |r| <= ln2 / 2,
 // and p the degree-6 Taylor polynomial (relative error ~1e-7). Below -87, e^-87 ~ 1.6e-38.
@@ -81,6 +82,10 @@ inline __m256 channels8(const Nibbles* codes, int64_t d) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(even, odd)));
 }
 
+// How many keys ahead of the one being read the kernels prefetch: a row's pages lie anywhere in
+// the pool, and the hardware's stride prefetcher starts over on each one.
+constexpr int64_t kPrefetchAhead = 8;
+
 // A pool's codes and, quantized, per token-head and group of `dim / groups` channels a scale
 // and (int4) a zero point: a channel reads as code * scale + zero. Plain pools have neither.
 template <typename T>
@@ -99,94 +104,160 @@ struct Pool {
   float zero(int64_t th, int64_t group) const {
     return zeros ? static_cast<float>(zeros[th * groups + group]) : 0.0f;
   }
+  void prefetch(int64_t th, int64_t dim) const {
+    const char* bytes = reinterpret_cast<const char*>(token_head(th, dim));
+    for (int64_t b = 0; b < dim / kChannelsPerCode<T> * int64_t{sizeof(T)}; b += 64) {
+      _mm_prefetch(bytes + b, _MM_HINT_T0);
+    }
+  }
 };
 
-// scores[g][i] = q[g] . k_i for `G` query heads over the `n` keys at token-heads `rows`, two
-// keys at a time: each key's 8 channels are converted once for all G heads, in 2G independent
-// chains. A quantized key group adds scale * (q . codes) + zero * sum(q) (`q_sums[g][group]`).
+// [x, y, x, y, x, y, x, y]: a value per key of a pair, in the lanes (2g + j) of `score_keys`.
+inline __m256 pair_lanes(float x, float y) {
+  return _mm256_unpacklo_ps(_mm256_set1_ps(x), _mm256_set1_ps(y));
+}
+
+// scores[g][i] = q[g] . k_i for `G` <= 4 query heads over the `n` keys at token-heads `rows`,
+// two keys at a time: each key's 8 channels are converted once for all G heads, into 2G
+// independent sums that `sums8` reduces together. A quantized key group adds
+// scale * (q . codes) + zero * sum(q). The values of the keys ahead are fetched too.
 template <int G, typename T>
-void score_keys(const Pool<T>& k, const int64_t* rows, int64_t n, const float* q,
-                const float* q_sums, int64_t dim, float* scores) {
+void score_keys(const Pool<T>& k, const Pool<T>& v, const int64_t* rows, int64_t n,
+                const float* q, int64_t dim, float* scores) {
   const int64_t width = dim / k.groups;
-  for (int64_t i = 0; i < n; i += 2) {
-    const int keys = i + 1 < n ? 2 : 1;
-    const T* key[2] = {k.token_head(rows[i], dim), k.token_head(rows[i + keys - 1], dim)};
-    float total[G][2] = {};
+  std::vector<float> q_sums;  // [group][2g + j]: the sum of head g's channels in the group
+  if (k.zeros) {
+    q_sums.assign(k.groups * 8, 0.0f);
     for (int64_t group = 0; group < k.groups; ++group) {
-      __m256 acc[G][2];
-      for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+      for (int g = 0; g < G; ++g) {
+        const float* channels = q + g * dim + group * width;
+        q_sums[group * 8 + 2 * g] = q_sums[group * 8 + 2 * g + 1] =
+            std::accumulate(channels, channels + width, 0.0f);
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; i += 2) {
+    const int64_t pair[2] = {rows[i], rows[std::min(i + 1, n - 1)]};  // odd n: the last twice
+    for (int64_t j = i + kPrefetchAhead; j < std::min(i + kPrefetchAhead + 2, n); ++j) {
+      k.prefetch(rows[j], dim);
+      v.prefetch(rows[j], dim);
+    }
+    const T* key[2] = {k.token_head(pair[0], dim), k.token_head(pair[1], dim)};
+    __m256 total = _mm256_setzero_ps();  // lane 2g + j: head g, key i + j
+    for (int64_t group = 0; group < k.groups; ++group) {
+      __m256 acc[8];
+      for (__m256& a : acc) a = _mm256_setzero_ps();
       for (int64_t d = group * width; d < (group + 1) * width; d += 8) {
         const __m256 k0 = channels8(key[0], d), k1 = channels8(key[1], d);
         for (int g = 0; g < G; ++g) {
           const __m256 qd = load8(q + g * dim + d);
-          acc[g][0] = _mm256_fmadd_ps(qd, k0, acc[g][0]);
-          acc[g][1] = _mm256_fmadd_ps(qd, k1, acc[g][1]);
+          acc[2 * g] = _mm256_fmadd_ps(qd, k0, acc[2 * g]);
+          acc[2 * g + 1] = _mm256_fmadd_ps(qd, k1, acc[2 * g + 1]);
         }
       }
-      for (int j = 0; j < keys; ++j) {
-        const float scale = k.scale(rows[i + j], group), zero = k.zero(rows[i + j], group);
-        for (int g = 0; g < G; ++g) {
-          total[g][j] += hsum(acc[g][j]) * scale;
-          if (k.zeros) total[g][j] += zero * q_sums[g * k.groups + group];
-        }
+      __m256 dots = sums8(acc);
+      if (k.scales) {
+        dots = _mm256_mul_ps(dots, pair_lanes(k.scale(pair[0], group), k.scale(pair[1], group)));
       }
+      if (k.zeros) {
+        dots = _mm256_fmadd_ps(pair_lanes(k.zero(pair[0], group), k.zero(pair[1], group)),
+                               _mm256_loadu_ps(q_sums.data() + group * 8), dots);
+      }
+      total = _mm256_add_ps(total, dots);
     }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, total);
     for (int g = 0; g < G; ++g) {
-      for (int j = 0; j < keys; ++j) scores[g * n + i + j] = total[g][j];
+      scores[g * n + i] = lanes[2 * g];
+      if (i + 1 < n) scores[g * n + i + 1] = lanes[2 * g + 1];
     }
   }
 }
 
-// out[g][d0 .. d0 + 15] = sum_i p[g][i] v_i[d0 ..] for `G` query heads: each value's channels
-// converted once for all of them, the sums in registers across keys. A quantized value weighs
-// its codes by p * scale, and its zero point adds sum_i p * zero to every channel.
-template <int G, typename T>
-void weigh_values(const Pool<T>& v, const int64_t* rows, int64_t n, const float* p, int64_t d0,
-                  int64_t dim, float* out) {
-  const int64_t group = d0 / (dim / v.groups);
-  __m256 acc[G][2];
-  float bias[G] = {};
-  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; ++i) {
-    const T* codes = v.token_head(rows[i], dim);
-    const __m256 v0 = channels8(codes, d0), v1 = channels8(codes, d0 + 8);
-    const float scale = v.scale(rows[i], group), zero = v.zero(rows[i], group);
-    for (int g = 0; g < G; ++g) {
-      const __m256 pg = _mm256_set1_ps(p[g * n + i] * scale);
-      acc[g][0] = _mm256_fmadd_ps(pg, v0, acc[g][0]);
-      acc[g][1] = _mm256_fmadd_ps(pg, v1, acc[g][1]);
-      if (v.zeros) bias[g] += p[g * n + i] * zero;
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    const __m256 b = _mm256_set1_ps(bias[g]);
-    _mm256_storeu_ps(out + g * dim + d0, _mm256_add_ps(acc[g][0], b));
-    _mm256_storeu_ps(out + g * dim + d0 + 8, _mm256_add_ps(acc[g][1], b));
-  }
-}
-
-// Each row of `scores[rows][n]` soft-capped (where softcap > 0) and turned into its softmax.
-void softmax_rows(float* scores, int64_t rows, int64_t n, float softcap) {
+// Each row of `scores[rows][n]` soft-capped (where softcap > 0), less its max and
+// exponentiated in place: softmax's numerators, whose total's inverse goes to `norm[row]`.
+void exponentiate_rows(float* scores, int64_t rows, int64_t n, float softcap, float* norm) {
   for (int64_t g = 0; g < rows; ++g) {
     float* s = scores + g * n;
     if (softcap > 0.0f) {
       for (int64_t i = 0; i < n; ++i) s[i] = softcap * std::tanh(s[i] / softcap);
     }
-    const __m256 max = _mm256_set1_ps(*std::max_element(s, s + n));
-    __m256 vsum = _mm256_setzero_ps();
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + i), max));
+    for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    float max = *std::max_element(lanes, lanes + 8);
+    for (; i < n; ++i) max = std::max(max, s[i]);
+    vmax = _mm256_set1_ps(max);
+    __m256 vsum = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + i), vmax));
       _mm256_storeu_ps(s + i, e);
       vsum = _mm256_add_ps(vsum, e);
     }
     float sum = hsum(vsum);
     for (; i < n; ++i) {
-      s[i] = std::exp(s[i] - _mm256_cvtss_f32(max));
+      s[i] = std::exp(s[i] - max);
       sum += s[i];
     }
-    const float inv = 1.0f / sum;
-    for (i = 0; i < n; ++i) s[i] *= inv;
+    norm[g] = 1.0f / sum;
+  }
+}
+
+// sum_i a[i] * b[i]
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc);
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// What the values' codes in channel group `group` are weighed by: the numerators `e[heads][n]`
+// times each value's scale (plain pools: `e` itself); `bias[h]` gets the numerators times the
+// values' zero points, summed: what the zeros add to each of the group's channels. `scales`
+// and `zeros` hold n floats each.
+template <typename T>
+const float* value_weights(const Pool<T>& v, const int64_t* rows, int64_t n, int64_t heads,
+                           int64_t group, const float* e, float* scales, float* zeros,
+                           float* weights, float* bias) {
+  std::fill(bias, bias + heads, 0.0f);
+  if (!v.scales) return e;
+  for (int64_t i = 0; i < n; ++i) {
+    scales[i] = v.scale(rows[i], group);
+    zeros[i] = v.zero(rows[i], group);
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t i = 0; i < n; ++i) weights[h * n + i] = e[h * n + i] * scales[i];
+    if (v.zeros) bias[h] = dot(e + h * n, zeros, n);
+  }
+  return weights;
+}
+
+// out[g][d0 .. d0 + 15] += sum_i w[g][i] v_i[d0 ..] over keys i0 .. i1 - 1 for `G` query
+// heads: each value's channels converted once for all of them, the sums in registers.
+template <int G, typename T>
+void weigh_values(const Pool<T>& v, const int64_t* rows, int64_t i0, int64_t i1, int64_t n,
+                  const float* w, int64_t d0, int64_t dim, float* out) {
+  __m256 acc[G][2];
+  for (int g = 0; g < G; ++g) {
+    acc[g][0] = _mm256_loadu_ps(out + g * dim + d0);
+    acc[g][1] = _mm256_loadu_ps(out + g * dim + d0 + 8);
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* codes = v.token_head(rows[i], dim);
+    const __m256 v0 = channels8(codes, d0), v1 = channels8(codes, d0 + 8);
+    for (int g = 0; g < G; ++g) {
+      const __m256 wg = _mm256_broadcast_ss(w + g * n + i);
+      acc[g][0] = _mm256_fmadd_ps(wg, v0, acc[g][0]);
+      acc[g][1] = _mm256_fmadd_ps(wg, v1, acc[g][1]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    _mm256_storeu_ps(out + g * dim + d0, acc[g][0]);
+    _mm256_storeu_ps(out + g * dim + d0 + 8, acc[g][1]);
   }
 }
 
@@ -203,28 +274,52 @@ void by_head_chunks(int64_t group, F&& f) {
   }
 }
 
-// The `group` query heads `q[group, dim]` (scaled) that share one KV head, over the `n` keys
-// and values at token-heads `rows`: softmax(q k^T) v into `out[group, dim]`; `scores` holds
-// group * n, `q_sums` group * k.groups.
+// One thread's buffers, sized for `group` query heads over `n` keys.
+struct Scratch {
+  std::vector<float> q, out, scores, weights, bias, norm, scales, zeros;
+  std::vector<int64_t> keys;
+
+  Scratch(int64_t group, int64_t dim)
+      : q(group * dim), out(group * dim), bias(group), norm(group) {}
+  void fit(int64_t group, int64_t n) {
+    keys.resize(n);
+    scales.resize(n);
+    zeros.resize(n);
+    scores.resize(group * n);
+    weights.resize(group * n);
+  }
+};
+
+// The `group` query heads `s.q[group, dim]` (scaled) that share one KV head, over the `n` keys
+// and values at token-heads `s.keys`: softmax(q k^T) v into `s.out[group, dim]`.
 template <typename T>
-void attend(const Pool<T>& k, const Pool<T>& v, const int64_t* rows, int64_t n, int64_t group,
-            int64_t dim, const float* q, float* q_sums, float softcap, float* scores,
-            float* out) {
-  if (k.zeros) {
-    const int64_t width = dim / k.groups;
-    for (int64_t i = 0; i < group * k.groups; ++i) {
-      q_sums[i] = std::accumulate(q + i * width, q + (i + 1) * width, 0.0f);
+void attend(const Pool<T>& k, const Pool<T>& v, int64_t n, int64_t group, int64_t dim,
+            float softcap, Scratch& s) {
+  const int64_t* rows = s.keys.data();
+  by_head_chunks(group, [&]<int G>(int64_t g0) {
+    score_keys<G>(k, v, rows, n, s.q.data() + g0 * dim, dim, s.scores.data() + g0 * n);
+  });
+  exponentiate_rows(s.scores.data(), group, n, softcap, s.norm.data());
+  std::fill(s.out.begin(), s.out.end(), 0.0f);
+  const int64_t width = dim / v.groups;
+  // Keys in blocks of ~16 KB of values, which stay in L1 over a block's passes of 16 channels.
+  const int64_t block = std::max<int64_t>(16, 16384 * kChannelsPerCode<T> / (dim * sizeof(T)));
+  for (int64_t vgroup = 0; vgroup < v.groups; ++vgroup) {
+    const float* w = value_weights(v, rows, n, group, vgroup, s.scores.data(), s.scales.data(),
+                                   s.zeros.data(), s.weights.data(), s.bias.data());
+    for (int64_t i0 = 0; i0 < n; i0 += block) {
+      by_head_chunks(group, [&]<int G>(int64_t g0) {
+        for (int64_t d0 = vgroup * width; d0 < (vgroup + 1) * width; d0 += 16) {
+          weigh_values<G>(v, rows, i0, std::min(i0 + block, n), n, w + g0 * n, d0, dim,
+                          s.out.data() + g0 * dim);
+        }
+      });
+    }
+    for (int64_t h = 0; h < group; ++h) {
+      float* channels = s.out.data() + h * dim + vgroup * width;
+      for (int64_t c = 0; c < width; ++c) channels[c] = (channels[c] + s.bias[h]) * s.norm[h];
     }
   }
-  by_head_chunks(group, [&]<int G>(int64_t g0) {
-    score_keys<G>(k, rows, n, q + g0 * dim, q_sums + g0 * k.groups, dim, scores + g0 * n);
-  });
-  softmax_rows(scores, group, n, softcap);
-  by_head_chunks(group, [&]<int G>(int64_t g0) {
-    for (int64_t d0 = 0; d0 < dim; d0 += 16) {
-      weigh_values<G>(v, rows, n, scores + g0 * n, d0, dim, out + g0 * dim);
-    }
-  });
 }
 
 template <typename Q, typename T>
@@ -238,8 +333,7 @@ void decode_rows(const at::Tensor& q, const Pool<T>& k, const Pool<T>& v, int64_
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   Q* op = out.data_ptr<Q>();
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scaled(group * dim), result(group * dim), q_sums(group * k.groups), scores;
-    std::vector<int64_t> keys;
+    Scratch s(group, dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / kv_heads, head = item % kv_heads, len = lp[row];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, n = len - first;
@@ -248,13 +342,11 @@ void decode_rows(const at::Tensor& q, const Pool<T>& k, const Pool<T>& v, int64_
         std::fill(op + at, op + at + group * dim, Q(0.0f));
         continue;
       }
-      keys.resize(n);
-      token_heads(tp + row * table_width, first, len, page_size, kv_heads, head, keys.data());
-      for (int64_t i = 0; i < group * dim; ++i) scaled[i] = static_cast<float>(qp[at + i]) * scale;
-      scores.resize(group * n);
-      attend(k, v, keys.data(), n, group, dim, scaled.data(), q_sums.data(), softcap,
-             scores.data(), result.data());
-      for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<Q>(result[i]);
+      s.fit(group, n);
+      token_heads(tp + row * table_width, first, len, page_size, kv_heads, head, s.keys.data());
+      for (int64_t i = 0; i < group * dim; ++i) s.q[i] = static_cast<float>(qp[at + i]) * scale;
+      attend(k, v, n, group, dim, softcap, s);
+      for (int64_t i = 0; i < group * dim; ++i) op[at + i] = static_cast<Q>(s.out[i]);
     }
   });
 }
