@@ -53,8 +53,9 @@ def get_linear_method(name: str) -> LinearMethod:
 
 def plan_layer_kernels(layers: list[nn.Module]) -> None:
     """Give each loaded layer whose method has `candidates` its `kernel_plan`, measured (or
-    read from the cache) once per shape over all the layers of that shape, and let the method
-    free what that plan never reads."""
+    read from the cache) once per shape over all the layers of that shape, of kernels that
+    hold no more bytes than the weight in bf16, and let the method free what that plan never
+    reads."""
     groups = defaultdict(list)
     for layer in layers:
         if candidates := layer.method.candidates(layer):
@@ -63,7 +64,8 @@ def plan_layer_kernels(layers: list[nn.Module]) -> None:
     for (_, out_features, in_features, dtype), members in groups.items():
         first = members[0][0]
         plans = plan_kernels([c for _, c in members], partial(first.method.reference, first),
-                             out_features, in_features, dtype)
+                             out_features, in_features, dtype,
+                             fits=lambda names: first.method.held_bytes(first, names) <= 2)
         for (layer, _), plan in zip(members, plans):
             layer.kernel_plan = plan
             layer.method.release_unplanned(layer)

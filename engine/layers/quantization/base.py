@@ -98,6 +98,11 @@ class LinearMethod:
     def release_unplanned(self, layer: torch.nn.Module) -> None:
         """Free what no kernel of `layer.kernel_plan` reads; called once the plan is set."""
 
+    def held_bytes(self, layer: torch.nn.Module, names: frozenset[str]) -> float:
+        """Bytes per weight that `layer` keeps once `release_unplanned` has freed what a plan
+        of the kernels `names` never reads. A plan may hold at most bf16's 2."""
+        return 0.0
+
     def reference(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """fp32 `x W^T` on the dequantized weight, which the candidates are checked against."""
         raise NotImplementedError

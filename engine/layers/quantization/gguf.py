@@ -117,6 +117,14 @@ class GGUFMethod(Int8Method):
             found["w4a8"] = w4a8
         return found
 
+    def held_bytes(self, layer, names):
+        """Beside the int8 weights, the int4 kernel's pack (half a byte per weight) and W4A8's
+        blocks (0.625) where the plan runs them: both and the int8 weight would outweigh
+        bf16 (Zen 4's fastest plan for SmolLM2's projections had W4A8 up to 4 tokens and the
+        int4 kernel up to 8)."""
+        return (super().held_bytes(layer, names) + 0.5 * ("int4" in names)
+                + 0.625 * ("w4a8" in names))
+
     def release_unplanned(self, layer):
         """The int4 kernel's and W4A8's packs go where the plan does not pick them."""
         names = layer.kernel_plan.names

@@ -135,6 +135,12 @@ class Int8Method(LinearMethod):
             return
         layer.weight = nn.Parameter(layer.weight.to("meta"), requires_grad=False)
 
+    def held_bytes(self, layer, names):
+        """The int8 weight (1 byte) where a kernel of the plan reads it or tokens are looked up
+        in it, and fbgemm's copy of it (1 more) where the plan runs fbgemm."""
+        raw = hasattr(layer, "embed") or not RAW_WEIGHT_KERNELS.isdisjoint(names)
+        return float(raw) + float("w8a8-fbgemm" in names)
+
     def reference(self, layer, x):
         """fp32 `x W^T` on the dequantized weight (rotated, with x rotated alike in fp32)."""
         return F.linear(_rotated(layer, x, kernels.rotate).float(),

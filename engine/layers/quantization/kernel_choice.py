@@ -18,6 +18,7 @@ lock makes processes that start together share one measurement, so they also com
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 # Part of the cache key: bump it when a kernel or the way it is timed changes.
-MEASUREMENT_VERSION = 10
+MEASUREMENT_VERSION = 11
 # The token counts a plan may switch kernels at: one request, the rows decode attention runs
 # through SDPA (kernels.reference.SDPA_MAX_ROWS), then powers of eight.
 TOKEN_CLASSES = (1, 4, 8, 64, 512)
@@ -96,16 +97,19 @@ _PLANS: dict[str, tuple[list[str], list[int]]] = {}
 
 
 def plan_kernels(layers: list[dict[str, Kernel]], reference: Kernel, out_features: int,
-                 in_features: int, dtype: torch.dtype) -> list[KernelPlan]:
+                 in_features: int, dtype: torch.dtype,
+                 fits: Callable[[frozenset[str]], bool] = lambda names: True
+                 ) -> list[KernelPlan]:
     """One plan per layer of one shape: the fastest of its candidates (name -> `x[M, K] ->
     y[M, N]`) per token count. They are timed over all the `layers` in turn, as a forward pass
     meets them: one weight alone would stay in cache and flatter the kernels that read more
     bytes. Only candidates whose output matches `reference` (a float matmul of the first
     layer's weight) are timed: a kernel can be wrong on some CPUs (oneDNN's int8 GEMM capped at
-    AVX2 is), and is then never chosen."""
+    AVX2 is), and is then never chosen. A plan's set of kernels must `fit` (the memory they
+    hold): the fastest plan that does is taken."""
     key = f"{'+'.join(sorted(layers[0]))} {out_features}x{in_features} {dtype}"
     if key not in _PLANS:
-        _PLANS[key] = _cached(key, lambda: _measure(layers, reference, in_features, dtype))
+        _PLANS[key] = _cached(key, lambda: _measure(layers, reference, in_features, dtype, fits))
     names, bounds = _PLANS[key]
     return [KernelPlan(names, bounds, [candidates[n] for n in names]) for candidates in layers]
 
@@ -141,7 +145,8 @@ def _cached(key: str, measure: Callable[[], tuple[list[str], list[int]]]
 
 
 def _measure(layers: list[dict[str, Kernel]], reference: Kernel, in_features: int,
-             dtype: torch.dtype) -> tuple[list[str], list[int]]:
+             dtype: torch.dtype, fits: Callable[[frozenset[str]], bool]
+             ) -> tuple[list[str], list[int]]:
     alive = _correct(layers[0], reference, in_features, dtype)
     times: dict[int, dict[str, float]] = {}
     m = 1
@@ -153,18 +158,40 @@ def _measure(layers: list[dict[str, Kernel]], reference: Kernel, in_features: in
         if m >= _PRUNE_FROM:  # far behind at a size where times are long enough to trust
             alive = {n: k for n, k in alive.items() if times[m][n] <= _GIVE_UP * best}
         m *= 2
+    # The fastest plan that fits, over every set of candidates left out (a few dozen)
+    names = sorted(times[1])
+    plans = [_plan(times, frozenset(out)) for r in range(len(names))
+             for out in itertools.combinations(names, r)]
+    fitting = [plan for plan in plans if plan is not None and fits(frozenset(plan[0]))]
+    if not fitting:
+        raise RuntimeError(f"no plan of {', '.join(names)} holds few enough bytes")
+    names, bounds, _ = min(fitting, key=lambda plan: plan[2])
+    return names, bounds
+
+
+def _plan(times: dict[int, dict[str, float]], excluded: frozenset[str]
+          ) -> tuple[list[str], list[int], float] | None:
+    """Per token class, the kernel (not in `excluded`) with the least time summed over the
+    class's sizes: the plan's kernels, their bounds, and its time summed over every size;
+    None where a class has no kernel left."""
     names: list[str] = []
     bounds: list[int] = []
+    total = 0.0
     for low, high in zip((0,) + TOKEN_CLASSES, TOKEN_CLASSES):
         sizes = [size for size in times if low < size <= high]
-        timed = times[sizes[-1]]  # those timed at a class's last size were timed at all of it
-        best = min(timed, key=lambda n: sum(times[size][n] for size in sizes))
+        # those timed at a class's last size were timed at all of it
+        timed = [name for name in times[sizes[-1]] if name not in excluded]
+        if not timed:
+            return None
+        cost = {name: sum(times[size][name] for size in sizes) for name in timed}
+        best = min(timed, key=cost.__getitem__)
+        total += cost[best]
         if names and names[-1] == best:
             bounds[-1] = high
         else:
             names.append(best)
             bounds.append(high)
-    return names, bounds
+    return names, bounds, total
 
 
 @torch.inference_mode()
