@@ -28,6 +28,29 @@ inline __m256 sums8(const __m256 (&a)[8]) {
                        _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// The largest of v's eight lanes.
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// |v|, lane by lane: v without its sign bits.
+inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+// 32 int32 (four vectors, each within int8's range) as 32 int8 in order: the packs interleave
+// the 128-bit lanes, the permute puts the codes back.
+inline __m256i pack_int8(const __m256i (&ints)[4]) {
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]),
+                                            _mm256_packs_epi32(ints[2], ints[3]));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Rounded to the nearest integer, ties to even (as torch.round).
+inline __m256i round_to_int(__m256 v) {
+  return _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 
 inline __m256 load8(const c10::BFloat16* x) {  // bf16 is fp32's upper half

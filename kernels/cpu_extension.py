@@ -1,5 +1,5 @@
-"""The hand-written CPU kernels (`int_gemv_cpu.cpp`, `decode_attention_cpu.cpp`), compiled once per
-machine and torch version.
+"""The hand-written CPU kernels (`int_gemv_cpu.cpp`, `decode_attention_cpu.cpp`,
+`quantize_rows_cpu.cpp`), compiled once per machine and torch version.
 
 They are built with the C++ compiler that Inductor already needs (~20 s), into the caller's
 cache directory (`extensions/`) under a name hashing the source, the flags and torch's version,
@@ -22,7 +22,7 @@ from torch.utils import cpp_extension
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("int_gemv_cpu.cpp", "decode_attention_cpu.cpp")]
+            for name in ("int_gemv_cpu.cpp", "decode_attention_cpu.cpp", "quantize_rows_cpu.cpp")]
 _HEADERS = [Path(__file__).with_name("avx2_vec.h")]
 # torch's capabilities that imply AVX2 with FMA (and so F16C): what the source's intrinsics need.
 _CAPABILITIES = ("AVX2", "AVX512")
@@ -63,8 +63,8 @@ _loaded: bool | None = None  # whether this process loaded the ops, once it trie
 
 
 def available(cache: Path) -> bool:
-    """Whether the ops (`torch.ops.tessera.q4_linear`, `i8_linear`, `decode_attention`) are
-    loaded, built into `cache` first if need be.
+    """Whether the ops (`torch.ops.tessera.q4_linear`, `i8_linear`, `decode_attention`,
+    `quantize_rows`) are loaded, built into `cache` first if need be.
     A process tries once: its later callers get the same answer whatever their `cache`."""
     global _loaded
     if _loaded is None:
@@ -89,6 +89,7 @@ def _load(cache: Path) -> bool:
     torch.library.register_fake("tessera::q4_linear")(_q4_linear_fake)
     torch.library.register_fake("tessera::i8_linear")(_i8_linear_fake)
     torch.library.register_fake("tessera::decode_attention")(_decode_attention_fake)
+    torch.library.register_fake("tessera::quantize_rows")(_quantize_rows_fake)
     return True
 
 
@@ -104,6 +105,11 @@ def _q4_linear_fake(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def _decode_attention_fake(q: torch.Tensor, *_) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+def _quantize_rows_fake(x: torch.Tensor, code_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty_like(x, dtype=torch.int8),
+            x.new_empty(*x.shape[:-1], 1, dtype=torch.float32))
 
 
 def _i8_linear_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

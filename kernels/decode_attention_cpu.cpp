@@ -23,6 +23,7 @@
 
 namespace {
 
+using tessera_avx2::hmax;
 using tessera_avx2::hsum;
 using tessera_avx2::load8;
 using tessera_avx2::sums8;
@@ -185,9 +186,7 @@ void exponentiate_rows(float* scores, int64_t rows, int64_t n, float softcap, fl
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    float max = *std::max_element(lanes, lanes + 8);
+    float max = hmax(vmax);
     for (; i < n; ++i) max = std::max(max, s[i]);
     vmax = _mm256_set1_ps(max);
     __m256 vsum = _mm256_setzero_ps();

@@ -21,8 +21,12 @@
 
 namespace {
 
+using tessera_avx2::abs8;
+using tessera_avx2::hmax;
 using tessera_avx2::hsum;
 using tessera_avx2::load8;
+using tessera_avx2::pack_int8;
+using tessera_avx2::round_to_int;
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kBlockBytes = 20;  // fp16 scale d, fp16 min m, 16 bytes of nibbles
@@ -33,32 +37,23 @@ constexpr int64_t kWeightRows = 16;  // weight rows that each tile of activation
 // min m multiplies the block's sum of activations, which d * sum(q) stands for.
 template <typename T>
 void quantize_blocks(const T* x, int64_t blocks, int8_t* q, float* d, float* dsum) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < blocks; ++b) {
     const T* xb = x + b * kBlock;
     __m256 v[4];
     __m256 amax = _mm256_setzero_ps();
     for (int i = 0; i < 4; ++i) {
       v[i] = load8(xb + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      amax = _mm256_max_ps(amax, abs8(v[i]));
     }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float scale = _mm_cvtss_f32(m) / 127.0f;
+    const float scale = hmax(amax) / 127.0f;
     const __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
     __m256i ints[4];
     __m256i sum = _mm256_setzero_si256();
     for (int i = 0; i < 4; ++i) {
-      ints[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv),
-                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      ints[i] = round_to_int(_mm256_mul_ps(v[i], inv));
       sum = _mm256_add_epi32(sum, ints[i]);
     }
-    // packs interleave the 128-bit lanes: the permute puts the 32 codes back in order.
-    __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]),
-                                        _mm256_packs_epi32(ints[2], ints[3]));
-    packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), packed);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), pack_int8(ints));
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s = _mm_hadd_epi32(s, s);
     s = _mm_hadd_epi32(s, s);

@@ -432,7 +432,12 @@ def rotate_activation(x: torch.Tensor, block: int) -> torch.Tensor:
 def quantize_int8_rows(w: torch.Tensor, code_max: int = 127
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row (an output channel, or an activation token): `w ~ q * scale`,
-    with fp32 `scale[..., 1] = max |row| / code_max`."""
+    with fp32 `scale[..., 1] = max |row| / code_max`. Where the process loaded the CPU ops,
+    `tessera::quantize_rows` gives the same codes and scales in one pass over each row
+    (a [4096, 2048] bf16 tensor in 1 ms rather than 7 on two Zen 4 cores); a compiled graph
+    keeps these ops, which Inductor fuses itself."""
+    if cpu_extension.loaded() and not w.is_cuda and not torch.compiler.is_compiling():
+        return torch.ops.tessera.quantize_rows(w, code_max)
     wf = w.float()
     scale = wf.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / code_max
     scaled = wf / scale if wf is w else wf.div_(scale)  # never divide the caller's tensor

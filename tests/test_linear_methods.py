@@ -292,6 +292,29 @@ def test_w8a8_blocks_is_exact_on_its_quantized_operands():
         assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_row_quantizing_op_gives_torch_s_codes_and_scales(dtype):
+    """`tessera::quantize_rows` (which `kernels.quantize_int8_rows` takes once the ops are
+    loaded) against torch's ops on the same rows: identical codes and scales, ties rounded to
+    even, all-zero rows, lengths with and without a tail past its 32-wide vectors, both code
+    ranges, and leading dimensions kept."""
+    if not _int_gemv_builds():
+        pytest.skip("the CPU ops need AVX2")
+    gen = torch.Generator().manual_seed(5)
+    ties = torch.tensor([[254.0, -127.0, 1.0, 3.0, 5.0, -0.5, 100.0, 0.0] * 5])
+    rows = [ties] + [torch.randn(n, k, generator=gen) * 10 ** torch.linspace(-3, 3, n)[:, None]
+                     for n, k in ((9, 5), (4, 33), (7, 576), (3, 2048))]
+    rows[3][2] = 0.0
+    for x in rows + [torch.randn(2, 3, 40, generator=gen)]:
+        x = x.to(dtype)
+        for code_max in (127, 64):
+            xf = x.float()
+            want_scales = xf.abs().amax(-1, keepdim=True).clamp(min=1e-30) / code_max
+            want_codes = (xf / want_scales).round().to(torch.int8)
+            codes, scales = torch.ops.tessera.quantize_rows(x, code_max)
+            assert torch.equal(scales, want_scales) and torch.equal(codes, want_codes), x.shape
+
+
 def test_int8_gemm_is_exact_on_its_quantized_operands():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(37, 1536, generator=gen)
