@@ -290,14 +290,21 @@ def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
         k = _context_by_head(k_cache, pages, q.dtype)[:, :s]  # [KvH, s, D]
         v = _context_by_head(v_cache, pages, q.dtype)[:, :s]
         qi = q[starts[i]:starts[i + 1]].transpose(0, 1).to(k.dtype)  # [H, n, D]
-        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
-        if sliding_window is not None:
-            mask &= ~mask.tril(diagonal=s - n - sliding_window)
-        if softcap is None:  # 4-D: CPU's flash kernel (3-D inputs take the ~4x slower math one)
-            o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask,
+        if n == s and sliding_window is None and softcap is None:
+            # A whole prompt's mask is plain causal: the kernel then skips the blocks above the
+            # diagonal (2048 tokens, SmolLM2's heads, Zen 4: 40 ms against 68 per layer, the
+            # same output). 4-D: CPU's flash kernel (3-D inputs take the ~4x slower math one).
+            o = F.scaled_dot_product_attention(qi[None], k[None], v[None], is_causal=True,
                                                scale=scale, enable_gqa=True)[0]
         else:
-            o = _softcapped_attention(qi, k, v, mask, scale, softcap)
+            mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
+            if sliding_window is not None:
+                mask &= ~mask.tril(diagonal=s - n - sliding_window)
+            if softcap is None:
+                o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask,
+                                                   scale=scale, enable_gqa=True)[0]
+            else:
+                o = _softcapped_attention(qi, k, v, mask, scale, softcap)
         out[starts[i]:starts[i + 1]] = o.transpose(0, 1).to(out.dtype)
     return out
 
