@@ -84,8 +84,9 @@ def test_gguf_model_holds_no_float_copy_of_its_linears():
     assert all(m.weight.dtype == torch.int8 for m in linears)
     four_bit = [m for m in linears if getattr(m, "int4_group_size", None)]
     assert len(four_bit) == 30 * 4
-    # the plan's 4-bit kernel keeps its pack, the other's is freed
-    assert all((m.int4_packed is None) != (getattr(m, "q4_blocks", None) is None)
+    # a 4-bit kernel's pack is kept where the plan runs it (at most one of them), else freed
+    assert all((m.int4_packed is not None) == ("int4" in m.kernel_plan.names)
+               and (getattr(m, "q4_blocks", None) is not None) == ("w4a8" in m.kernel_plan.names)
                for m in four_bit)
     held = sum(resident_bytes(m) for m in linears)  # fbgemm's packs too, where planned
     assert held <= 2 * sum(m.weight.numel() for m in linears)

@@ -172,26 +172,28 @@ def _measure(layers: list[dict[str, Kernel]], reference: Kernel, in_features: in
 def _plan(times: dict[int, dict[str, float]], excluded: frozenset[str]
           ) -> tuple[list[str], list[int], float] | None:
     """Per token class, the kernel (not in `excluded`) with the least time summed over the
-    class's sizes: the plan's kernels, their bounds, and its time summed over every size;
-    None where a class has no kernel left."""
+    class's sizes: the plan's kernels, their bounds, and how much slower than each class's
+    best kernel the plan runs, summed over the classes (each counts alike: a decode step's few
+    rows as much as a prefill's 512, whose times are far longer); None where a class has no
+    kernel left."""
     names: list[str] = []
     bounds: list[int] = []
-    total = 0.0
+    slowdown = 0.0
     for low, high in zip((0,) + TOKEN_CLASSES, TOKEN_CLASSES):
         sizes = [size for size in times if low < size <= high]
         # those timed at a class's last size were timed at all of it
-        timed = [name for name in times[sizes[-1]] if name not in excluded]
-        if not timed:
+        cost = {name: sum(times[size][name] for size in sizes) for name in times[sizes[-1]]}
+        allowed = [name for name in cost if name not in excluded]
+        if not allowed:
             return None
-        cost = {name: sum(times[size][name] for size in sizes) for name in timed}
-        best = min(timed, key=cost.__getitem__)
-        total += cost[best]
+        best = min(allowed, key=cost.__getitem__)
+        slowdown += cost[best] / min(cost.values())
         if names and names[-1] == best:
             bounds[-1] = high
         else:
             names.append(best)
             bounds.append(high)
-    return names, bounds, total
+    return names, bounds, slowdown
 
 
 @torch.inference_mode()
