@@ -5,8 +5,10 @@ rotary, the KV gather, casts, each a few microseconds from Python) than in its G
 fuses them into a few C++ loops around the GEMM and attention calls: a forward at a 300-token
 context went from 15 to 10.5 ms on two Zen 4 cores (llama-server's whole step: ~9 ms). Batched
 decode steps gain as much: 32 rows at a 256-token context went from 110 to 77 ms, 8 rows from
-50 to 35 ms (two AMX Xeon cores), and a Qwen3-MoE step of 32 rows, whose experts run outside
-the graph, from 172 to 158 ms. Steps with a prefill stay eager: their GEMMs dominate.
+50 to 35 ms (two AMX Xeon cores), and a Qwen3-MoE step of 32 rows, whose expert GEMMs alone
+are opaque custom ops, from 172 to 158 ms (from 170-180 to 140-145 ms on two Zen 4 cores once
+the rest of its MoE layers joined the graph). Steps with a prefill stay eager: their GEMMs
+dominate.
 
 The graph is dynamic in the context length (its page count: torch's decode attention masks
 the last page's tail; the CPU op reads each row's own length) and in the batch, and is

@@ -182,12 +182,15 @@ def int8_linear(x, weight, scales):
     return reference.int8_linear(x, weight, scales)
 
 
-@torch.compiler.disable  # data-dependent grouping, as fused_moe's
-def int8_moe(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, gated_activation, blocks,
-             int8_activations):
+def int8_moe(x, w13, w2, topk_weights, topk_ids, gated_activation, blocks, int8_activations):
     _cpu_only("int8_moe", x)
-    return reference.int8_moe(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
-                              gated_activation, blocks, int8_activations)
+    return reference.int8_moe(x, w13, w2, topk_weights, topk_ids, gated_activation, blocks,
+                              int8_activations)
+
+
+def int8_experts(weights, scales):
+    _cpu_only("int8_experts", scales)
+    return reference.Int8Experts(weights, scales)
 
 
 def w4a16_linear(x, qweight, scales, zeros, group_size):

@@ -53,19 +53,45 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+class HeldByKey:
+    """Holds `value` in a table under this handle's key as long as the handle lives, so that a
+    compiled step reaches it through a custom op that takes the plain int (torch.compile's
+    stand-ins for packed weights, opaque objects or oneDNN's blocked tensors, break the graph
+    or give the wrong output shape). Keys count handles in the order they are made: the
+    compiled graph holds them as constants, so a key from the object's id made every start
+    miss Inductor's cache and compile again (9.5 minutes on two Zen 2 cores)."""
+
+    def __init__(self, value: object):
+        self.key = next(_HELD_KEYS)
+        _HELD[self.key] = value
+
+    def __del__(self):
+        _HELD.pop(self.key, None)
+
+
+_HELD: dict[int, object] = {}
+_HELD_KEYS = itertools.count()
+
+
 def _pairs_by_expert(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                list[tuple[int, slice]]]:
-    """The token-expert pairs sorted by expert: each pair's token, expert and routed weight,
-    and each expert that has pairs with the run of them (ascending experts)."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token-expert pairs sorted by expert (stably): each pair's token and routed weight,
+    and how many pairs each expert has. Shapes depend on the token count alone, so a compiled
+    step traces it."""
     experts, order = topk_ids.flatten().sort(stable=True)
-    counts = torch.bincount(experts, minlength=num_experts).tolist()
+    counts = torch.zeros(num_experts, dtype=torch.int64).index_add_(
+        0, experts, torch.ones_like(experts))
+    return order // topk_ids.shape[1], topk_weights.flatten()[order], counts
+
+
+def _runs(counts: torch.Tensor) -> list[tuple[int, slice]]:
+    """Each expert that has pairs, ascending, with the run of its pairs in the sorted order."""
     runs, start = [], 0
-    for expert, count in enumerate(counts):
+    for expert, count in enumerate(counts.tolist()):
         if count:
             runs.append((expert, slice(start, start + count)))
         start += count
-    return order // topk_ids.shape[1], experts, topk_weights.flatten()[order], runs
+    return runs
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -77,9 +103,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     loop over experts, never over tokens); contributions are added expert by expert in
     ascending order, as transformers adds them.
     """
-    tokens, _, weights, runs = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
+    tokens, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.shape[0])
     out = torch.zeros_like(x)
-    for expert, pairs in runs:
+    for expert, pairs in _runs(counts):
         rows = tokens[pairs]
         h = gated_activation(F.linear(x[rows], w13[expert]))
         h = F.linear(h, w2[expert]) * weights[pairs, None]
@@ -87,48 +113,78 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return out
 
 
-def int8_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
-             w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-             gated_activation, blocks: tuple[int, int], int8_activations: bool) -> torch.Tensor:
-    """`fused_moe` over int8 experts stored as `Int8Method` stores a linear: rows Hadamard-
-    rotated along the input (blocks of `blocks[0]` for `w13`, `blocks[1]` for `w2`), one fp32
-    scale per output channel (`w13_scale[E, 2I]`, `w2_scale[E, H]`).
+class Int8Experts(HeldByKey):
+    """Int8 experts stored as `Int8Method` stores a linear (rows Hadamard-rotated along the
+    input, fp32 `scales[E, N]` per output channel), for `int8_moe`: stacked `weights[E, N, K]`,
+    or a list of `pack_int8` weights (oneDNN's layout) for W8A8 alone."""
+
+    def __init__(self, weights: torch.Tensor | list[torch.Tensor], scales: torch.Tensor):
+        super().__init__((weights, scales))
+        self.num_experts, self.out_features = scales.shape
+
+
+def expert_gemm(a: torch.Tensor, counts: torch.Tensor, experts: Int8Experts) -> torch.Tensor:
+    """fp32 `a[P] @ W_e^T * scales[e]` for the pairs `a[P, K]` sorted by expert, `counts[E]`
+    of them each: W8A8 where `a` holds int8 codes (the caller scales by theirs), else W8A16
+    (bf16 activations). A custom op: each expert's run is data-dependent."""
+    return _expert_gemm(a, counts, experts.key, experts.out_features)
+
+
+@torch.library.custom_op("tessera::expert_gemm", mutates_args=())
+def _expert_gemm(a: torch.Tensor, counts: torch.Tensor, key: int, out_features: int
+                 ) -> torch.Tensor:
+    """The products land in one buffer and are scaled in one pass after the GEMMs: per expert,
+    a few small ops would cost as much as its GEMM at decode sizes."""
+    weights, scales = _HELD[key]
+    runs = _runs(counts)
+    if a.dtype != torch.int8:
+        out = torch.empty(len(a), out_features)
+        for expert, pairs in runs:
+            out[pairs] = int8_weight_linear(a[pairs], weights[expert], scales[expert].bfloat16())
+        return out
+    if isinstance(weights, list):  # the runs are in order and cover every pair
+        shifted = shift_to_uint8(a)
+        return torch.cat([packed_int8_gemm(shifted[pairs], weights[expert], scales[expert])
+                          for expert, pairs in runs] or [torch.empty(0, out_features)])
+    products = torch.empty(len(a), out_features, dtype=torch.int32)
+    for expert, pairs in runs:
+        torch._int_mm(a[pairs], weights[expert].t(), out=products[pairs])
+    return products.float().mul_(scales.repeat_interleave(counts, 0))
+
+
+@_expert_gemm.register_fake
+def _(a: torch.Tensor, counts: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return a.new_empty(a.shape[0], out_features, dtype=torch.float32)
+
+
+def int8_moe(x: torch.Tensor, w13: Int8Experts, w2: Int8Experts, topk_weights: torch.Tensor,
+             topk_ids: torch.Tensor, gated_activation, blocks: tuple[int, int],
+             int8_activations: bool) -> torch.Tensor:
+    """`fused_moe` over `Int8Experts` rotated in blocks of `blocks[0]` (`w13`) and
+    `blocks[1]` (`w2`).
 
     What does not depend on the expert runs once over all pairs: the input's rotation (and,
     with `int8_activations`, its per-token quantization: W8A8), the gated activation, its
-    rotation and quantization; per expert only its two GEMMs run. Without `int8_activations`
-    (where the integer GEMM is inexact) the GEMMs are W8A16. W8A8 experts may be stacked
-    (`torch._int_mm`) or a sequence of `pack_int8` weights (oneDNN's matmul on its own
-    layout). The pairs' sum is added in fp32, expert by expert.
+    rotation and quantization; per expert only its two GEMMs run (`expert_gemm`), so a
+    compiled decode step holds the whole layer, its elementwise work fused. Without
+    `int8_activations` (where the integer GEMM is inexact) the GEMMs are W8A16. The pairs'
+    sum is added in fp32.
     """
-    tokens, experts, weights, runs = _pairs_by_expert(topk_weights, topk_ids, len(w13))
+    tokens, weights, counts = _pairs_by_expert(topk_weights, topk_ids, w13.num_experts)
 
-    def grouped_gemm(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+    def grouped_gemm(a: torch.Tensor, experts: Int8Experts,
                      rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Each expert's pairs' rows of `a` (or of `a[rows]`) times its `w[e]`, in fp32. The
-        products land in one buffer and are scaled in one pass after the GEMMs: per expert, a
-        few small ops would cost as much as its GEMM at decode sizes."""
+        """Each expert's pairs' rows of `a` (or of `a[rows]`) times its weight, in fp32."""
         if not int8_activations:
-            a = a if rows is None else a[rows]
-            out = torch.empty(len(tokens), scale.shape[1])
-            for expert, pairs in runs:
-                out[pairs] = int8_weight_linear(a[pairs], w[expert], scale[expert].bfloat16())
-            return out
+            return expert_gemm(a if rows is None else a[rows], counts, experts)
         codes, a_scale = quantize_int8_rows(a)
         if rows is not None:
             codes, a_scale = codes[rows], a_scale[rows]
-        if w[0].is_mkldnn:  # the runs are in order and cover every pair
-            shifted = shift_to_uint8(codes)
-            return torch.cat([packed_int8_gemm(shifted[pairs], w[expert], scale[expert])
-                              for expert, pairs in runs]).mul_(a_scale)
-        products = torch.empty(len(tokens), scale.shape[1], dtype=torch.int32)
-        for expert, pairs in runs:
-            torch._int_mm(codes[pairs], w[expert].t(), out=products[pairs])
-        return scale_int32(products, a_scale, scale.index_select(0, experts))
+        return expert_gemm(codes, counts, experts).mul_(a_scale)
 
-    gate_up = grouped_gemm(rotate_activation(x, blocks[0]), w13, w13_scale, rows=tokens)
+    gate_up = grouped_gemm(rotate_activation(x, blocks[0]), w13, rows=tokens)
     h = rotate_activation(gated_activation(gate_up.to(x.dtype)), blocks[1])
-    down = grouped_gemm(h, w2, w2_scale).mul_(weights[:, None])
+    down = grouped_gemm(h, w2).mul_(weights[:, None])
     return torch.zeros(x.shape, dtype=down.dtype).index_add_(0, tokens, down).to(x.dtype)
 
 
@@ -513,15 +569,10 @@ def fbgemm_int8_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-class FbgemmInt8Weight:
+class FbgemmInt8Weight(HeldByKey):
     """An int8 `weight[N, K]` (fp32 `scales[N]` per output channel) prepacked for fbgemm's
-    int8 GEMM (`fbgemm_int8_linear`): as many bytes, plus a column sum per output. The packed
-    object lives in a table under this handle's key as long as the handle does, so that a
-    compiled step calls the GEMM as a custom op with a plain int (torch.compile's stand-in for
-    the packed object gives the wrong output shape). Keys count handles in the order they are
-    packed: the compiled graph holds them as constants, so a key from the object's id made
-    every start miss Inductor's cache and compile again (9.5 minutes on two Zen 2 cores). torch marks its quantized tensors, which
-    the prepack takes, deprecated; the pinned torch has them."""
+    int8 GEMM (`fbgemm_int8_linear`): as many bytes, plus a column sum per output. torch marks
+    its quantized tensors, which the prepack takes, deprecated; the pinned torch has them."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
         with warnings.catch_warnings():
@@ -534,16 +585,9 @@ class FbgemmInt8Weight:
             packed = torch.ops.quantized.linear_prepack(codes, None)
         finally:
             torch.backends.quantized.engine = engine
-        self.key, self.out_features = next(_FBGEMM_KEYS), weight.shape[0]
+        super().__init__(packed)
+        self.out_features = weight.shape[0]
         self.nbytes = weight.numel() + 4 * weight.shape[0]  # the codes and a column sum each
-        _FBGEMM_WEIGHTS[self.key] = packed
-
-    def __del__(self):
-        _FBGEMM_WEIGHTS.pop(self.key, None)
-
-
-_FBGEMM_WEIGHTS: dict[int, torch.ScriptObject] = {}
-_FBGEMM_KEYS = itertools.count()
 
 
 def fbgemm_int8_linear(x: torch.Tensor, weight: FbgemmInt8Weight) -> torch.Tensor:
@@ -560,7 +604,7 @@ def fbgemm_int8_linear(x: torch.Tensor, weight: FbgemmInt8Weight) -> torch.Tenso
 
 @torch.library.custom_op("tessera::fbgemm_linear", mutates_args=())
 def _fbgemm_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, _FBGEMM_WEIGHTS[key], False)
+    return torch.ops.quantized.linear_dynamic(x, _HELD[key], False)
 
 
 @_fbgemm_linear.register_fake

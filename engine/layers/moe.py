@@ -8,7 +8,8 @@ fused kernels (`kernels.fused_moe`: Triton on CUDA). Under a quantized linear me
 or `gguf`, whose expert tensors are requantized from the file's values) they are stored as
 `Int8Method` stores a linear, Hadamard-rotated int8 per output channel, and run in
 `kernels.int8_moe`, which rotates and quantizes each input once for all its experts; once
-loaded, W8A8 experts are repacked for oneDNN where it runs them exactly and faster.
+loaded, W8A8 experts are repacked for oneDNN where it runs them exactly and faster. Only the
+expert GEMMs are opaque to torch.compile, so a compiled decode step holds the whole layer.
 """
 import torch
 from torch import nn
@@ -65,18 +66,24 @@ class MoEMLP(nn.Module):
         return rows.narrow(0, part * self.intermediate_size, self.intermediate_size)
 
     def process_weights_after_loading(self) -> None:
-        """Where oneDNN multiplies int8 exactly and its matmul on packed weights is the faster
-        at decode sizes (measured once per machine), repack each W8A8 expert into its
-        blocked layout (`kernels.pack_int8`, as many bytes); the stacked weights go, so `w13`
-        or `w2` becomes a list of experts."""
-        if not (self.quantized and self.int8_activations and packed_int8_gemm_is_exact()):
+        """Hand the int8 experts to `kernels.int8_experts`. Where oneDNN multiplies int8
+        exactly and its matmul on packed weights is the faster at decode sizes (measured once
+        per machine), each W8A8 expert is repacked into its blocked layout first
+        (`kernels.pack_int8`, as many bytes); the stacked weights go, so `w13` or `w2` becomes
+        a list of experts."""
+        if not self.quantized:
             return
         for name, scales in (("w13", self.w13_scale), ("w2", self.w2_scale)):
-            packed = packed_if_faster(getattr(self, name), scales)
+            packed = None
+            if self.int8_activations and packed_int8_gemm_is_exact():
+                packed = packed_if_faster(getattr(self, name), scales)
             if packed is not None:
                 delattr(self, name)
                 setattr(self, name, nn.ParameterList(
                     nn.Parameter(w, requires_grad=False) for w in packed))
+            weights = getattr(self, name)
+            setattr(self, f"{name}_experts", kernels.int8_experts(
+                weights if packed is None else list(weights), scales))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = self.gate(x).float().softmax(-1)
@@ -84,7 +91,6 @@ class MoEMLP(nn.Module):
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         if self.quantized:
-            return kernels.int8_moe(x, self.w13, self.w13_scale, self.w2, self.w2_scale,
-                                    weights, experts, self.act, self.blocks,
-                                    self.int8_activations)
+            return kernels.int8_moe(x, self.w13_experts, self.w2_experts, weights, experts,
+                                    self.act, self.blocks, self.int8_activations)
         return kernels.fused_moe(x, self.w13, self.w2, weights, experts, self.act)
