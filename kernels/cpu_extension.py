@@ -1,5 +1,5 @@
 """The hand-written CPU kernels (`int_gemv_cpu.cpp`, `decode_attention_cpu.cpp`,
-`quantize_rows_cpu.cpp`), compiled once per machine and torch version.
+`quantize_rows_cpu.cpp`, `expert_gemm_cpu.cpp`), compiled once per machine and torch version.
 
 They are built with the C++ compiler that Inductor already needs (~20 s), into the caller's
 cache directory (`extensions/`) under a name hashing the source, the flags and torch's version,
@@ -22,7 +22,8 @@ from torch.utils import cpp_extension
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("int_gemv_cpu.cpp", "decode_attention_cpu.cpp", "quantize_rows_cpu.cpp")]
+            for name in ("int_gemv_cpu.cpp", "decode_attention_cpu.cpp", "quantize_rows_cpu.cpp",
+                         "expert_gemm_cpu.cpp")]
 _HEADERS = [Path(__file__).with_name("avx2_vec.h")]
 # torch's capabilities that imply AVX2 with FMA (and so F16C): what the source's intrinsics need.
 _CAPABILITIES = ("AVX2", "AVX512")
@@ -64,7 +65,7 @@ _loaded: bool | None = None  # whether this process loaded the ops, once it trie
 
 def available(cache: Path) -> bool:
     """Whether the ops (`torch.ops.tessera.q4_linear`, `i8_linear`, `decode_attention`,
-    `quantize_rows`) are loaded, built into `cache` first if need be.
+    `quantize_rows`, `packed_expert_gemm`) are loaded, built into `cache` first if need be.
     A process tries once: its later callers get the same answer whatever their `cache`."""
     global _loaded
     if _loaded is None:

@@ -116,7 +116,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 class Int8Experts(HeldByKey):
     """Int8 experts stored as `Int8Method` stores a linear (rows Hadamard-rotated along the
     input, fp32 `scales[E, N]` per output channel), for `int8_moe`: stacked `weights[E, N, K]`,
-    or a list of `pack_int8` weights (oneDNN's layout) for W8A8 alone."""
+    or a list of `pack_int8` weights (oneDNN's layout) for W8A8 alone, where the CPU ops are
+    loaded (`tessera::packed_expert_gemm`)."""
 
     def __init__(self, weights: torch.Tensor | list[torch.Tensor], scales: torch.Tensor):
         super().__init__((weights, scales))
@@ -136,16 +137,14 @@ def _expert_gemm(a: torch.Tensor, counts: torch.Tensor, key: int, out_features: 
     """The products land in one buffer and are scaled in one pass after the GEMMs: per expert,
     a few small ops would cost as much as its GEMM at decode sizes."""
     weights, scales = _HELD[key]
+    if isinstance(weights, list):  # the loop in C++: kernels/expert_gemm_cpu.cpp
+        return torch.ops.tessera.packed_expert_gemm(a, counts, weights, scales)
     runs = _runs(counts)
     if a.dtype != torch.int8:
         out = torch.empty(len(a), out_features)
         for expert, pairs in runs:
             out[pairs] = int8_weight_linear(a[pairs], weights[expert], scales[expert].bfloat16())
         return out
-    if isinstance(weights, list):  # the runs are in order and cover every pair
-        shifted = shift_to_uint8(a)
-        return torch.cat([packed_int8_gemm(shifted[pairs], weights[expert], scales[expert])
-                          for expert, pairs in runs] or [torch.empty(0, out_features)])
     products = torch.empty(len(a), out_features, dtype=torch.int32)
     for expert, pairs in runs:
         torch._int_mm(a[pairs], weights[expert].t(), out=products[pairs])

@@ -13,6 +13,7 @@ import kernels
 from engine.layers import moe
 from engine.layers.moe import MoEMLP
 from engine.layers.quantization import get_linear_method
+from engine.layers.quantization import kernel_choice
 from engine.layers.quantization.kernel_choice import packed_int8_gemm_is_exact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,17 +57,18 @@ def test_quantized_experts_are_int8_and_close_to_the_dense_ones(int8_activations
 
 
 def test_packed_int8_experts_give_the_stacked_ones_products(monkeypatch):
-    """Where oneDNN multiplies int8 exactly (and packing pays, forced here), W8A8 experts are
-    repacked for it after loading; the integer products are the same, so the layer's output
-    is too, up to the order of two fp32 scale multiplies (which can move an intermediate
-    value across a rounding boundary of the second quantization). Elsewhere the stacked
-    experts stay."""
+    """Where oneDNN multiplies int8 exactly and the CPU ops load (and packing pays, forced
+    here), W8A8 experts are repacked for it after loading and run in `packed_expert_gemm`;
+    the integer products are the same, so the layer's output is too, up to the order of two
+    fp32 scale multiplies (which can move an intermediate value across a rounding boundary
+    of the second quantization). Elsewhere the stacked experts stay."""
     monkeypatch.setattr(moe, "packed_if_faster", lambda weights, scales: None)
     stacked = loaded_moe("int8")
     monkeypatch.setattr(moe, "packed_if_faster",
                         lambda weights, scales: [kernels.pack_int8(w) for w in weights])
     packed = loaded_moe("int8")
-    if not (stacked.int8_activations and packed_int8_gemm_is_exact()):
+    if not (stacked.int8_activations and packed_int8_gemm_is_exact()
+            and kernels.cpu_kernels_available(kernel_choice.cache_dir())):
         assert packed.w13.dtype == torch.int8 and not packed.w13.is_mkldnn
         return
     assert len(packed.w13) == len(packed.w2) == experts
@@ -76,6 +78,10 @@ def test_packed_int8_experts_give_the_stacked_ones_products(monkeypatch):
     stacked.gate.weight[3] = packed.gate.weight[3] = -1e4
     want = stacked(x)
     torch.testing.assert_close(packed(x), want, rtol=1e-4, atol=1e-4 * want.abs().max())
+    codes = torch.ones(5, hidden, dtype=torch.int8)  # counts that miss a pair are refused
+    with pytest.raises(RuntimeError, match="counts sum to 4 pairs, codes have 5"):
+        torch.ops.tessera.packed_expert_gemm(codes, torch.tensor([1, 3, 0, 0]),
+                                             list(packed.w13), packed.w13_scale)
 
 
 def check_compiled_int8_experts_match_eager() -> None:

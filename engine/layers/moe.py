@@ -19,7 +19,7 @@ from engine.layers.linear import Linear
 from engine.layers.mlp import gated_activation
 from engine.layers.quantization import LinearMethod, get_linear_method
 from engine.layers.quantization.int8 import quantize_rotated, rotation_block
-from engine.layers.quantization.kernel_choice import (int8_weight_code_max,
+from engine.layers.quantization.kernel_choice import (cache_dir, int8_weight_code_max,
                                                        integer_gemm_is_exact,
                                                        packed_if_faster,
                                                        packed_int8_gemm_is_exact)
@@ -67,15 +67,17 @@ class MoEMLP(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Hand the int8 experts to `kernels.int8_experts`. Where oneDNN multiplies int8
-        exactly and its matmul on packed weights is the faster at decode sizes (measured once
-        per machine), each W8A8 expert is repacked into its blocked layout first
+        exactly, the CPU ops load (`packed_expert_gemm` runs packed experts) and oneDNN's
+        matmul on packed weights is the faster at decode sizes (measured once per machine),
+        each W8A8 expert is repacked into its blocked layout first
         (`kernels.pack_int8`, as many bytes); the stacked weights go, so `w13` or `w2` becomes
         a list of experts."""
         if not self.quantized:
             return
         for name, scales in (("w13", self.w13_scale), ("w2", self.w2_scale)):
             packed = None
-            if self.int8_activations and packed_int8_gemm_is_exact():
+            if (self.int8_activations and packed_int8_gemm_is_exact()
+                    and kernels.cpu_kernels_available(cache_dir())):
                 packed = packed_if_faster(getattr(self, name), scales)
             if packed is not None:
                 delattr(self, name)
