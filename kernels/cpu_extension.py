@@ -1,5 +1,6 @@
 """The hand-written CPU kernels (`int_gemv_cpu.cpp`, `decode_attention_cpu.cpp`,
-`quantize_rows_cpu.cpp`, `expert_gemm_cpu.cpp`), compiled once per machine and torch version.
+`quantize_rows_cpu.cpp`, `expert_gemm_cpu.cpp`, `rotate_cpu.cpp`), compiled once per machine
+and torch version.
 
 They are built with the C++ compiler that Inductor already needs (~20 s), into the caller's
 cache directory (`extensions/`) under a name hashing the source, the flags and torch's version,
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("int_gemv_cpu.cpp", "decode_attention_cpu.cpp", "quantize_rows_cpu.cpp",
-                         "expert_gemm_cpu.cpp")]
+                         "expert_gemm_cpu.cpp", "rotate_cpu.cpp")]
 _HEADERS = [Path(__file__).with_name("avx2_vec.h")]
 # torch's capabilities that imply AVX2 with FMA (and so F16C): what the source's intrinsics need.
 _CAPABILITIES = ("AVX2", "AVX512")
@@ -65,7 +66,8 @@ _loaded: bool | None = None  # whether this process loaded the ops, once it trie
 
 def available(cache: Path) -> bool:
     """Whether the ops (`torch.ops.tessera.q4_linear`, `i8_linear`, `decode_attention`,
-    `quantize_rows`, `packed_expert_gemm`) are loaded, built into `cache` first if need be.
+    `quantize_rows`, `packed_expert_gemm`, `rotate`) are loaded, built into `cache` first if
+    need be.
     A process tries once: its later callers get the same answer whatever their `cache`."""
     global _loaded
     if _loaded is None:
@@ -91,6 +93,7 @@ def _load(cache: Path) -> bool:
     torch.library.register_fake("tessera::i8_linear")(_i8_linear_fake)
     torch.library.register_fake("tessera::decode_attention")(_decode_attention_fake)
     torch.library.register_fake("tessera::quantize_rows")(_quantize_rows_fake)
+    torch.library.register_fake("tessera::rotate")(_rotate_fake)
     return True
 
 
@@ -111,6 +114,10 @@ def _decode_attention_fake(q: torch.Tensor, *_) -> torch.Tensor:
 def _quantize_rows_fake(x: torch.Tensor, code_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.empty_like(x, dtype=torch.int8),
             x.new_empty(*x.shape[:-1], 1, dtype=torch.float32))
+
+
+def _rotate_fake(x: torch.Tensor, block: int) -> torch.Tensor:
+    return torch.empty_like(x, dtype=torch.float32)
 
 
 def _i8_linear_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,9 @@
 
 namespace {
 
-// onednn::qlinear_pointwise (its kernel's own signature: tensors by value): uint8 activations with zero point 128, per-channel weight scales
-// and no weight zero point; fp32 output, no post-op.
+// onednn::qlinear_pointwise, called with its kernel's own signature (tensors by value): uint8
+// activations with zero point 128, per-channel weight scales and no weight zero point; fp32
+// output, no post-op.
 at::Tensor qlinear(const at::Tensor& shifted, const at::Tensor& packed, const at::Tensor& scale,
                    const at::Tensor& no_zero_point) {
   static const auto op =

@@ -315,6 +315,31 @@ def test_the_row_quantizing_op_gives_torch_s_codes_and_scales(dtype):
             assert torch.equal(scales, want_scales) and torch.equal(codes, want_codes), x.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_rotation_op_equals_the_hadamard_matmuls(dtype):
+    """`tessera::rotate` (which `kernels.rotate` takes once the ops are loaded), a fast
+    Walsh-Hadamard transform, against the `hadamard` matrix itself: power-of-two blocks below
+    and above its 8-wide vectors, odd factors (SmolLM2's 576 = 9 x 64, 1536 = 3 x 512, 20 =
+    5 x 4), several blocks per row, leading dimensions kept; refused: a row that is not a
+    whole number of blocks, an odd factor past 15."""
+    if not _int_gemv_builds():
+        pytest.skip("the CPU ops need AVX2")
+    gen = torch.Generator().manual_seed(6)
+    for shape, block in (((3, 2), 2), ((5, 4), 4), ((7, 40), 8), ((3, 64), 64), ((2, 20), 20),
+                         ((4, 576), 576), ((2, 3072), 512), ((2, 1536), 1536),
+                         ((2, 3, 128), 64)):
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        h = torch.block_diag(*[reference.hadamard(block, torch.float64)] * (shape[-1] // block))
+        want = (x.double() @ h).float()
+        got = torch.ops.tessera.rotate(x, block)
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * want.abs().max().item())
+    with pytest.raises(RuntimeError, match="multiple of block"):
+        torch.ops.tessera.rotate(torch.ones(2, 100), 64)
+    with pytest.raises(RuntimeError, match="odd factor is at most 15"):
+        torch.ops.tessera.rotate(torch.ones(2, 68), 68)
+
+
 def test_int8_gemm_is_exact_on_its_quantized_operands():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(37, 1536, generator=gen)
