@@ -96,31 +96,46 @@ void mix_chunks(float* v, int64_t p, int64_t n, const float* mix) {
   }
 }
 
+// The Hartley transform of n points, cas(2 pi a b / n), for each odd factor 1 .. 15: built
+// once, not on every step's call.
+const float* hartley(int64_t n) {
+  static const std::vector<std::vector<float>> tables = [] {
+    std::vector<std::vector<float>> all(16);
+    for (int64_t m = 1; m < 16; m += 2) {
+      for (int64_t a = 0; a < m; ++a) {
+        for (int64_t b = 0; b < m; ++b) {
+          const double angle = 2.0 * M_PI * static_cast<double>(a * b) / static_cast<double>(m);
+          all[m].push_back(static_cast<float>(std::cos(angle) + std::sin(angle)));
+        }
+      }
+    }
+    return all;
+  }();
+  return tables[n].data();
+}
+
 template <typename T>
-void rotate_rows(const T* x, float* y, int64_t rows, int64_t k, int64_t p, int64_t n,
-                 const float* mix, float scale) {
+void rotate_rows(const T* x, float* y, int64_t rows, int64_t k, int64_t p, int64_t n) {
   const int64_t block = p * n;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(block));
+  const float* mix = hartley(n);
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / k), [&](int64_t begin, int64_t end) {
+    const __m256 scale8 = _mm256_set1_ps(scale);
     for (int64_t r = begin; r < end; ++r) {
       const T* in = x + r * k;
       float* out = y + r * k;
       int64_t i = 0;
       if (p >= 8) {  // k is a multiple of 8
-        for (; i < k; i += 8) _mm256_storeu_ps(out + i, walsh_hadamard8(load8(in + i)));
+        for (; i < k; i += 8) {
+          _mm256_storeu_ps(out + i, walsh_hadamard8(_mm256_mul_ps(load8(in + i), scale8)));
+        }
       }
-      for (; i < k; ++i) out[i] = static_cast<float>(in[i]);
+      for (; i < k; ++i) out[i] = static_cast<float>(in[i]) * scale;
       for (int64_t start = 0; start < k; start += block) {
         for (int64_t chunk = 0; chunk < n; ++chunk) {
           walsh_hadamard(out + start + chunk * p, p, p >= 8 ? 8 : 1);
         }
-        if (n > 1) mix_chunks(out + start, p, n, mix);  // the scale folded in
-      }
-      if (n == 1) {
-        const __m256 s = _mm256_set1_ps(scale);
-        for (i = 0; i + 8 <= k; i += 8) {
-          _mm256_storeu_ps(out + i, _mm256_mul_ps(load8(out + i), s));
-        }
-        for (; i < k; ++i) out[i] *= scale;
+        if (n > 1) mix_chunks(out + start, p, n, mix);
       }
     }
   });
@@ -132,28 +147,19 @@ at::Tensor rotate(const at::Tensor& x, int64_t block) {
               "rotate: the last dimension is a multiple of block");
   const int64_t odd = block / (block & -block);
   TORCH_CHECK(odd <= 15, "rotate: a block's odd factor is at most 15, got ", odd);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(block));
-  std::vector<float> mix(odd * odd);  // the Hartley transform, cas(2 pi a b / n), scaled
-  for (int64_t a = 0; a < odd; ++a) {
-    for (int64_t b = 0; b < odd; ++b) {
-      const double angle = 2.0 * M_PI * static_cast<double>(a * b) / static_cast<double>(odd);
-      mix[a * odd + b] =
-          static_cast<float>((std::cos(angle) + std::sin(angle)) / std::sqrt(double(block)));
-    }
-  }
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   const int64_t k = x.size(-1), rows = k == 0 ? 0 : xc.numel() / k;
   float* out = y.data_ptr<float>();
   switch (x.scalar_type()) {
     case at::kFloat:
-      rotate_rows(xc.data_ptr<float>(), out, rows, k, block / odd, odd, mix.data(), scale);
+      rotate_rows(xc.data_ptr<float>(), out, rows, k, block / odd, odd);
       break;
     case at::kBFloat16:
-      rotate_rows(xc.data_ptr<c10::BFloat16>(), out, rows, k, block / odd, odd, mix.data(), scale);
+      rotate_rows(xc.data_ptr<c10::BFloat16>(), out, rows, k, block / odd, odd);
       break;
     case at::kHalf:
-      rotate_rows(xc.data_ptr<c10::Half>(), out, rows, k, block / odd, odd, mix.data(), scale);
+      rotate_rows(xc.data_ptr<c10::Half>(), out, rows, k, block / odd, odd);
       break;
     default:
       TORCH_CHECK(false, "rotate: x is fp32, bf16 or fp16, got ", x.scalar_type());
